@@ -1,0 +1,41 @@
+"""Subcommands: train (the default), bench, data, info, checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+COMMANDS = ("train", "bench", "data", "info", "checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, info, train
+    from .data import cli as data_cli
+
+    ap = argparse.ArgumentParser(
+        prog="python -m mpitrain",
+        description="Data-parallel training over MPI. Run under mpirun: mpirun -n 4 python -m mpitrain",
+    )
+    ap.add_argument("--version", action="version", version=f"mpitrain {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    train.add_arguments(sub.add_parser("train", help="train a job (the default)"))
+    bench.add_arguments(sub.add_parser("bench", help="benchmark the all-reduce algorithms"))
+    data_cli.add_arguments(sub.add_parser("data", help="make, import and check HDF5 shards"))
+    info.add_arguments(sub.add_parser("info", help="MPI library, ranks, hosts, backend"))
+    try:
+        from . import checkpoint
+
+        checkpoint.add_arguments(sub.add_parser("checkpoint", help="list or inspect checkpoints"))
+    except ImportError:
+        pass
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        argv = ["train", *argv]
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

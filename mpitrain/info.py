@@ -1,0 +1,73 @@
+"""``python -m mpitrain info``: what this job runs on (MPI library, ranks, hosts, backend, SLURM)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from .runtime import get_comm, hostname, log0
+
+
+def add_arguments(p):
+    p.set_defaults(func=main)
+
+
+def _local_rank(comm) -> int:
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
+
+
+def slurm_info() -> dict:
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return {}
+    keys = {"job id": "SLURM_JOB_ID", "nodes": "SLURM_JOB_NODELIST", "nnodes": "SLURM_JOB_NUM_NODES",
+            "ntasks": "SLURM_NTASKS", "tasks per node": "SLURM_TASKS_PER_NODE",
+            "cpus per task": "SLURM_CPUS_PER_TASK", "partition": "SLURM_JOB_PARTITION"}
+    return {k: env[v] for k, v in keys.items() if v in env}
+
+
+def main(args) -> int:
+    import h5py
+    import mpi4py
+    import numpy as np
+    from mpi4py import MPI
+
+    from . import __version__, backend
+
+    comm = get_comm()
+    lib = MPI.Get_library_version().strip().splitlines()[0]
+    levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
+              MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
+    local = _local_rank(comm)
+    ngpu = backend.gpu_count()
+    gpu = (local % ngpu) if ngpu else None
+    row = (comm.Get_rank(), hostname(), local, os.getpid(), gpu, os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
+    rows = comm.gather(row, root=0)
+    log0(f"mpitrain      {__version__}")
+    log0(f"MPI library   {lib}")
+    log0(f"MPI standard  {'.'.join(map(str, MPI.Get_version()))}; thread level {levels.get(MPI.Query_thread(), '?')}")
+    log0(f"versions      python {platform.python_version()}, mpi4py {mpi4py.__version__}, "
+         f"numpy {np.__version__}, h5py {h5py.__version__}")
+    cupy = backend._cupy()
+    log0(f"CuPy          {cupy.__version__ if cupy else 'not installed'}; GPUs visible on rank 0: {ngpu}")
+    log0(f"CUDA-aware    {'yes' if backend.cuda_aware_mpi() else 'no'} (device buffers are "
+         f"{'passed to MPI directly' if backend.cuda_aware_mpi() else 'staged through pinned host memory'})")
+    if comm.Get_rank() == 0:
+        hosts = sorted({r[1] for r in rows})
+        log0(f"ranks         {comm.Get_size()} on {len(hosts)} host(s): {', '.join(hosts)}")
+        sl = slurm_info()
+        if sl:
+            log0("SLURM         " + "; ".join(f"{k} {v}" for k, v in sl.items()))
+        log0("rank  host              local  pid      gpu  CUDA_VISIBLE_DEVICES")
+        for r, h, lr, pid, g, cvd in rows:
+            log0(f"{r:<5} {h:<17} {lr:<6} {pid:<8} {'-' if g is None else g:<4} {cvd}")
+    return 0

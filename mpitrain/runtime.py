@@ -1,0 +1,65 @@
+"""The run's communicator, rank-0 logging and rank-tagged errors.
+
+Library code never talks on COMM_WORLD: ``get_comm()`` returns one Dup of it,
+made once per process, and every module takes ``comm`` as a parameter that
+defaults to it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from mpi4py import MPI
+
+_COMM = None
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, files): reported without a traceback."""
+
+
+def get_comm():
+    """The run's communicator: a Dup of COMM_WORLD, created on first use."""
+    global _COMM
+    if _COMM is None:
+        _COMM = MPI.COMM_WORLD.Dup()
+    return _COMM
+
+
+def hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def tag(comm=None) -> str:
+    """``[rank r@host]`` for messages; the rank is COMM_WORLD's so it matches mpirun's numbering."""
+    return f"[rank {MPI.COMM_WORLD.Get_rank()}@{hostname()}]"
+
+
+def log0(*args, comm=None, file=None, end="\n", flush=True) -> None:
+    """Print on rank 0 of ``comm`` only. All normal output goes through here."""
+    comm = comm or get_comm()
+    if comm.Get_rank() == 0:
+        print(*args, file=file or sys.stdout, end=end, flush=flush)
+
+
+def warn(msg: str, comm=None) -> None:
+    """A rank-tagged warning on stderr, from whichever rank calls it."""
+    print(f"{tag(comm)} warning: {msg}", file=sys.stderr, flush=True)
+
+
+def error_message(exc: BaseException, comm=None) -> str:
+    """One line: ``[rank r@host] error: ...``."""
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, UserError):
+        text = f"{type(exc).__name__}: {text}"
+    return f"{tag(comm)} error: {text}"
+
+
+def abort(code: int = 1) -> None:
+    """End every rank of the job now. Never returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(code)
+    os._exit(code)  # pragma: no cover - Abort does not return

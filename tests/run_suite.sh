@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, as `make test` runs it. Every MPI run sits under an outer
+# `timeout` and pytest-timeout's thread method, and under `python -m mpi4py`, which
+# aborts all ranks when one rank's session ends in an error: a deadlock fails the
+# run instead of hanging it.
+set -u
+cd "$(dirname "$0")/.."
+RANKS=${MPITRAIN_TEST_RANKS:-"1 2 3 4"}
+PER_TEST=${MPITRAIN_TEST_TIMEOUT:-120}     # seconds, per test
+PER_RUN=${MPITRAIN_RUN_TIMEOUT:-600}       # seconds, per mpirun
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+export PYTHONDONTWRITEBYTECODE=1
+fail=0
+summary=()
+for n in $RANKS; do
+  echo "=== MPI tests on $n rank(s) ==="
+  timeout -k 10 "$PER_RUN" mpirun -n "$n" python -m mpi4py -m pytest --with-mpi -m mpi \
+      -p no:cacheprovider --timeout="$PER_TEST" --timeout-method=thread -q -rs tests
+  rc=$?
+  if [ $rc -ne 0 ]; then fail=1; summary+=("mpi n=$n: FAILED (exit $rc)"); else summary+=("mpi n=$n: ok"); fi
+done
+echo "=== serial tests ==="
+timeout -k 10 "$PER_RUN" python -m pytest -m "not mpi" -p no:cacheprovider --timeout="$PER_TEST" -q -rs tests
+rc=$?
+if [ $rc -ne 0 ]; then fail=1; summary+=("serial: FAILED (exit $rc)"); else summary+=("serial: ok"); fi
+printf '%s\n' "${summary[@]}"
+exit $fail
