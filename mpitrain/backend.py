@@ -101,3 +101,48 @@ def cuda_aware_mpi() -> bool:
     except Exception:
         pass
     return False
+
+
+def local_rank(comm) -> tuple[int, int]:
+    """(this rank's index on its node, ranks on this node).
+
+    Launcher variables first (Open MPI, MPICH/hydra, SLURM), else a split of
+    ``comm`` by shared-memory node. Collective over ``comm``.
+    """
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        on_node = node.Get_size()
+        idx = node.Get_rank()
+    finally:
+        node.Free()
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v), on_node
+    return idx, on_node
+
+
+def select_device(comm, *, share: bool = False) -> int:
+    """Make GPU ``local_rank % gpus`` current for this rank and return its index.
+
+    More ranks on a node than GPUs is an error unless ``share`` (train.share_gpu).
+    Collective over ``comm``.
+    """
+    idx, on_node = local_rank(comm)
+    n = gpu_count()
+    problem = None
+    if n == 0:
+        problem = "no CUDA GPU visible"
+    elif on_node > n and not share:
+        problem = (f"{on_node} ranks on this node but {n} GPU(s): start one rank per GPU, "
+                   "or allow sharing with --set train.share_gpu=true")
+    problems = comm.allgather(problem)
+    bad = [(r, p) for r, p in enumerate(problems) if p]
+    if bad:
+        r, p = bad[0]
+        raise UserError(f"backend 'cupy': rank {r}: {p}")
+    dev = idx % n
+    _cupy().cuda.Device(dev).use()
+    return dev

@@ -38,4 +38,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["train", *argv]
     args = build_parser().parse_args(argv)
+    if args.command != "data":
+        from .runtime import check_launch
+
+        check_launch()
     return int(args.func(args) or 0)

@@ -12,19 +12,6 @@ def add_arguments(p):
     p.set_defaults(func=main)
 
 
-def _local_rank(comm) -> int:
-    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    from mpi4py import MPI
-
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.Get_rank()
-    finally:
-        node.Free()
-
-
 def slurm_info() -> dict:
     env = os.environ
     if "SLURM_JOB_ID" not in env:
@@ -47,7 +34,7 @@ def main(args) -> int:
     lib = MPI.Get_library_version().strip().splitlines()[0]
     levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
               MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
-    local = _local_rank(comm)
+    local, _ = backend.local_rank(comm)
     ngpu = backend.gpu_count()
     gpu = (local % ngpu) if ngpu else None
     row = (comm.Get_rank(), hostname(), local, os.getpid(), gpu, os.environ.get("CUDA_VISIBLE_DEVICES", "-"))

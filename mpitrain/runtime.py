@@ -63,3 +63,19 @@ def abort(code: int = 1) -> None:
     sys.stderr.flush()
     MPI.COMM_WORLD.Abort(code)
     os._exit(code)  # pragma: no cover - Abort does not return
+
+
+def check_launch(comm=None) -> None:
+    """Stop when SLURM started N > 1 tasks that each came up as rank 0 of 1.
+
+    That happens with ``srun`` and no PMI plug-in matching the MPI library
+    (the pip MPICH wheel needs ``srun --mpi=pmi2``).
+    """
+    comm = comm or get_comm()
+    ntasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS") or ""
+    if comm.Get_size() == 1 and ntasks.isdigit() and int(ntasks) > 1 and "SLURM_STEP_ID" in os.environ:
+        raise UserError(
+            f"SLURM started {ntasks} tasks but each one is an MPI job of size 1: srun did not give MPI its "
+            "process manager. Launch with `srun --mpi=pmi2 python -m mpitrain ...` (the pip MPICH wheel), "
+            "the --mpi plug-in your site's MPI needs (see `srun --mpi=list`), or run `mpirun -n "
+            f"{ntasks} python -m mpitrain ...` inside the allocation")

@@ -1,0 +1,233 @@
+"""Job configuration: typed dataclasses, TOML job files, ``--set section.key=value`` overrides.
+
+Unknown sections or keys, wrong types and out-of-range values are errors that
+name the key (and the file, with line and column for TOML syntax errors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .runtime import UserError
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/digits"        # directory of shard files; made on first use for built-ins
+    dataset: str = "digits"          # built-in to make when path is missing: digits | synthetic | ""
+    shards: int = 4                  # shards to make for a built-in
+    rows: int = 0                    # synthetic only: rows (0 = the generator's default)
+    features: int = 0                # synthetic only: features (0 = default)
+    classes: int = 0                 # synthetic only: classes (0 = default)
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [128])  # MLP widths
+    activation: str = "relu"         # relu | tanh
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32             # per rank
+    lr: float = 0.1
+    optimizer: str = "sgd"           # sgd | adam
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    beta1: float = 0.9               # adam
+    beta2: float = 0.999             # adam
+    clip_norm: float = 0.0           # clip by global norm; 0 = off
+    clip_value: float = 0.0          # clip each gradient to [-v, v]; 0 = off
+    schedule: str = "constant"       # constant | step | cosine
+    warmup_steps: int = 0
+    step_epochs: int = 10            # step schedule: decay every this many epochs
+    gamma: float = 0.1               # step schedule: decay factor
+    min_lr: float = 0.0              # cosine schedule floor
+    seed: int = 0
+    backend: str = "numpy"           # numpy | cupy
+    share_gpu: bool = False          # cupy: allow several ranks on one GPU
+    nonfinite: str = "error"         # error | skip: what to do with a NaN/Inf gradient
+    check_every: int = 100           # steps between cross-rank parameter hash checks; 0 = off
+    eval_batch_size: int = 512
+    step_sleep: float = 0.0          # testing aid: seconds to sleep per step
+
+
+@dataclass
+class CommConfig:
+    algorithm: str = "ring"          # ring | tree | native | auto
+    timeout_s: float = 0.0           # watchdog: abort when a rank is this late to a step; 0 = off
+    bucket_bytes: int = 0            # >0: average gradients in buckets overlapped with backprop
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints/digits"
+    every: int = 1                   # epochs; 0 = off
+    keep: int = 3                    # newest checkpoints kept
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def digest(self) -> str:
+        """A hash of the settings that must agree on every rank."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = {f.name: f.type for f in fields(JobConfig) if f.name != "source"}
+CHOICES = {
+    ("model", "activation"): ("relu", "tanh"),
+    ("train", "optimizer"): ("sgd", "adam"),
+    ("train", "schedule"): ("constant", "step", "cosine"),
+    ("train", "backend"): ("numpy", "cupy"),
+    ("train", "nonfinite"): ("error", "skip"),
+    ("comm", "algorithm"): ("ring", "tree", "native", "auto"),
+    ("data", "dataset"): ("digits", "synthetic", ""),
+}
+
+
+def _section_class(name):
+    return get_type_hints(JobConfig)[name]
+
+
+def keys() -> list[str]:
+    """Every valid dotted key."""
+    return [f"{s}.{f.name}" for s in SECTIONS for f in fields(_section_class(s))]
+
+
+def _coerce(key: str, value: Any, typ, where: str):
+    """Check ``value`` against the field type; ints are accepted for floats."""
+    ok = False
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif typ is str:
+        ok = isinstance(value, str)
+    elif typ == list[int]:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok:
+        tname = getattr(typ, "__name__", str(typ)).replace("list[int]", "list of integers")
+        raise UserError(f"{where}: {key} must be {tname if typ != list[int] else 'a list of integers'}, "
+                        f"got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _apply(cfg: JobConfig, table: dict, where: str) -> None:
+    for sname, sval in table.items():
+        if sname not in SECTIONS:
+            raise UserError(f"{where}: unknown section [{sname}]; sections: {', '.join(SECTIONS)}")
+        if not isinstance(sval, dict):
+            raise UserError(f"{where}: {sname} must be a table ([{sname}])")
+        section = getattr(cfg, sname)
+        hints = get_type_hints(type(section))
+        for k, v in sval.items():
+            if k not in hints:
+                raise UserError(f"{where}: unknown key {sname}.{k}; valid keys in [{sname}]: "
+                                f"{', '.join(hints)}")
+            setattr(section, k, _coerce(f"{sname}.{k}", v, hints[k], where))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); the value is parsed as TOML, else a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set {text!r}: expected section.key=value (e.g. --set train.lr=0.05)")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def validate(cfg: JobConfig) -> None:
+    """Range and choice checks, each error naming the key."""
+    for (s, k), allowed in CHOICES.items():
+        v = getattr(getattr(cfg, s), k)
+        if v not in allowed:
+            raise UserError(f"{cfg.source}: {s}.{k} = {v!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+    t = cfg.train
+    rules = [
+        ("train.epochs", t.epochs >= 1, "must be >= 1"),
+        ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
+        ("train.lr", t.lr > 0, "must be > 0"),
+        ("train.momentum", 0 <= t.momentum < 1, "must be in [0, 1)"),
+        ("train.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("train.beta1", 0 <= t.beta1 < 1, "must be in [0, 1)"),
+        ("train.beta2", 0 <= t.beta2 < 1, "must be in [0, 1)"),
+        ("train.clip_norm", t.clip_norm >= 0, "must be >= 0 (0 = off)"),
+        ("train.clip_value", t.clip_value >= 0, "must be >= 0 (0 = off)"),
+        ("train.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
+        ("train.step_epochs", t.step_epochs >= 1, "must be >= 1"),
+        ("train.gamma", 0 < t.gamma <= 1, "must be in (0, 1]"),
+        ("train.check_every", t.check_every >= 0, "must be >= 0 (0 = off)"),
+        ("train.eval_batch_size", t.eval_batch_size >= 1, "must be >= 1"),
+        ("train.step_sleep", t.step_sleep >= 0, "must be >= 0"),
+        ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "widths must be >= 1"),
+        ("data.shards", cfg.data.shards >= 1, "must be >= 1"),
+        ("data.rows", cfg.data.rows >= 0, "must be >= 0"),
+        ("data.features", cfg.data.features >= 0, "must be >= 0"),
+        ("data.classes", cfg.data.classes == 0 or cfg.data.classes >= 2, "must be >= 2 (or 0 = default)"),
+        ("data.path", bool(cfg.data.path), "must not be empty"),
+        ("comm.timeout_s", cfg.comm.timeout_s >= 0, "must be >= 0 (0 = off)"),
+        ("comm.bucket_bytes", cfg.comm.bucket_bytes >= 0, "must be >= 0 (0 = off)"),
+        ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0 (0 = off)"),
+        ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
+    ]
+    for key, ok, why in rules:
+        if not ok:
+            s, k = key.split(".")
+            raise UserError(f"{cfg.source}: {key} = {getattr(getattr(cfg, s), k)!r} {why}")
+
+
+def default_job_path() -> Path:
+    """The packaged default job (a copy of jobs/digits.toml)."""
+    return Path(str(resources.files("mpitrain") / "jobs" / "digits.toml"))
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Defaults <- job file <- ``--set`` overrides, then validated."""
+    cfg = JobConfig()
+    if path is None:
+        path = default_job_path()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"job file {path} not found (jobs ship in jobs/; the default is jobs/digits.toml)") from None
+    except OSError as e:
+        raise UserError(f"job file {path}: {e.strerror}") from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: TOML syntax error: {e}") from None
+    cfg.source = str(path)
+    _apply(cfg, table, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _apply(cfg, {section: {key: value}}, f"--set {text}")
+    validate(cfg)
+    return cfg

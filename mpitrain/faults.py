@@ -1,0 +1,66 @@
+"""Fault injection for testing: ``MPITRAIN_FAULT=rank:step:kind``.
+
+A testing aid, documented in the README's "Failure modes": at training step
+``step`` (counted from 0 over the whole run), rank ``rank`` misbehaves:
+
+    raise   raise RuntimeError (a bug on one rank)
+    exit    os._exit(3) without telling anyone
+    kill    SIGKILL itself (what the OOM killer does)
+    hang    sleep forever before the collective (a stuck rank)
+    nan     put NaN into its gradients
+    ckptkill  SIGKILL itself while writing the next checkpoint (rank 0)
+    usr1    send itself SIGUSR1 (what `#SBATCH --signal` does before the time limit)
+
+Several faults may be given, separated by commas.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+KINDS = ("raise", "exit", "kill", "hang", "nan", "ckptkill", "usr1")
+
+
+def parse(spec: str | None) -> list[tuple[int, int, str]]:
+    if not spec:
+        return []
+    out = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or parts[2] not in KINDS:
+            raise ValueError(f"MPITRAIN_FAULT={spec!r}: expected rank:step:kind with kind in {', '.join(KINDS)}")
+        out.append((int(parts[0]), int(parts[1]), parts[2]))
+    return out
+
+
+class Faults:
+    def __init__(self, rank: int, spec: str | None = None):
+        spec = os.environ.get("MPITRAIN_FAULT") if spec is None else spec
+        self.plan = [(s, k) for r, s, k in parse(spec) if r == rank]
+
+    def __bool__(self):
+        return bool(self.plan)
+
+    def at(self, step: int, grads=None) -> None:
+        """Called once per step, before the gradients are averaged."""
+        for s, kind in self.plan:
+            if s != step:
+                continue
+            if kind == "raise":
+                raise RuntimeError(f"injected fault at step {step} (MPITRAIN_FAULT)")
+            if kind == "exit":
+                os._exit(3)
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "hang":
+                while True:
+                    time.sleep(3600)
+            if kind == "usr1":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if kind == "nan" and grads is not None:
+                grads[: max(1, grads.size // 7)] = float("nan")
+
+    def checkpoint_kill(self, step: int) -> bool:
+        return any(k == "ckptkill" and s <= step for s, k in self.plan)

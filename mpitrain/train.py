@@ -1,0 +1,312 @@
+"""The training loop: data -> gradients -> allreduce -> step, the same on every rank.
+
+    rank r:  batch_r --forward/backward--> grads_r --allreduce(avg)--> g --clip--> step
+                                                   (ring by default)
+
+Every rank starts from rank 0's parameters (broadcast, then verified by hash),
+averages its gradients with the others' and applies the same optimizer step,
+so the parameters stay identical; every ``train.check_every`` steps a hash
+exchange proves it. Rank 0 prints; the other ranks only speak when something
+is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from . import __version__, backend, checkpoint, config
+from .collectives import allreduce
+from .faults import Faults
+from .metrics import ProgressBar, Timers, Trace
+from .model import MLP
+from .optim import LRSchedule, clip_by_global_norm, clip_by_value, make_optimizer
+from .runtime import UserError, get_comm, log0, warn
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, a checkpoint was written, --resume continues
+
+
+def add_arguments(p):
+    p.add_argument("job", nargs="?", help="job file (TOML); default: the built-in digits job")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a job key, e.g. --set train.lr=0.05 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--metrics-out", metavar="FILE.json", help="write final metrics (rank 0)")
+    p.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace (one process per rank)")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    cfg = config.load(args.job, args.overrides)
+    return Trainer(cfg, get_comm()).run(resume=args.resume, metrics_out=args.metrics_out, trace=args.trace)
+
+
+def params_digest(params) -> str:
+    return hashlib.sha1(backend.to_numpy(params).tobytes()).hexdigest()[:12]
+
+
+def _agree(comm, value, what: str, hint: str) -> None:
+    """Every rank must hold the same ``value``; otherwise a UserError naming the odd ranks, on every rank."""
+    values = comm.allgather(value)
+    if len(set(values)) > 1:
+        groups = {}
+        for r, v in enumerate(values):
+            groups.setdefault(v, []).append(r)
+        desc = "; ".join(f"ranks {rs}: {v}" for v, rs in groups.items())
+        raise UserError(f"{what} differs across ranks ({desc}); {hint}")
+
+
+class _StopFlag:
+    """Set by SIGUSR1/SIGTERM; ranks agree on it at the next step boundary."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def install(self):
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    def __init__(self, cfg: config.JobConfig, comm):
+        self.cfg = cfg
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.faults = Faults(self.rank)
+        self.timers = Timers()
+        self.trace = None
+        self.stop = _StopFlag()
+        self.nonfinite_skipped = 0
+        self._flag = np.zeros(1, dtype=np.int64)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, resume: bool):
+        from .data import ensure_dataset, open_dataset
+
+        cfg, comm = self.cfg, self.comm
+        _agree(comm, cfg.digest(), "the job configuration",
+               "start every rank with the same job file and --set options")
+        self.xp = backend.get_xp(cfg.train.backend)
+        if cfg.train.backend == "cupy":
+            backend.select_device(comm, share=cfg.train.share_gpu)
+            self.timers = Timers(sync=backend.synchronize)
+        d = cfg.data
+        ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=cfg.train.seed,
+                       rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+        self.data = open_dataset(d.path, comm, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+        t = cfg.train
+        self.model = MLP(self.data.features, cfg.model.hidden, self.data.classes, cfg.model.activation,
+                         xp=self.xp, seed=t.seed)
+        self.opt = make_optimizer(t.optimizer, self.model.params, lr=t.lr, momentum=t.momentum,
+                                  weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), xp=self.xp)
+        self.steps_per_epoch = self.data.steps_per_epoch
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.schedule = LRSchedule(t.schedule, t.lr, total_steps=self.total_steps, warmup_steps=t.warmup_steps,
+                                   step_size=t.step_epochs * self.steps_per_epoch, gamma=t.gamma, min_lr=t.min_lr)
+        self.step = self.epoch = self.start_in_epoch = 0
+        if cfg.checkpoint.every > 0 or resume:
+            ok = checkpoint.probe(cfg.checkpoint.dir) if self.rank == 0 else None
+            comm.bcast(ok, root=0)
+        if resume:
+            self._resume()
+        else:
+            self._broadcast_params()
+        log0(f"mpitrain {__version__}: {self.size} rank(s), {self.model.describe()}, "
+             f"{self.data.train_rows} training rows, {self.steps_per_epoch} steps/epoch of "
+             f"{t.batch_size} x {self.size}, allreduce={cfg.comm.algorithm}, backend={t.backend}")
+
+    def _broadcast_params(self):
+        host = backend.to_numpy(self.model.params).copy()
+        self.comm.Bcast(host, root=0)
+        self.model.params[...] = self.xp.asarray(host)
+        _agree(self.comm, params_digest(self.model.params), "initial parameters (hash)",
+               "this is a bug: please report it")
+
+    def _resume(self):
+        ck = checkpoint.latest(self.cfg.checkpoint.dir) if self.rank == 0 else None
+        ck = self.comm.bcast(ck, root=0)
+        if ck is None:
+            log0(f"--resume: no checkpoint in {self.cfg.checkpoint.dir}; starting from scratch")
+            self._broadcast_params()
+            return
+        if ck["params"].size != self.model.params.size:
+            raise UserError(f"{ck['path']}: holds {ck['params'].size} parameters but the model has "
+                            f"{self.model.params.size}; the job's model section changed since it was written")
+        self.model.params[...] = self.xp.asarray(ck["params"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.step, self.epoch, self.start_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
+        if self.start_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.start_in_epoch = self.epoch + 1, 0
+        note = "" if ck["ranks"] == self.size else (
+            f" (written by {ck['ranks']} rank(s), now {self.size}: the data is re-partitioned, "
+            "so batches differ from an uninterrupted run)")
+        log0(f"resumed from {ck['path']}: epoch {self.epoch + 1}, step {self.step}{note}")
+        _agree(self.comm, params_digest(self.model.params), "resumed parameters (hash)",
+               "this is a bug: please report it")
+
+    # --------------------------------------------------------------- one step
+    def train_step(self, x, y):
+        cfg, xp, model = self.cfg, self.xp, self.model
+        with self.timers("compute"):
+            x, y = xp.asarray(x), xp.asarray(y)
+            loss, correct = model.loss_and_grad(x, y)
+        if self.faults:
+            self.faults.at(self.step, model.grads)
+        with self.timers("comm"):
+            allreduce(model.grads, self.comm, op="avg", algorithm=cfg.comm.algorithm)
+        with self.timers("compute"):
+            # the averaged gradients are identical on every rank: every rank decides the same
+            if not bool(xp.isfinite(model.grads).all()):
+                return self._nonfinite(loss)
+            if cfg.train.clip_value > 0:
+                clip_by_value(model.grads, cfg.train.clip_value)
+            if cfg.train.clip_norm > 0:
+                clip_by_global_norm(model.grads, cfg.train.clip_norm)
+            self.opt.step(model.grads, self.schedule(self.step))
+        return loss, correct
+
+    def _nonfinite(self, loss):
+        bad = self.comm.allgather(not math.isfinite(loss))
+        who = [r for r, b in enumerate(bad) if b] or "unknown (finite losses everywhere)"
+        if self.cfg.train.nonfinite == "skip":
+            self.nonfinite_skipped += 1
+            log0(f"step {self.step}: non-finite gradient (from rank(s) {who}); step skipped "
+                 f"({self.nonfinite_skipped} so far)")
+            return float("nan"), 0
+        raise UserError(f"non-finite gradient at step {self.step} (epoch {self.epoch + 1}; local loss "
+                        f"non-finite on rank(s) {who}). Lower train.lr, set train.clip_norm, check the data "
+                        "(python -m mpitrain data check), or set train.nonfinite=\"skip\"")
+
+    def _check_replicas(self):
+        _agree(self.comm, params_digest(self.model.params), f"parameters at step {self.step} (hash)",
+               "the replicas diverged: check that every rank runs the same code and MPI library")
+
+    def _should_stop(self) -> bool:
+        self._flag[0] = self.stop.signum
+        self.comm.Allreduce(MPI.IN_PLACE, self._flag, op=MPI.MAX)
+        return bool(self._flag[0])
+
+    # ------------------------------------------------------------------- eval
+    def evaluate(self):
+        loss_sum, correct, count = 0.0, 0, 0
+        for x, y in self.data.test_batches(self.cfg.train.eval_batch_size):
+            ls, c = self.model.evaluate(self.xp.asarray(x), self.xp.asarray(y))
+            loss_sum, correct, count = loss_sum + ls, correct + c, count + len(y)
+        tot = np.array([loss_sum, correct, count], dtype=np.float64)
+        self.comm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
+        n = max(tot[2], 1.0)
+        return tot[0] / n, tot[1] / n
+
+    def save(self, step_in_epoch):
+        if self.rank == 0:
+            hook = None
+            if self.faults.checkpoint_kill(self.step):
+                hook = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731 - testing aid
+            path = checkpoint.save(
+                self.cfg.checkpoint.dir, params=backend.to_numpy(self.model.params),
+                optimizer=self.opt.state_dict(), step=self.step, epoch=self.epoch,
+                step_in_epoch=step_in_epoch, config=self.cfg.to_dict(), ranks=self.size,
+                keep=self.cfg.checkpoint.keep, before_rename=hook)
+            ok = str(path)
+        else:
+            ok = None
+        return self.comm.bcast(ok, root=0)
+
+    # -------------------------------------------------------------------- run
+    def run(self, resume=False, metrics_out=None, trace=None) -> int:
+        cfg, comm = self.cfg, self.comm
+        self.setup(resume)
+        if trace:
+            self.trace = Trace(comm)
+            self.timers.trace = self.trace
+        self.stop.install()
+        t = cfg.train
+        bar = ProgressBar(self.steps_per_epoch, epochs=t.epochs, comm=comm)
+        t_start = time.perf_counter()
+        samples = 0
+        test_loss = test_acc = float("nan")
+        stopped = False
+        try:
+            while self.epoch < t.epochs and not stopped:
+                start = self.start_in_epoch
+                self.start_in_epoch = 0
+                loss_sum, correct, seen, i = 0.0, 0, 0, start
+                batches = self.data.batches(self.epoch, start=start)
+                while True:
+                    with self.timers("data"):
+                        batch = next(batches, None)
+                    if batch is None:
+                        break
+                    x, y = batch
+                    loss, c = self.train_step(x, y)
+                    if t.step_sleep:
+                        time.sleep(t.step_sleep)
+                    self.step += 1
+                    i += 1
+                    if math.isfinite(loss):
+                        loss_sum, correct, seen = loss_sum + loss * len(y), correct + c, seen + len(y)
+                    samples += len(y) * self.size
+                    if t.check_every and self.step % t.check_every == 0:
+                        self._check_replicas()
+                    bar.update(i, epoch=self.epoch + 1, loss=loss_sum / max(seen, 1),
+                               accuracy=correct / max(seen, 1), samples=len(y) * self.size,
+                               comm_fraction=self.timers.fraction("comm"))
+                    if self._should_stop():
+                        stopped = True
+                        break
+                if stopped:
+                    break
+                test_loss, test_acc = self.evaluate()
+                self.epoch += 1
+                elapsed = time.perf_counter() - t_start
+                bar.clear()
+                log0(f"epoch {self.epoch:>3}/{t.epochs}  loss {loss_sum / max(seen, 1):.4f}  "
+                                 f"train acc {correct / max(seen, 1):.4f}  test loss {test_loss:.4f}  "
+                                 f"test acc {test_acc:.4f}  {samples / max(elapsed, 1e-9):,.0f} samples/s  "
+                                 f"comm {100 * self.timers.fraction('comm'):.0f}%")
+                if cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0:
+                    self.save(0)
+            if stopped:
+                path = self.save(i)
+                name = signal.Signals(self._flag[0]).name if self._flag[0] in iter(signal.Signals) else "?"
+                log0(f"stopped by signal {name} at epoch {self.epoch + 1}, step {self.step}; checkpoint "
+                     f"written to {path}; resume with --resume")
+            else:
+                self._check_replicas()
+        finally:
+            self.stop.restore()
+            bar.close()
+            self.data.close()
+        elapsed = time.perf_counter() - t_start
+        metrics = {"test_accuracy": float(test_acc), "test_loss": float(test_loss), "epochs": self.epoch,
+                   "steps": self.step, "ranks": self.size, "samples_per_s": samples / max(elapsed, 1e-9),
+                   "comm_fraction": self.timers.fraction("comm"), "wall_s": elapsed,
+                   "timers_s": self.timers.totals(), "nonfinite_skipped": self.nonfinite_skipped,
+                   "algorithm": cfg.comm.algorithm, "backend": cfg.train.backend, "stopped_early": stopped}
+        if self.trace is not None:
+            self.trace.write(trace, comm)
+        if metrics_out and self.rank == 0:
+            Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")
+        if not stopped:
+            log0(f"done: test accuracy {test_acc:.4f}, {self.step} steps in {elapsed:.1f} s")
+        return EXIT_STOPPED if stopped else 0

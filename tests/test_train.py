@@ -1,0 +1,137 @@
+"""Training: the distributed step equals the big-batch step; end-to-end runs, resume, checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import MPIRUN
+from mpitrain import checkpoint, config
+from mpitrain.model import MLP
+from mpitrain.optim import LRSchedule, make_optimizer
+from mpitrain.train import Trainer
+
+
+def _trainer(comm, algorithm, optimizer="sgd"):
+    cfg = config.JobConfig()
+    cfg.comm.algorithm = algorithm
+    cfg.train.optimizer = optimizer
+    tr = Trainer(cfg, comm)
+    tr.xp = np
+    tr.model = MLP(12, [9, 7], 5, xp=np, dtype=np.float64, seed=3)
+    tr.opt = make_optimizer(optimizer, tr.model.params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    tr.schedule = LRSchedule("constant", 0.1)
+    return tr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "native"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_n_ranks_match_one_rank_with_n_times_the_batch(comm, algorithm, optimizer):
+    r, p, b, steps = comm.Get_rank(), comm.Get_size(), 6, 5
+    rng = np.random.default_rng(42)  # the same global data on every rank
+    X = rng.standard_normal((steps, p * b, 12))
+    Y = rng.integers(0, 5, size=(steps, p * b))
+    dist, ref = _trainer(comm, algorithm, optimizer), _trainer(comm, algorithm, optimizer)
+    for k in range(steps):
+        dist.train_step(X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b])
+        ref.model.loss_and_grad(X[k], Y[k])  # one process, batch p*b, no communication
+        ref.opt.step(ref.model.grads, 0.1)
+        dist.step = ref.step = k + 1
+    np.testing.assert_allclose(dist.model.params, ref.model.params, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(dist.model.params, _trainer(comm, algorithm).model.params), "nothing trained"
+    digests = comm.allgather(dist.model.params.tobytes())
+    assert all(d == digests[0] for d in digests), "replicas differ"
+
+
+def _run(n, args, tmp_path, env=None, timeout=240):
+    cmd = [MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", *args]
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=timeout)
+    return p, time.perf_counter() - t0
+
+
+def _job(tmp_path, *extra):
+    return ["--set", f"data.path={tmp_path / 'digits'}", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}", *extra]
+
+
+def test_default_job_on_two_ranks_reaches_96_percent(tmp_path):
+    out = tmp_path / "m.json"
+    p, wall = _run(2, ["--metrics-out", str(out), *_job(tmp_path)], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = json.loads(out.read_text())
+    print(f"default job, 2 ranks: {wall:.1f} s wall, test accuracy {m['test_accuracy']:.4f}")
+    assert m["ranks"] == 2 and m["epochs"] == 20 and m["steps"] > 0
+    assert m["test_accuracy"] >= 0.96, m
+    assert 0 < m["comm_fraction"] < 1 and m["samples_per_s"] > 0
+    epoch_lines = [ln for ln in p.stdout.splitlines() if ln.startswith("epoch")]
+    assert len(epoch_lines) == 20, "one line per epoch, printed by rank 0 only"
+    assert checkpoint.list_checkpoints(tmp_path / "ckpt"), "checkpoints written"
+
+
+def test_three_ranks_with_tree_trains(tmp_path):
+    out = tmp_path / "m.json"
+    p, _ = _run(3, ["--metrics-out", str(out), *_job(tmp_path, "--set", "comm.algorithm=tree",
+                                                       "--set", "train.epochs=6", "--set", "checkpoint.every=0")],
+                tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = json.loads(out.read_text())
+    assert m["ranks"] == 3 and m["test_accuracy"] >= 0.9, m
+
+
+def _final_params(d):
+    ck = checkpoint.latest(d)
+    return ck["params"], ck["step"]
+
+
+@pytest.mark.parametrize("stop", ["kill", "usr1"])
+def test_resumed_run_is_bitwise_identical(tmp_path, stop):
+    """Uninterrupted vs. stopped mid-epoch-3 (killed, or SIGUSR1 -> checkpoint) and resumed."""
+    common = ["--set", "train.epochs=4", "--set", "model.hidden=[32]", "--set", f"data.path={tmp_path / 'd'}"]
+    a, _ = _run(2, [*common, "--set", f"checkpoint.dir={tmp_path / 'a'}"], tmp_path)
+    assert a.returncode == 0, a.stderr
+    b, _ = _run(2, [*common, "--set", f"checkpoint.dir={tmp_path / 'b'}"], tmp_path,
+                env={"MPITRAIN_FAULT": f"0:55:{stop}"})
+    if stop == "kill":
+        assert b.returncode != 0
+    else:
+        assert b.returncode == 75, b.stdout + b.stderr
+        assert "stopped by signal SIGUSR1" in b.stdout
+    c, _ = _run(2, [*common, "--set", f"checkpoint.dir={tmp_path / 'b'}", "--resume"], tmp_path)
+    assert c.returncode == 0, c.stdout + c.stderr
+    assert "resumed from" in c.stdout
+    pa, sa = _final_params(tmp_path / "a")
+    pb, sb = _final_params(tmp_path / "b")
+    assert sa == sb
+    assert pa.tobytes() == pb.tobytes(), "resumed run differs from the uninterrupted one"
+
+
+def test_checkpoint_roundtrip_and_corruption(tmp_path):
+    params = np.arange(10, dtype=np.float32)
+    opt = {"step": 3, "momentum": np.ones(10, dtype=np.float32)}
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, params=params + step, optimizer=opt, step=step, epoch=step // 10,
+                        step_in_epoch=0, config={"a": 1}, ranks=2, keep=3)
+    files = checkpoint.list_checkpoints(tmp_path)
+    assert [f.name for f in files] == ["ckpt-00000040.h5", "ckpt-00000030.h5", "ckpt-00000020.h5"]
+    ck = checkpoint.latest(tmp_path)
+    assert ck["step"] == 40 and (ck["params"] == params + 40).all() and ck["optimizer"]["step"] == 3
+    with h5py.File(files[0], "r+") as f:  # flip a value: the checksum must catch it
+        f["params"][0] = 123
+    ck = checkpoint.latest(tmp_path)
+    assert ck["step"] == 30
+    files[1].write_bytes(b"garbage")  # truncated / not HDF5
+    assert checkpoint.latest(tmp_path)["step"] == 20
+
+
+def test_unknown_job_key_is_a_clear_error(tmp_path):
+    p, _ = _run(2, ["--set", "train.learning_rate=0.1"], tmp_path, timeout=60)
+    assert p.returncode != 0
+    assert "unknown key train.learning_rate" in p.stderr and "[rank " in p.stderr
+    assert "Traceback" not in p.stderr
