@@ -156,10 +156,12 @@ def _rank0(rank, comm) -> bool:
 class StatusLine:
     """One status line on ``stream``: redrawn in place (``\\r``) on a TTY, throttled to
     ``tty_interval`` seconds; on a file or pipe (a SLURM log) a plain line at most every
-    ``interval`` seconds. ``force=True`` draws regardless of the throttle."""
+    ``interval`` seconds. ``force=True`` draws regardless of the throttle; ``delay_first``
+    waits one interval before the first line (short work then prints nothing)."""
 
     def __init__(self, stream=None, *, interval: float = 30.0, tty_interval: float = 0.1,
-                 enabled: bool = True, tty: bool | None = None, clock=time.monotonic):
+                 enabled: bool = True, tty: bool | None = None, clock=time.monotonic,
+                 delay_first: bool = False):
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         if tty is None:
@@ -171,7 +173,7 @@ class StatusLine:
         self.tty = tty
         self.interval = tty_interval if tty else interval
         self.clock = clock
-        self._last = None  # time of the last draw
+        self._last = clock() if delay_first else None  # time of the last draw
         self._drawn = False  # a \r line is on screen
         self._width = 0
 

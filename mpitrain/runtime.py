@@ -52,6 +52,8 @@ def warn(msg: str, comm=None) -> None:
 def error_message(exc: BaseException, comm=None) -> str:
     """One line: ``[rank r@host] error: ...``."""
     text = str(exc) or type(exc).__name__
+    if text.startswith(tag(comm)):  # already tagged where it was raised
+        text = text[len(tag(comm)):].lstrip()
     if not isinstance(exc, UserError):
         text = f"{type(exc).__name__}: {text}"
     return f"{tag(comm)} error: {text}"

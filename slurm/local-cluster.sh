@@ -19,6 +19,9 @@
 #   MPITRAIN_SLURM_PORT   slurmctld port; slurmd uses PORT+1    [6917]
 #   MPITRAIN_SLURM_CPUS   CPUs the node declares (may exceed the real cores, so that
 #                         3- and 4-task jobs fit on a 2-core machine)           [4]
+#   MPITRAIN_SLURM_GPUS   fake GPUs the node declares (GRES gpu backed by placeholder files,
+#                         so SLURM sets CUDA_VISIBLE_DEVICES as on a GPU node; for testing how
+#                         --gpus-per-task / --gres bind GPUs to ranks; nothing runs on them) [0]
 #   MPITRAIN_SLURM_NO_INSTALL=1   never run apt-get; fail if the packages are missing
 #
 # Needs: root (slurmd launches jobs as the submitting user) and the Debian/Ubuntu packages
@@ -30,6 +33,7 @@ set -u
 DIR=${MPITRAIN_SLURM_DIR:-/tmp/mpitrain-slurm}
 PORT=${MPITRAIN_SLURM_PORT:-6917}
 CPUS=${MPITRAIN_SLURM_CPUS:-4}
+GPUS=${MPITRAIN_SLURM_GPUS:-0}
 NODE=$(hostname -s)
 CONF=$DIR/etc/slurm.conf
 MUNGE_SOCKET=$DIR/munge/run/munge.socket.2
@@ -132,6 +136,14 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   : >"$DIR/etc/plugstack.conf"
+  : >"$DIR/etc/gres.conf"
+  if [ "$GPUS" -gt 0 ]; then
+    mkdir -p "$DIR/dev"
+    local i
+    for i in $(seq 0 $((GPUS - 1))); do ln -sfn /dev/null "$DIR/dev/gpu$i"; done   # slurmd wants character devices
+    echo "NodeName=$NODE Name=gpu File=$DIR/dev/gpu[0-$((GPUS - 1))]" >"$DIR/etc/gres.conf"
+    sed -i -e "s|^NodeName=.*|& Gres=gpu:$GPUS|" -e "s|^SelectTypeParameters=.*|&\nGresTypes=gpu|" "$CONF"
+  fi
 }
 
 start_munged() {
@@ -192,7 +204,7 @@ cmd_start() {
     *) tail -n 10 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 2>/dev/null
        die "node $NODE did not become idle within ${WAIT_S}s (state: '${st:-no answer}'; logs in $DIR/log)" ;;
   esac
-  say "running: node $NODE ($CPUS CPUs, state $st), partition debug, state in $DIR"
+  say "running: node $NODE ($(grep -o 'CPUs=[0-9]*' "$CONF" | head -n 1)$(grep -o ' Gres=[^ ]*' "$CONF"), state $st), partition debug, state in $DIR"
   echo "export SLURM_CONF=$CONF"
 }
 

@@ -1,0 +1,172 @@
+"""``python -m mpitrain data {make,import,check}``.
+
+Safe under ``mpirun -n N``: rank 0 does the work (writing, checking) while the
+other ranks wait without spinning; the exit status is shared, so every rank exits
+with the same code and the error is printed once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from ..runtime import UserError, error_message, get_comm, log0, tag
+from .make import DEFAULT_SHARDS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Make, import and check HDF5 data sets (a directory of train shards, "
+                          "test.h5 and manifest.json).")
+    sub = parser.add_subparsers(dest="data_command", metavar="{make,import,check}", required=True)
+
+    mk = sub.add_parser("make", help="make a built-in data set (digits, synthetic)",
+                        description="Make a built-in data set.")
+    mksub = mk.add_subparsers(dest="dataset", metavar="{digits,synthetic}", required=True)
+
+    def common(p, seed_help):
+        p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+        p.add_argument("--shards", type=int, default=DEFAULT_SHARDS, metavar="K",
+                       help=f"number of train shard files (default {DEFAULT_SHARDS}; a multiple "
+                            "of the rank count balances the ranks)")
+        p.add_argument("--seed", type=int, default=0, help=seed_help)
+        p.add_argument("--force", action="store_true",
+                       help="replace a data set already in --out")
+
+    dg = mksub.add_parser(
+        "digits", help="the 1797 8x8 handwritten digits bundled with scikit-learn",
+        description="The 1797 8x8 handwritten digits that scikit-learn ships (no download); "
+                    "features scaled to [0, 1], 10 classes; split by a seeded shuffle into "
+                    "train shards and test.h5.")
+    common(dg, "seed of the train/test split (default 0)")
+    dg.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
+                    help="fraction held out as the test set (default 0.2)")
+    dg.set_defaults(func=cmd_make)
+
+    sy = mksub.add_parser(
+        "synthetic", help="a seeded classification set of any size",
+        description="A seeded synthetic classification set: x ~ N(0,1), labels from a random "
+                    "teacher network. Written chunk by chunk, so it may be larger than memory; "
+                    "the contents depend only on --seed, --rows, --features, --classes.")
+    common(sy, "seed of the data and the teacher network (default 0)")
+    sy.add_argument("--rows", type=int, default=20000, help="training rows (default 20000)")
+    sy.add_argument("--features", type=int, default=256, help="features per row (default 256)")
+    sy.add_argument("--classes", type=int, default=10, help="classes (default 10)")
+    sy.add_argument("--test-rows", type=int, default=4000,
+                    help="held-out test rows, generated after the training rows (default 4000)")
+    sy.add_argument("--chunk-rows", type=int, default=8192,
+                    help="rows generated and written at a time; bounds memory (default 8192)")
+    sy.set_defaults(func=cmd_make)
+
+    im = sub.add_parser(
+        "import", help="import your own data from .npz or .csv",
+        description="Import a data set. FILE.npz: arrays 'x' [N, ...] (flattened to [N, D]) and "
+                    "'y' [N] integer labels 0..C-1; optional 'x_test'/'y_test' become the test "
+                    "set. FILE.csv: comma-separated numbers, one row per sample, the LABEL IN THE "
+                    "LAST COLUMN; a header line is optional (detected when the first line is not "
+                    "numeric). The file is loaded into memory, shuffled (seeded), split into "
+                    "train/test and sharded.")
+    im.add_argument("file", metavar="FILE", help="a .npz or .csv file")
+    common(im, "seed of the shuffle and train/test split (default 0)")
+    im.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
+                    help="fraction held out as the test set when the file has none (default 0.2)")
+    im.add_argument("--classes", type=int, default=None,
+                    help="number of classes (default: largest label + 1)")
+    im.add_argument("--no-shuffle", action="store_true",
+                    help="keep the file's row order (the test set is then its first rows)")
+    im.set_defaults(func=cmd_import)
+
+    ck = sub.add_parser(
+        "check", help="validate a data set: every file, every row, checksums",
+        description="Validate a data set: manifest, every shard and the test file (structure, "
+                    "schema, labels in range, no NaN/Inf, checksums). Prints a per-file summary; "
+                    "exits non-zero on any problem.")
+    ck.add_argument("dir", metavar="DIR", help="the data set directory")
+    ck.set_defaults(func=cmd_check)
+
+
+def on_root(fn) -> int:
+    """Run ``fn() -> int`` on rank 0 while the others wait; every rank returns its code.
+
+    Rank 0 prints any error itself (one rank-tagged line; a traceback too for a bug)
+    before the outcome is shared, so the message is never lost.
+    """
+    from .reader import run_on_root
+
+    comm = get_comm()
+
+    def guarded():
+        try:
+            return int(fn() or 0)
+        except UserError as e:
+            _print_error(e)
+            return 1
+        except Exception as e:  # noqa: BLE001 - a bug: show it, then share the failure
+            traceback.print_exc()
+            log0(error_message(e), comm=get_comm(), file=sys.stderr)
+            return 2
+
+    return int(run_on_root(comm, guarded))
+
+
+def _print_error(e: UserError) -> None:
+    """``[rank r@host] error: ...`` once (our messages already start with the tag)."""
+    text, t = str(e), tag()
+    if text.startswith(t):
+        text = text[len(t):].lstrip()
+    log0(f"{t} error: {text}", comm=get_comm(), file=sys.stderr)
+
+
+def _log(s: str) -> None:
+    log0(s, comm=get_comm())
+
+
+def cmd_make(args) -> int:
+    from .make import make_digits, make_synthetic
+
+    def work():
+        if args.dataset == "digits":
+            m = make_digits(args.out, shards=args.shards, seed=args.seed,
+                            test_fraction=args.test_fraction, overwrite=args.force, log=_log)
+        else:
+            m = make_synthetic(args.out, rows=args.rows, features=args.features,
+                               classes=args.classes, seed=args.seed, shards=args.shards,
+                               test_rows=args.test_rows, chunk_rows=args.chunk_rows,
+                               overwrite=args.force, log=_log)
+        _summary(args.out, m)
+        return 0
+
+    return on_root(work)
+
+
+def cmd_import(args) -> int:
+    from .make import import_file
+
+    def work():
+        m = import_file(args.file, args.out, shards=args.shards, seed=args.seed,
+                        test_fraction=args.test_fraction, classes=args.classes,
+                        shuffle=not args.no_shuffle, overwrite=args.force, log=_log)
+        _summary(args.out, m)
+        return 0
+
+    return on_root(work)
+
+
+def cmd_check(args) -> int:
+    from .check import check_dataset
+
+    def work():
+        rep = check_dataset(args.dir)
+        _log(rep.format())
+        if rep.ok:
+            return 0
+        for p in rep.problems:
+            _print_error(UserError(p))
+        return 1
+
+    return on_root(work)
+
+
+def _summary(out, m) -> None:
+    _log(f"wrote {out}: {m['train_rows']} train rows in {len(m['shards'])} shards, "
+         f"{m['test']['rows']} test rows, {m['features']} features, {m['classes']} classes")

@@ -1,0 +1,367 @@
+"""The benchmark harness (mpitrain.bench): sizes, formatting, files, and the sweep under MPI."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from mpitrain import bench
+from mpitrain.bench import (COLUMNS, busbw_factor, count_wrong, counts_for, exit_status, format_size,
+                            format_table, parse_size, size_range, tolerance)
+
+MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+
+
+# --------------------------------------------------------------------------- sizes (serial)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("8B", 8), ("8", 8), ("4096", 4096), ("4KiB", 4096), ("4K", 4096), ("4k", 4096), ("1MiB", 1 << 20),
+    ("64M", 64 << 20), ("256MiB", 256 << 20), ("1G", 1 << 30), ("1GiB", 1 << 30), (" 2 KiB ", 2048),
+    ("1.5K", 1536), ("1KB", 1000), ("1MB", 10 ** 6), ("1GB", 10 ** 9), (16, 16),
+])
+def test_parse_size(text, want):
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "B", "abc", "0B", "-8", "8XB", "nanB", "1..5K", "infK"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_format_size():
+    assert [format_size(n) for n in (8, 1000, 1024, 1536, 64 << 10, 1 << 20, 256 << 20, 1 << 30)] == \
+        ["8B", "1000B", "1KiB", "1.5KiB", "64KiB", "1MiB", "256MiB", "1GiB"]
+    for n in (8, 4096, 64 << 20):
+        assert parse_size(format_size(n)) == n
+
+
+def test_size_range():
+    assert size_range(8, 64 << 10, 4) == [8, 32, 128, 512, 2048, 8192, 32768, 65536]  # max appended
+    assert size_range(8, 128, 2) == [8, 16, 32, 64, 128]
+    assert size_range(100, 100, 4) == [100]
+    with pytest.raises(ValueError, match="larger"):
+        size_range(1024, 8, 4)
+    with pytest.raises(ValueError, match="step"):
+        size_range(8, 1024, 1)
+
+
+def test_counts_for_rounds_down_and_dedupes():
+    assert counts_for([8, 32, 1000], "float32") == [2, 8, 250]
+    assert counts_for([1, 2, 4, 8, 12], "float64") == [1]  # at least one element, no duplicates
+    assert counts_for([2, 4, 6], "float16") == [1, 2, 3]
+
+
+def test_busbw_factor_and_tolerance():
+    assert busbw_factor(1) == 1.0
+    assert busbw_factor(2) == 1.0
+    assert busbw_factor(4) == pytest.approx(1.5)
+    assert tolerance("int32", 4) == 0.0 and tolerance("int64", 4) == 0.0
+    assert tolerance("float32", 4) == pytest.approx(16 * np.finfo(np.float32).eps)
+    assert tolerance("float16", 2) > tolerance("float32", 2) > tolerance("float64", 2) > 0
+
+
+def test_count_wrong():
+    ref = np.linspace(1, 2, 3000, dtype=np.float32)
+    got = ref.copy()
+    assert count_wrong(got, ref, tolerance("float32", 2)) == 0
+    got[[0, 7, 2999]] *= np.float32(1.001)
+    assert count_wrong(got, ref, tolerance("float32", 2)) == 3
+    got = ref * np.float32(1 + 2e-7)  # within 8 eps
+    assert count_wrong(got, ref, tolerance("float32", 2)) == 0
+    i = np.arange(10, dtype=np.int64)
+    j = i.copy()
+    j[3] += 1
+    assert count_wrong(j, i, 0.0) == 1
+
+
+def test_make_source_rank_dependent_and_safe():
+    a = bench.make_source(1000, "float32", "sum", 0)
+    b = bench.make_source(1000, "float32", "sum", 1)
+    assert a.dtype == np.float32 and not np.array_equal(a, b)
+    assert np.array_equal(a, bench.make_source(1000, "float32", "sum", 0))  # reproducible
+    assert (a >= 0.5).all() and (a < 1.5).all()
+    p = bench.make_source(1000, "int32", "prod", 3)
+    assert set(np.unique(p)) <= {-2, -1, 1, 2}
+    h = bench.make_source(10, "float16", "prod", 2)
+    assert h.dtype == np.float16 and (h > 0.85).all() and (h < 1.15).all()
+
+
+# --------------------------------------------------------------------------- formatting (serial)
+
+
+def _rows():
+    base = {"count": 256, "type": "float32", "op": "sum", "iters": 10, "ranks": 4, "size": 1024}
+    return [
+        {**base, "algorithm": "ring", "picked": "", "time_us": 50.0, "algbw": 0.02048, "busbw": 0.03072,
+         "speedup": 0.5, "wrong": 0},
+        {**base, "algorithm": "native", "picked": "", "time_us": 25.0, "algbw": 0.04096, "busbw": 0.06144,
+         "speedup": 1.0, "wrong": 0},
+        {**base, "algorithm": "auto", "picked": "native", "time_us": 26.0, "algbw": 0.0394, "busbw": 0.0591,
+         "speedup": 0.96, "wrong": 0},
+        {**base, "algorithm": "memcpy", "picked": "", "time_us": 0.5, "algbw": 2.048, "busbw": 2.048,
+         "speedup": None, "wrong": 0, "ranks": 1},
+    ]
+
+
+def _meta():
+    return {"ranks": 4, "hosts": ["a", "b"], "mpi": "MPICH Version: 5", "dtype": "float32", "op": "sum",
+            "algorithms": ["ring", "native", "auto"], "backend": "numpy", "min": 8, "max": 1024, "step": 4.0,
+            "iters": None, "warmup": 2, "rtol": tolerance("float32", 4)}
+
+
+def test_format_table():
+    text = format_table(_rows(), _meta())
+    lines = text.splitlines()
+    header = next(line for line in lines if "algbw(GB/s)" in line)
+    for col in ("size", "count", "type", "op", "algorithm", "time(us)", "algbw(GB/s)", "busbw(GB/s)",
+                "speedup", "#wrong"):
+        assert col in header
+    assert any("ranks 4 on 2 host(s)" in line for line in lines)
+    assert any("MPICH" in line for line in lines)
+    body = [line for line in lines if not line.startswith("#")]
+    assert len(body) == 4
+    ring = body[0].split()
+    assert ring[:5] == ["1KiB", "256", "float32", "sum", "ring"]
+    assert ring[5:] == ["50.0", "0.020", "0.031", "0.50", "0"]
+    assert "auto:native" in body[2]
+    mem = body[3].split()
+    assert mem[4] == "memcpy" and mem[-2:] == ["-", "-"]
+    # columns line up with the header
+    assert len(body[0]) == len(body[3]) == len(header)
+
+
+def test_summary_reports_failures():
+    rows = _rows()
+    assert bench.summarize(rows)[0].endswith("OK")
+    rows[0]["wrong"] = 7
+    s = bench.summarize(rows)
+    assert "FAILED" in s[0] and "ring at 1KiB (7)" in s[0]
+    assert exit_status(rows) == 1
+    assert exit_status(_rows()) == 0
+
+
+def test_csv_and_json(tmp_path):
+    rows = _rows()
+    bench.write_csv(tmp_path / "b.csv", rows)
+    with open(tmp_path / "b.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0].keys()) == list(COLUMNS)
+    assert [g["algorithm"] for g in got] == ["ring", "native", "auto", "memcpy"]
+    assert float(got[0]["busbw"]) == pytest.approx(0.03072) and got[3]["speedup"] == ""
+    assert got[2]["picked"] == "native"
+    bench.write_json(tmp_path / "b.json", rows, _meta())
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["rows"] == rows and doc["meta"]["ranks"] == 4
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "b.png"
+    bench.plot(out, _rows() + [{**r, "size": 4096, "busbw": r["busbw"] * 3} for r in _rows()], _meta())
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_parser_defaults_and_errors():
+    p = bench.build_parser()
+    a = p.parse_args([])
+    assert (a.min, a.max, a.step, a.dtype, a.op, a.iters) == (8, 256 << 20, 4.0, "float32", "sum", None)
+    assert a.algorithms == "ring,tree,native,auto" and a.func is bench.main
+    a = p.parse_args(["--min", "4KiB", "--max", "64M", "--step", "2", "--dtype", "int64", "--op", "max"])
+    assert (a.min, a.max, a.step, a.dtype, a.op) == (4096, 64 << 20, 2.0, "int64", "max")
+    for bad in (["--min", "8XB"], ["--step", "1"], ["--dtype", "int8"], ["--op", "mean"], ["--iters", "-1"]):
+        with pytest.raises(SystemExit), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p.parse_args(bad)
+
+
+# --------------------------------------------------------------------------- end to end (serial, spawns mpirun)
+
+
+def _bench_command():
+    """``python -m mpitrain bench`` when the full CLI imports, else the module on its own."""
+    try:
+        from mpitrain import cli
+
+        cli.build_parser()
+        return [sys.executable, "-m", "mpitrain", "bench"]
+    except ImportError as e:
+        warnings.warn(f"the mpitrain CLI does not import yet ({e}); testing python -m mpitrain.bench")
+        return [sys.executable, "-m", "mpi4py", "-m", "mpitrain.bench"]
+
+
+def _run(args, n=2, timeout=180):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([MPIRUN, "-n", str(n), *_bench_command(), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.skipif(not os.path.exists(MPIRUN), reason="no mpirun next to the Python interpreter")
+def test_bench_command_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")
+    j, c, png = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
+    res = _run(["--min", "8B", "--max", "64KiB", "--json", str(j), "--csv", str(c), "--plot", str(png)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    table = [line for line in res.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    sizes = size_range(8, 64 << 10, 4)
+    assert len(table) == len(sizes) * 5  # ring, tree, native, auto, memcpy
+    assert res.stdout.count("# mpitrain bench") == 1  # rank 0 only
+    doc = json.loads(j.read_text())
+    rows = doc["rows"]
+    assert doc["meta"]["ranks"] == 2
+    assert [r["size"] for r in rows if r["algorithm"] == "ring"] == sizes
+    assert {r["algorithm"] for r in rows} == {"ring", "tree", "native", "auto", "memcpy"}
+    for r in rows:
+        assert r["wrong"] == 0
+        assert r["time_us"] > 0 and r["algbw"] == pytest.approx(r["size"] / r["time_us"] / 1e3)
+        if r["algorithm"] != "memcpy":
+            assert r["busbw"] == pytest.approx(r["algbw"])  # 2(n-1)/n = 1 for n = 2
+            assert r["count"] == r["size"] // 4 and r["type"] == "float32" and r["op"] == "sum"
+    with open(c, newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.skipif(not os.path.exists(MPIRUN), reason="no mpirun next to the Python interpreter")
+def test_bench_command_bad_algorithm_one_message():
+    res = _run(["--algorithms", "ring,bogus", "--max", "64B"], timeout=60)
+    assert res.returncode != 0
+    assert res.stderr.count("bogus") == 1, res.stderr  # one message, from rank 0
+    assert "[rank 0@" in res.stderr and "known:" in res.stderr
+
+
+# --------------------------------------------------------------------------- MPI: the sweep itself
+
+
+def _same_everywhere(comm, rows):
+    return all(g == rows for g in comm.allgather(rows))
+
+
+@pytest.mark.mpi
+def test_run_sweep_rows_correct_and_busbw(comm):
+    from mpitrain.collectives import choose
+
+    p = comm.Get_size()
+    sizes = [8, 1000, 4096]
+    algs = ["ring", "tree", "native", "auto"]
+    rows = bench.run_sweep(comm, sizes, algs, "float32", "sum", iters=2, warmup=0)
+    assert _same_everywhere(comm, rows)
+    assert len(rows) == len(sizes) * (len(algs) + 1)
+    for s in sizes:
+        at = [r for r in rows if r["size"] == s]
+        assert [r["algorithm"] for r in at] == algs + ["memcpy"]
+    for r in rows:
+        assert r["wrong"] == 0, r
+        assert r["time_us"] > 0
+        assert r["algbw"] == pytest.approx(r["size"] / (r["time_us"] * 1e-6) / 1e9)
+        if r["algorithm"] == "memcpy":
+            assert r["busbw"] == r["algbw"] and r["speedup"] is None
+            continue
+        assert r["busbw"] == pytest.approx(r["algbw"] * (2 * (p - 1) / p if p > 1 else 1))
+        assert r["iters"] == 2 and r["ranks"] == p
+        assert r["picked"] == (choose(r["size"], p) if r["algorithm"] == "auto" else "")
+        native = next(x for x in rows if x["size"] == r["size"] and x["algorithm"] == "native")
+        assert r["speedup"] == pytest.approx(native["time_us"] / r["time_us"])
+    assert exit_status(rows) == 0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype,op", [("int32", "prod"), ("int64", "avg"), ("float16", "sum"),
+                                      ("float64", "max"), ("float32", "min")])
+def test_run_sweep_dtypes_ops(comm, dtype, op):
+    rows = bench.run_sweep(comm, [2, 3000], ["ring", "tree"], dtype, op, iters=1, warmup=0, memcpy=False)
+    assert [r["algorithm"] for r in rows] == ["ring", "tree"] * 2
+    assert all(r["wrong"] == 0 and r["type"] == dtype and r["op"] == op for r in rows), rows
+
+
+def test_rounds_for_scales_with_time():
+    assert bench.rounds_for(1e-5, 0.25) == bench.MAX_ROUNDS  # tiny messages: capped
+    assert bench.rounds_for(1e-3, 0.25) == 250
+    assert bench.rounds_for(0.01, 0.25) == max(bench.MIN_ROUNDS, 25)
+    assert bench.rounds_for(0.5, 0.25) == bench.MIN_ROUNDS  # huge messages: a few
+    assert bench.rounds_for(0.0, 0.25) == bench.MAX_ROUNDS
+
+
+@pytest.mark.mpi
+def test_run_sweep_default_iters(comm):
+    rows = bench.run_sweep(comm, [8, 1 << 16], ["native"], warmup=1, memcpy=False, target_seconds=0.05)
+    assert _same_everywhere(comm, rows)
+    assert all(bench.MIN_ROUNDS <= r["iters"] <= bench.MAX_ROUNDS for r in rows)
+
+
+@pytest.mark.mpi
+def test_broken_algorithm_is_caught(comm):
+    from mpitrain.collectives import allreduce
+
+    last = comm.Get_size() - 1
+
+    def broken(buf, c, op):  # right everywhere except one element on the last rank
+        allreduce(buf, c, op=op, algorithm="native")
+        if c.Get_rank() == last and buf.size > 1:
+            buf[1] += 1
+
+    rows = bench.run_sweep(comm, [4, 64], ["ring", ("broken", broken)], "int32", "sum", iters=1, warmup=0)
+    got = {(r["size"], r["algorithm"]): r["wrong"] for r in rows}
+    assert got[(4, "broken")] == 0  # one element: nothing to break
+    assert got[(64, "broken")] == 1  # reported on every rank, not only the broken one
+    assert got[(4, "ring")] == got[(64, "ring")] == 0
+    assert exit_status(rows) == 1
+    assert "FAILED" in bench.summarize(rows)[0]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_results_differing_between_ranks_are_caught(comm):
+    from mpitrain.collectives import allreduce
+
+    def skewed(buf, c, op):  # within float tolerance of native, but not bitwise identical on rank 1
+        allreduce(buf, c, op=op, algorithm="native")
+        if c.Get_rank() == 1:
+            buf[0] = np.nextafter(buf[0], np.float32(np.inf))
+
+    rows = bench.run_sweep(comm, [256], [("skewed", skewed)], "float32", "sum", iters=1, warmup=0,
+                           memcpy=False)
+    assert rows[0]["wrong"] >= 1
+
+
+@pytest.mark.mpi
+def test_measure(comm):
+    from mpitrain.collectives import allreduce
+
+    src = np.arange(1000, dtype=np.float64) + comm.Get_rank()
+    buf = np.empty_like(src)
+    t = bench.measure(comm, lambda b: allreduce(b, comm, algorithm="ring"), buf, src, iters=3)
+    assert t > 0 and comm.allgather(t) == [t] * comm.Get_size()
+    assert np.array_equal(src, np.arange(1000, dtype=np.float64) + comm.Get_rank())  # source untouched
+
+
+@pytest.mark.mpi
+def test_main_in_process(comm, shared_tmp, capsys):
+    args = bench.build_parser().parse_args(
+        ["--min", "8B", "--max", "2KiB", "--step", "16", "--iters", "2", "--warmup", "0", "--quiet",
+         "--json", str(shared_tmp / "m.json"), "--csv", str(shared_tmp / "m.csv")])
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert out == ""  # --quiet
+    rows = json.loads((shared_tmp / "m.json").read_text())["rows"]
+    assert len(rows) == 3 * 5 and all(r["wrong"] == 0 for r in rows)
+    assert (shared_tmp / "m.csv").exists()
+
+
+@pytest.mark.mpi
+def test_main_rejects_bad_options_on_every_rank(comm, capsys):
+    p = bench.build_parser()
+    assert bench.main(p.parse_args(["--algorithms", "ring,nope"])) == 2
+    assert bench.main(p.parse_args(["--min", "1MiB", "--max", "8B"])) == 2
+    err = capsys.readouterr().err
+    if comm.Get_rank() == 0:
+        assert "nope" in err and "larger" in err
+    else:
+        assert err == ""
