@@ -96,6 +96,7 @@ class Trainer:
         self.trace = None
         self.stop = _StopFlag()
         self.nonfinite_skipped = 0
+        self.step = self.epoch = self.start_in_epoch = 0
         self._flag = np.zeros(1, dtype=np.int64)
 
     # ------------------------------------------------------------------ set-up

@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -22,3 +24,21 @@ def comm():
 def shared_tmp(tmp_path, comm):
     """One temporary directory shared by all ranks (rank 0's tmp_path)."""
     return type(tmp_path)(comm.bcast(str(tmp_path), root=0))
+
+
+def pytest_configure(config):
+    """Under mpirun every rank gets its own pytest base temp dir (no races between ranks)."""
+    if config.getoption("with_mpi", default=False) and config.getoption("basetemp") is None:
+        from mpi4py import MPI
+
+        config.option.basetemp = tempfile.mkdtemp(prefix=f"mpitrain-tests-r{MPI.COMM_WORLD.Get_rank()}-")
+        config._mpitrain_basetemp = config.option.basetemp
+
+
+def pytest_unconfigure(config):
+    base = getattr(config, "_mpitrain_basetemp", None)
+    if base:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Barrier()  # rank 0's dir may be another rank's shared_tmp
+        shutil.rmtree(base, ignore_errors=True)
