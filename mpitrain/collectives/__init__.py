@@ -29,7 +29,13 @@ _MPI_OP = {"sum": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod
 
 # Below this many bytes `auto` uses the MPI library's Allreduce (latency-bound;
 # Python overhead per ring step dominates), above it the pipelined ring.
-AUTO_RING_MIN_BYTES = 64 * 1024
+AUTO_RING_MIN_BYTES = 512 * 1024
+
+# `auto` reduces messages up to this size inside the check itself: the check's
+# Allgather carries the data too, every rank reduces the p rows in rank order,
+# and one collective does the whole job (see fused() below).
+SMALL_BYTES = 4096
+META = 6  # n, dtype, op, algorithm, problem, on-device
 
 TAG_CHECK = 11  # tags on the library's private communicator (never tag 0)
 TAG_RING = 12
@@ -44,8 +50,9 @@ class _State:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self._scratch = {}
-        self._meta = np.zeros(6, dtype=np.int64)
-        self._gathered = np.zeros((self.size, 6), dtype=np.int64)
+        # the check's Allgather row: 6 int64 of metadata, then room for a small message
+        self._row = np.zeros(META + SMALL_BYTES // 8, dtype=np.int64)
+        self._rows = np.zeros((self.size, self._row.size), dtype=np.int64)
 
     def scratch(self, xp, dtype, n: int):
         """A 1-D scratch array of at least ``n`` elements, allocated once per (module, dtype)."""
@@ -85,10 +92,15 @@ def finish_avg(view, p: int) -> None:
         view //= p
 
 
-def _algorithms():
-    from . import native, ring, tree
+_RUN = {}
 
-    return {"ring": ring.allreduce, "tree": tree.allreduce, "native": native.allreduce}
+
+def _algorithms():
+    if not _RUN:
+        from . import native, ring, tree
+
+        _RUN.update(ring=ring.allreduce, tree=tree.allreduce, native=native.allreduce)
+    return _RUN
 
 
 ALGORITHMS = ("ring", "tree", "native", "auto")
@@ -101,22 +113,30 @@ def choose(nbytes: int, size: int) -> str:
     return "ring" if nbytes >= AUTO_RING_MIN_BYTES else "native"
 
 
-def _codes(buf, op, algorithm):
-    """Local validation folded into integers so that the check itself is collective."""
-    problem = 0
-    n = dt = -1
-    if not (isinstance(buf, np.ndarray) or backend.is_device(buf)):
-        problem = 1
-    elif not buf.flags.c_contiguous:
-        problem = 2
-    elif np.dtype(buf.dtype).name not in DTYPES:
-        problem = 3
-    else:
-        n = int(buf.size)
-        dt = DTYPES.index(np.dtype(buf.dtype).name)
-    opc = OPS.index(op) if op in OPS else -1
-    alg = ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else -1
-    return [n, dt, opc, alg, problem, 1 if backend.is_device(buf) else 0]
+_DT = {np.dtype(name): i for i, name in enumerate(DTYPES)}
+_OPC = {name: i for i, name in enumerate(OPS)}
+_ALG = {name: i for i, name in enumerate(ALGORITHMS)}
+
+
+def _codes(row, buf, op, algorithm) -> None:
+    """Local validation folded into integers, so that the check itself is collective."""
+    problem = n = dt = dev = 0
+    if not isinstance(buf, np.ndarray):
+        if backend.is_device(buf):
+            dev = 1
+        else:
+            problem = 1
+    if not problem:
+        if not buf.flags.c_contiguous:
+            problem = 2
+        else:
+            dt = _DT.get(buf.dtype, -1)
+            if dt < 0:
+                problem, dt = 3, 0
+            else:
+                n = buf.size
+    row[:META] = (n, dt, _OPC.get(op, -1) if isinstance(op, str) else -1,
+                  _ALG.get(algorithm, -1) if isinstance(algorithm, str) else -1, problem, dev)
 
 
 _PROBLEMS = {1: "buffer is not a NumPy or CuPy array", 2: "buffer is not C-contiguous",
@@ -124,21 +144,16 @@ _PROBLEMS = {1: "buffer is not a NumPy or CuPy array", 2: "buffer is not C-conti
 
 
 def _describe(row) -> str:
-    n, dt, opc, alg, problem, dev = (int(v) for v in row)
+    n, dt, opc, alg, problem, dev = (int(v) for v in row[:META])
     if problem:
         return _PROBLEMS[problem]
     return (f"{n} x {DTYPES[dt]}, op={OPS[opc] if opc >= 0 else '?'}, "
             f"algorithm={ALGORITHMS[alg] if alg >= 0 else '?'}")
 
 
-def check(st: _State, buf, op, algorithm) -> None:
-    """Raise the same ValueError on every rank when the ranks' calls disagree or are invalid."""
-    st._meta[:] = _codes(buf, op, algorithm)
-    if st.size > 1:
-        st.comm.Allgather(st._meta, st._gathered)
-    else:
-        st._gathered[0] = st._meta
-    g = st._gathered
+def _explain(st: _State, op, algorithm) -> None:
+    """The slow path of check(): say what is wrong, on every rank alike."""
+    g = st._rows
     for r in range(st.size):
         if g[r, 4]:
             raise ValueError(f"allreduce: rank {r}: {_describe(g[r])}")
@@ -148,10 +163,47 @@ def check(st: _State, buf, op, algorithm) -> None:
         if g[r, 3] < 0:
             name = f"unknown algorithm {algorithm!r}" if r == st.rank else "an unknown algorithm"
             raise ValueError(f"allreduce: rank {r} passed {name}; known: {', '.join(ALGORITHMS)}")
-    if (g[:, :4] != g[0, :4]).any():
-        calls = "; ".join(f"rank {r}: {_describe(g[r])}" for r in range(st.size))
-        raise ValueError(f"allreduce: ranks disagree on the call ({calls}); "
-                         "every rank must pass the same length, dtype, op and algorithm")
+    calls = "; ".join(f"rank {r}: {_describe(g[r])}" for r in range(st.size))
+    raise ValueError(f"allreduce: ranks disagree on the call ({calls}); "
+                     "every rank must pass the same length, dtype, op and algorithm")
+
+
+def check(st: _State, buf, op, algorithm, payload: bool = False) -> bool:
+    """Raise the same ValueError on every rank when the ranks' calls disagree or are invalid.
+
+    With ``payload``, a message of at most SMALL_BYTES travels in the same
+    Allgather; returns True when it did (the caller then reduces st._rows).
+    """
+    row = st._row
+    _codes(row, buf, op, algorithm)
+    nbytes = int(row[0]) * buf.itemsize if not row[4] else 0
+    carry = payload and not row[4] and not row[5] and nbytes <= SMALL_BYTES
+    if carry:
+        row[META:].view(np.uint8)[:nbytes] = buf.reshape(-1).view(np.uint8)
+        row[5] = -1  # "carrying": must agree too
+    if st.size > 1:
+        st.comm.Allgather(row, st._rows)
+    else:
+        st._rows[0] = row
+    mine = row[:META].tobytes()
+    if row[4] or row[2] < 0 or row[3] < 0 or st._rows[:, :META].tobytes() != mine * st.size:
+        _explain(st, op, algorithm)
+    return carry
+
+
+def fused(st: _State, buf, op: str):
+    """Reduce the small message that travelled with the check: rows in rank order, on every rank.
+
+    Cost: one Allgather of p·(48 B + SMALL_BYTES), i.e. about the latency of
+    one small MPI collective, then (p-1)·n·gamma locally.
+    """
+    flat = buf.reshape(-1)
+    nb = flat.nbytes
+    rows = st._rows[:, META:].view(np.uint8)[:, :nb].view(flat.dtype)
+    reducer(np, op).reduce(rows, axis=0, dtype=flat.dtype, out=flat)
+    if op == "avg":
+        finish_avg(flat, st.size)
+    return buf
 
 
 def allreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
@@ -161,7 +213,8 @@ def allreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
     algorithms: ring, tree, native, auto. Results are bitwise identical on all ranks.
     """
     st = state_for(comm if comm is not None else get_comm())
-    check(st, buf, op, algorithm)
+    if check(st, buf, op, algorithm, payload=algorithm == "auto"):
+        return fused(st, buf, op) if st.size > 1 else buf
     if algorithm == "auto":
         algorithm = choose(buf.nbytes, st.size)
     if st.size == 1 or buf.size == 0:

@@ -37,8 +37,19 @@ from . import TAG_RING, finish_avg, reducer
 from .partition import chunk_bounds, segments
 from .. import backend
 
-SEGMENT_BYTES = int(os.environ.get("MPITRAIN_RING_SEGMENT", 256 * 1024))
+# Segment size: None = adaptive (about a quarter of a chunk, between 256 KiB and 4 MiB,
+# measured best on a 2-core box at 1-64 MiB with 2 and 4 ranks: docs/benchmarks.md).
+# MPITRAIN_RING_SEGMENT=bytes fixes it.
+SEGMENT_BYTES = int(os.environ["MPITRAIN_RING_SEGMENT"]) if os.environ.get("MPITRAIN_RING_SEGMENT") else None
+SEGMENT_MIN, SEGMENT_MAX = 256 * 1024, 4 * 1024 * 1024
 DEPTH = 4  # receives posted ahead
+
+
+def segment_bytes(nbytes: int, p: int) -> int:
+    """The segment size for a message of ``nbytes`` on ``p`` ranks (the same on every rank)."""
+    if SEGMENT_BYTES:
+        return SEGMENT_BYTES
+    return min(SEGMENT_MAX, max(SEGMENT_MIN, nbytes // p // 4))
 
 
 def plan(n: int, p: int, rank: int, seg_elems: int):
@@ -62,7 +73,7 @@ def allreduce(st, buf, op: str, seg_bytes: int | None = None):
     f = reducer(xp, op)
     flat = buf.reshape(-1)
     n = flat.size
-    seg = max(1, (seg_bytes or SEGMENT_BYTES) // flat.itemsize)
+    seg = max(1, (seg_bytes or segment_bytes(flat.nbytes, p)) // flat.itemsize)
     left, right = (r - 1) % p, (r + 1) % p
     last_rs = p - 2  # the step after which this rank's chunk is final
     units = plan(n, p, r, seg)
