@@ -68,51 +68,73 @@ def plan(n: int, p: int, rank: int, seg_elems: int):
 
 
 def allreduce(st, buf, op: str, seg_bytes: int | None = None):
+    """Blocking ring all-reduce of ``buf`` on the library state ``st``."""
+    for req in steps(st, buf, op, seg_bytes=seg_bytes):
+        req.Wait()
+    return buf
+
+
+def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING, slots=None):
+    """The ring as a generator: it yields each request it must see completed before going on.
+
+    ``allreduce`` drives it with ``Wait``; a non-blocking handle drives it with
+    ``Test`` between other work (collectives/nonblocking.py). ``slots`` is the
+    scratch for DEPTH in-flight segments (default: the state's shared scratch).
+    """
     comm, r, p = st.comm, st.rank, st.size
     xp = backend.array_module(buf)
     f = reducer(xp, op)
     flat = buf.reshape(-1)
     n = flat.size
+    if p == 1 or n == 0:
+        return
     seg = max(1, (seg_bytes or segment_bytes(flat.nbytes, p)) // flat.itemsize)
     left, right = (r - 1) % p, (r + 1) % p
     last_rs = p - 2  # the step after which this rank's chunk is final
     units = plan(n, p, r, seg)
-    slots = st.scratch(xp, flat.dtype, DEPTH * min(seg, -(-n // p)))
-    width = slots.size // DEPTH
+    width = min(seg, -(-n // p))
+    if slots is None:
+        slots = st.scratch(xp, flat.dtype, DEPTH * width)
     sends = {}  # (send step, lo) -> request
 
     # step 0 of the reduce-scatter: send my own chunk, segment by segment
     lo0, hi0 = chunk_bounds(n, p, r)
     for a, b in segments(lo0, hi0, seg):
-        sends[(0, a)] = comm.Isend(flat[a:b], dest=right, tag=TAG_RING)
+        sends[(0, a)] = comm.Isend(flat[a:b], dest=right, tag=tag)
 
     recvs = [None] * len(units)
 
-    def post(i):
+    def dest(i):
         t, a, b = units[i]
         if t <= last_rs:
-            dst = slots[(i % DEPTH) * width:(i % DEPTH) * width + (b - a)]
-        else:  # all-gather: straight into place, once the send of that region is done
-            old = sends.pop((t - (p - 1), a), None)
-            if old is not None:
-                old.Wait()
-            dst = flat[a:b]
-        recvs[i] = (comm.Irecv(dst, source=left, tag=TAG_RING), dst)
+            k = i % DEPTH
+            return slots[k * width:k * width + (b - a)]
+        return flat[a:b]  # all-gather: straight into place
 
     for i in range(min(DEPTH, len(units))):
-        post(i)
+        old = sends.pop((units[i][0] - (p - 1), units[i][1]), None) if units[i][0] > last_rs else None
+        if old is not None:  # never receive into a region a send is still reading
+            yield old
+        dst = dest(i)
+        recvs[i] = (comm.Irecv(dst, source=left, tag=tag), dst)
     for i, (t, a, b) in enumerate(units):
         req, dst = recvs[i]
-        req.Wait()
+        yield req
         recvs[i] = None
         if t <= last_rs:
             view = flat[a:b]
             f(view, dst, out=view)
             if t == last_rs and op == "avg":
                 finish_avg(view, p)
-        if i + DEPTH < len(units):
-            post(i + DEPTH)
+        j = i + DEPTH
+        if j < len(units):
+            tj, aj, _ = units[j]
+            old = sends.pop((tj - (p - 1), aj), None) if tj > last_rs else None
+            if old is not None:
+                yield old
+            dst = dest(j)
+            recvs[j] = (comm.Irecv(dst, source=left, tag=tag), dst)
         if t < 2 * (p - 1) - 1:
-            sends[(t + 1, a)] = comm.Isend(flat[a:b], dest=right, tag=TAG_RING)
-    MPI.Request.Waitall(list(sends.values()))
-    return buf
+            sends[(t + 1, a)] = comm.Isend(flat[a:b], dest=right, tag=tag)
+    for req in sends.values():
+        yield req

@@ -24,18 +24,27 @@ from .. import backend
 
 
 def allreduce(st, buf, op: str):
+    """Blocking tree all-reduce of ``buf`` on the library state ``st``."""
+    for req in steps(st, buf, op):
+        req.Wait()
+    return buf
+
+
+def steps(st, buf, op: str, *, tag: int = TAG_TREE, tmp=None):
+    """The tree as a generator that yields each request it must see completed (see ring.steps)."""
     comm, r, p = st.comm, st.rank, st.size
     xp = backend.array_module(buf)
     f = reducer(xp, op)
     flat = buf.reshape(-1)
-    tmp = st.scratch(xp, buf.dtype, flat.size)
+    if tmp is None:
+        tmp = st.scratch(xp, buf.dtype, flat.size)
     mask = 1
     while mask < p:  # reduce toward rank 0
         if r & mask:
-            comm.Send(flat, dest=r - mask, tag=TAG_TREE)
+            yield comm.Isend(flat, dest=r - mask, tag=tag)
             break
         if r + mask < p:
-            comm.Recv(tmp, source=r + mask, tag=TAG_TREE)
+            yield comm.Irecv(tmp, source=r + mask, tag=tag)
             f(flat, tmp, out=flat)
         mask <<= 1
     if r == 0 and op == "avg":
@@ -43,14 +52,15 @@ def allreduce(st, buf, op: str):
     # broadcast: rank r (r > 0) receives from r - lowbit(r), then sends to r + m for m < lowbit(r)
     if r:
         low = r & -r
-        comm.Recv(flat, source=r - low, tag=TAG_TREE)
+        yield comm.Irecv(flat, source=r - low, tag=tag)
     else:
         low = 1
         while low < p:
             low <<= 1
     m = low >> 1
+    sends = []
     while m:
         if r + m < p:
-            comm.Send(flat, dest=r + m, tag=TAG_TREE)
+            sends.append(comm.Isend(flat, dest=r + m, tag=tag))
         m >>= 1
-    return buf
+    yield from sends

@@ -1,0 +1,164 @@
+"""Non-blocking all-reduce: ``h = iallreduce(buf, comm, op=..., algorithm=...)``, then
+``h.progress()`` between other work and ``h.wait()`` at the end.
+
+    main thread:  backward(layer L) | progress | backward(L-1) | progress | ... | wait
+    bucket L:          iallreduce --- ring steps advance in every progress ----> done
+    bucket L-1:                          iallreduce ---- ring steps ----------------> done
+
+Each algorithm is a generator that yields the MPI request it must see
+completed before it can go on (ring.steps, tree.steps). ``progress()`` tests
+the pending request and, while requests are complete, runs the algorithm on
+to its next wait — it never blocks; ``wait()`` drives it with ``Wait``. MPICH
+moves shared-memory messages only inside MPI calls, so overlap comes from
+calling ``progress()`` often (the training loop does it after every layer of
+backprop) or from driving the handles on a communication thread
+(``CommThread``, needs MPI_THREAD_MULTIPLE).
+
+The agreement check of the blocking ``allreduce`` runs here as an Iallgather
+(the first step of every handle), so a mismatch still raises ValueError on
+every rank — from ``progress()`` or ``wait()``. Every outstanding operation
+gets its own tag and scratch, so several may be in flight at once; start them
+in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+from mpi4py import MPI
+
+from . import META, _MPI_OP, _explain, _codes, choose, finish_avg, state_for
+from . import ring, tree
+from .. import backend
+from ..runtime import get_comm
+
+TAG_BASE, TAG_SPAN = 1000, 4096  # tags TAG_BASE .. TAG_BASE+TAG_SPAN-1 on the private communicator
+
+
+def _native_steps(st, buf, op):
+    flat = buf.reshape(-1)
+    wide = flat.astype(np.float32) if flat.dtype == np.float16 else flat
+    yield st.comm.Iallreduce(MPI.IN_PLACE, wide, op=_MPI_OP[op])
+    if op == "avg":
+        finish_avg(wide, st.size)
+    if wide is not flat:
+        flat[...] = wide
+
+
+class Handle:
+    """One outstanding all-reduce. ``progress()`` -> bool (done?), ``wait()`` -> buf."""
+
+    def __init__(self, st, buf, op, algorithm):
+        self.buf, self._st = buf, st
+        self._seq = st.nb_seq = getattr(st, "nb_seq", -1) + 1
+        self._tag = TAG_BASE + self._seq % TAG_SPAN
+        self._gen = self._run(st, buf, op, algorithm)
+        self._pending = None
+        self.done = False
+
+    def _run(self, st, buf, op, algorithm):
+        row = np.zeros(META, dtype=np.int64)
+        _codes(row, buf, op, algorithm)
+        rows = np.zeros((st.size, META), dtype=np.int64)
+        yield st.comm.Iallgather(row, rows)
+        if row[4] or row[2] < 0 or row[3] < 0 or rows.tobytes() != row.tobytes() * st.size:
+            saved = st._rows
+            st._rows = rows
+            try:
+                _explain(st, op, algorithm)
+            finally:
+                st._rows = saved
+        if st.size == 1 or buf.size == 0:
+            return
+        if algorithm == "auto":
+            algorithm = choose(buf.nbytes, st.size)
+        backend.synchronize(buf)
+        xp = backend.array_module(buf)
+        if algorithm == "ring":
+            flat = buf.reshape(-1)
+            seg = ring.segment_bytes(flat.nbytes, st.size) // flat.itemsize
+            width = min(max(seg, 1), -(-flat.size // st.size))
+            slots = xp.empty(ring.DEPTH * width, dtype=flat.dtype)
+            yield from ring.steps(st, buf, op, tag=self._tag, slots=slots)
+        elif algorithm == "tree":
+            yield from tree.steps(st, buf, op, tag=self._tag, tmp=xp.empty(buf.size, dtype=buf.dtype))
+        else:
+            yield from _native_steps(st, buf, op)
+
+    def progress(self) -> bool:
+        """Advance as far as possible without blocking; True once complete."""
+        while not self.done:
+            if self._pending is not None and not self._pending.Test():
+                return False
+            self._advance()
+        return True
+
+    def wait(self):
+        """Block until complete; return the buffer."""
+        while not self.done:
+            if self._pending is not None:
+                self._pending.Wait()
+            self._advance()
+        return self.buf
+
+    def _advance(self):
+        try:
+            self._pending = next(self._gen)
+        except StopIteration:
+            self._pending, self.done = None, True
+
+
+def iallreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> Handle:
+    """Start reducing ``buf`` in place across ``comm``; returns a Handle (progress / wait)."""
+    if backend.is_device(buf) and not backend.cuda_aware_mpi():
+        raise ValueError("iallreduce of device buffers needs a CUDA-aware MPI; use allreduce")
+    st = state_for(comm if comm is not None else get_comm())
+    h = Handle(st, buf, op, algorithm)
+    h.progress()
+    return h
+
+
+class CommThread:
+    """Drive handles on a background thread, in the order they were submitted.
+
+    Needs MPI_THREAD_MULTIPLE (mpi4py asks for it by default). Exceptions
+    raised on the thread come back from ``drain()``.
+    """
+
+    def __init__(self):
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise RuntimeError("CommThread needs MPI_THREAD_MULTIPLE")
+        self._q: queue.Queue = queue.Queue()
+        self._error = None
+        self._t = threading.Thread(target=self._loop, name="mpitrain-comm", daemon=True)
+        self._t.start()
+
+    def _loop(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                self._q.task_done()
+                return
+            try:
+                if self._error is None:
+                    item.wait()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def submit(self, handle: Handle) -> None:
+        self._q.put(handle)
+
+    def drain(self) -> None:
+        """Wait until every submitted handle is complete; re-raise a failure."""
+        self._q.join()
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._t.join()
