@@ -65,6 +65,7 @@ class CommConfig:
     algorithm: str = "ring"          # ring | tree | native | auto
     timeout_s: float = 0.0           # watchdog: abort when a rank is this late to a step; 0 = off
     bucket_bytes: int = 0            # >0: average gradients in buckets overlapped with backprop
+    overlap: str = "progress"        # buckets: "progress" (between layers) | "thread" (comm thread)
 
 
 @dataclass
@@ -101,6 +102,7 @@ CHOICES = {
     ("train", "backend"): ("numpy", "cupy"),
     ("train", "nonfinite"): ("error", "skip"),
     ("comm", "algorithm"): ("ring", "tree", "native", "auto"),
+    ("comm", "overlap"): ("progress", "thread"),
     ("data", "dataset"): ("digits", "synthetic", ""),
 }
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from . import __version__, backend, checkpoint, config
+from . import __version__, backend, checkpoint, config, watchdog
 from .collectives import allreduce
 from .faults import Faults
 from .metrics import ProgressBar, Timers, Trace
@@ -64,6 +64,22 @@ def _agree(comm, value, what: str, hint: str) -> None:
         raise UserError(f"{what} differs across ranks ({desc}); {hint}")
 
 
+def _agree_config(comm, cfg) -> None:
+    """Every rank must run the same job; otherwise a UserError naming the keys that differ, on every rank."""
+    if len(set(comm.allgather(cfg.digest()))) == 1:
+        return
+    flat = comm.allgather({f"{s}.{k}": repr(v) for s, sec in cfg.to_dict().items() for k, v in sec.items()})
+    diffs = []
+    for key in sorted({k for f in flat for k in f}):
+        groups = {}
+        for r, f in enumerate(flat):
+            groups.setdefault(f.get(key, "<missing>"), []).append(r)
+        if len(groups) > 1:
+            diffs.append(f"{key} is " + ", ".join(f"{v} on ranks {rs}" for v, rs in groups.items()))
+    raise UserError(f"the job configuration differs across ranks: {'; '.join(diffs) or 'unknown keys'}; "
+                    "start every rank with the same job file and --set options")
+
+
 class _StopFlag:
     """Set by SIGUSR1/SIGTERM; ranks agree on it at the next step boundary."""
 
@@ -92,6 +108,7 @@ class Trainer:
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.faults = Faults(self.rank)
+        self.watchdog = watchdog.OFF  # comm.timeout_s > 0: started in setup()
         self.timers = Timers()
         self.trace = None
         self.stop = _StopFlag()
@@ -104,8 +121,10 @@ class Trainer:
         from .data import ensure_dataset, open_dataset
 
         cfg, comm = self.cfg, self.comm
-        _agree(comm, cfg.digest(), "the job configuration",
-               "start every rank with the same job file and --set options")
+        _agree_config(comm, cfg)
+        self.watchdog = watchdog.start(comm, cfg.comm.timeout_s, hint=(
+            f"; resume from the last checkpoint in {cfg.checkpoint.dir} with --resume"
+            if cfg.checkpoint.every > 0 else ""))
         self.xp = backend.get_xp(cfg.train.backend)
         if cfg.train.backend == "cupy":
             backend.select_device(comm, share=cfg.train.share_gpu)
@@ -167,13 +186,16 @@ class Trainer:
     # --------------------------------------------------------------- one step
     def train_step(self, x, y):
         cfg, xp, model = self.cfg, self.xp, self.model
-        with self.timers("compute"):
-            x, y = xp.asarray(x), xp.asarray(y)
-            loss, correct = model.loss_and_grad(x, y)
-        if self.faults:
-            self.faults.at(self.step, model.grads)
-        with self.timers("comm"):
-            allreduce(model.grads, self.comm, op="avg", algorithm=cfg.comm.algorithm)
+        if cfg.comm.bucket_bytes > 0:
+            loss, correct = self._backward_bucketed(x, y)
+        else:
+            with self.timers("compute"):
+                x, y = xp.asarray(x), xp.asarray(y)
+                loss, correct = model.loss_and_grad(x, y)
+            if self.faults:
+                self.faults.at(self.step, model.grads)
+            with self.timers("comm"), self.watchdog.collective(self.step):
+                allreduce(model.grads, self.comm, op="avg", algorithm=cfg.comm.algorithm)
         with self.timers("compute"):
             # the averaged gradients are identical on every rank: every rank decides the same
             if not bool(xp.isfinite(model.grads).all()):
@@ -184,6 +206,57 @@ class Trainer:
                 clip_by_global_norm(model.grads, cfg.train.clip_norm)
             self.opt.step(model.grads, self.schedule(self.step))
         return loss, correct
+
+    def _backward_bucketed(self, x, y):
+        """Backprop with gradient buckets averaged while earlier layers still compute (like DDP).
+
+        The flat gradient buffer fills from offset 0 (last layer first); each time
+        the finished prefix has grown by ``comm.bucket_bytes`` it is handed to a
+        non-blocking all-reduce, progressed after every layer (``comm.overlap =
+        "progress"``) or driven by a communication thread (``"thread"``).
+        """
+        from .collectives.nonblocking import iallreduce
+
+        cfg, model, xp = self.cfg, self.model, self.xp
+        grads = model.grads
+        limit = max(1, cfg.comm.bucket_bytes // grads.itemsize)
+        handles, sent = [], 0
+        thread = self._comm_thread()
+
+        def ready(hi):
+            nonlocal sent
+            if hi - sent >= limit or hi == grads.size:
+                backend.synchronize(grads)
+                h = iallreduce(grads[sent:hi], self.comm, op="avg", algorithm=cfg.comm.algorithm)
+                if thread is not None:
+                    thread.submit(h)
+                else:
+                    handles.append(h)
+                sent = hi
+            for h in handles:
+                h.progress()
+
+        with self.timers("compute"):
+            if self.faults:
+                self.faults.at(self.step, x)  # 'nan' poisons the input, so the gradients follow
+            self.watchdog.arrive(self.step)
+            loss, correct = model.loss_and_grad(xp.asarray(x), xp.asarray(y), on_grad_ready=ready)
+        # only what backprop did not hide
+        with self.timers("comm"), self.watchdog.guard("the gradient all-reduce", self.step):
+            if thread is not None:
+                thread.drain()
+            for h in handles:
+                h.wait()
+        return loss, correct
+
+    def _comm_thread(self):
+        if self.cfg.comm.overlap != "thread":
+            return None
+        if getattr(self, "_thread", None) is None:
+            from .collectives.nonblocking import CommThread
+
+            self._thread = CommThread()
+        return self._thread
 
     def _nonfinite(self, loss):
         bad = self.comm.allgather(not math.isfinite(loss))
@@ -203,7 +276,8 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         self._flag[0] = self.stop.signum
-        self.comm.Allreduce(MPI.IN_PLACE, self._flag, op=MPI.MAX)
+        with self.watchdog.guard("the stop-flag all-reduce", self.step):
+            self.comm.Allreduce(MPI.IN_PLACE, self._flag, op=MPI.MAX)
         return bool(self._flag[0])
 
     # ------------------------------------------------------------------- eval
@@ -213,7 +287,8 @@ class Trainer:
             ls, c = self.model.evaluate(self.xp.asarray(x), self.xp.asarray(y))
             loss_sum, correct, count = loss_sum + ls, correct + c, count + len(y)
         tot = np.array([loss_sum, correct, count], dtype=np.float64)
-        self.comm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
+        with self.watchdog.guard("the evaluation all-reduce", self.step):
+            self.comm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
         n = max(tot[2], 1.0)
         return tot[0] / n, tot[1] / n
 
@@ -296,7 +371,10 @@ class Trainer:
         finally:
             self.stop.restore()
             bar.close()
+            if getattr(self, "_thread", None) is not None:
+                self._thread.close()
             self.data.close()
+            self.watchdog.close()
         elapsed = time.perf_counter() - t_start
         metrics = {"test_accuracy": float(test_acc), "test_loss": float(test_loss), "epochs": self.epoch,
                    "steps": self.step, "ranks": self.size, "samples_per_s": samples / max(elapsed, 1e-9),
@@ -309,5 +387,6 @@ class Trainer:
             Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
             Path(metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")
         if not stopped:
-            log0(f"done: test accuracy {test_acc:.4f}, {self.step} steps in {elapsed:.1f} s")
+            skipped = f" ({self.nonfinite_skipped} non-finite step(s) skipped)" if self.nonfinite_skipped else ""
+            log0(f"done: test accuracy {test_acc:.4f}, {self.step} steps in {elapsed:.1f} s{skipped}")
         return EXIT_STOPPED if stopped else 0

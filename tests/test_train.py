@@ -135,3 +135,24 @@ def test_unknown_job_key_is_a_clear_error(tmp_path):
     assert p.returncode != 0
     assert "unknown key train.learning_rate" in p.stderr and "[rank " in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("overlap", ["progress", "thread"])
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "native"])
+def test_bucketed_overlap_matches_one_allreduce(comm, algorithm, overlap):
+    r, p, b = comm.Get_rank(), comm.Get_size(), 4
+    rng = np.random.default_rng(7)
+    X, Y = rng.standard_normal((4, p * b, 12)), rng.integers(0, 5, size=(4, p * b))
+    plain, buck = _trainer(comm, algorithm), _trainer(comm, algorithm)
+    buck.cfg.comm.bucket_bytes = 8 * 40  # several buckets per step, cut inside layers' ranges
+    buck.cfg.comm.overlap = overlap
+    try:
+        for k in range(4):
+            plain.train_step(X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b])
+            buck.train_step(X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b])
+    finally:
+        if getattr(buck, "_thread", None) is not None:
+            buck._thread.close()
+    np.testing.assert_allclose(buck.model.params, plain.model.params, rtol=1e-12, atol=1e-12)
+    assert len(set(comm.allgather(buck.model.params.tobytes()))) == 1

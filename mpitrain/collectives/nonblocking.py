@@ -14,11 +14,12 @@ calling ``progress()`` often (the training loop does it after every layer of
 backprop) or from driving the handles on a communication thread
 (``CommThread``, needs MPI_THREAD_MULTIPLE).
 
-The agreement check of the blocking ``allreduce`` runs here as an Iallgather
-(the first step of every handle), so a mismatch still raises ValueError on
-every rank — from ``progress()`` or ``wait()``. Every outstanding operation
-gets its own tag and scratch, so several may be in flight at once; start them
-in the same order on every rank.
+Starting a handle runs the blocking ``allreduce``'s agreement check (one small
+Allgather), so a mismatch raises ValueError on every rank right there, and then
+starts the algorithm at once, so the MPI collectives inside (native's
+Iallreduce) begin in the same order on every rank whatever the progress timing.
+Every outstanding operation gets its own tag and scratch, so several may be in
+flight at once; start them in the same order on every rank.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
-from . import META, _MPI_OP, _explain, _codes, choose, finish_avg, state_for
+from . import _MPI_OP, check, choose, finish_avg, state_for
 from . import ring, tree
 from .. import backend
 from ..runtime import get_comm
@@ -52,24 +53,15 @@ class Handle:
 
     def __init__(self, st, buf, op, algorithm):
         self.buf, self._st = buf, st
+        check(st, buf, op, algorithm)  # blocking and cheap: a mismatch raises here, on every rank
         self._seq = st.nb_seq = getattr(st, "nb_seq", -1) + 1
         self._tag = TAG_BASE + self._seq % TAG_SPAN
         self._gen = self._run(st, buf, op, algorithm)
         self._pending = None
         self.done = False
+        self._advance()  # start now: collectives begin in creation order on every rank
 
     def _run(self, st, buf, op, algorithm):
-        row = np.zeros(META, dtype=np.int64)
-        _codes(row, buf, op, algorithm)
-        rows = np.zeros((st.size, META), dtype=np.int64)
-        yield st.comm.Iallgather(row, rows)
-        if row[4] or row[2] < 0 or row[3] < 0 or rows.tobytes() != row.tobytes() * st.size:
-            saved = st._rows
-            st._rows = rows
-            try:
-                _explain(st, op, algorithm)
-            finally:
-                st._rows = saved
         if st.size == 1 or buf.size == 0:
             return
         if algorithm == "auto":
@@ -115,9 +107,7 @@ def iallreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> H
     if backend.is_device(buf) and not backend.cuda_aware_mpi():
         raise ValueError("iallreduce of device buffers needs a CUDA-aware MPI; use allreduce")
     st = state_for(comm if comm is not None else get_comm())
-    h = Handle(st, buf, op, algorithm)
-    h.progress()
-    return h
+    return Handle(st, buf, op, algorithm)
 
 
 class CommThread:
