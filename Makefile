@@ -5,6 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 NP     ?= 2
 STAMP  := $(VENV)/.installed-stamp
+# one BLAS thread per rank: N ranks already share the cores (override: make run OMP_NUM_THREADS=4)
+OMP_NUM_THREADS ?= 1
+export OMP_NUM_THREADS
 
 .PHONY: install run test test-serial test-mpi bench gpu-check clean
 
