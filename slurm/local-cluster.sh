@@ -24,6 +24,8 @@
 #                         --gpus-per-task / --gres bind GPUs to ranks; nothing runs on them) [0]
 #   MPITRAIN_SLURM_NO_INSTALL=1   never run apt-get; fail if the packages are missing
 #
+# Exit status: 0 ok; 3 when this machine cannot run it (not root, SLURM missing and no apt,
+# no network); 1 for any other failure (with the log lines that explain it).
 # Needs: root (slurmd launches jobs as the submitting user) and the Debian/Ubuntu packages
 # slurmctld slurmd slurm-client munge, which `start` installs with apt-get when missing.
 # Tested with SLURM 22.05 (Debian 12). The node has no cgroups (proctrack/linuxproc,
@@ -42,6 +44,7 @@ WAIT_S=60
 
 say() { echo "local-cluster: $*"; }
 die() { echo "local-cluster: error: $*" >&2; exit 1; }
+cannot_run() { echo "local-cluster: error: $*" >&2; exit 3; }   # exit 3: this machine cannot run it (see the header)
 
 pid_of() {  # pid from a pid file, only if that process is alive
   local f=$1 pid
@@ -58,16 +61,17 @@ have_packages() {
 
 install_packages() {
   have_packages && return 0
-  [ "${MPITRAIN_SLURM_NO_INSTALL:-0}" = 1 ] && die "SLURM is not installed ($PACKAGES) and MPITRAIN_SLURM_NO_INSTALL=1"
-  [ "$(id -u)" = 0 ] || die "SLURM is not installed; as root run: apt-get install $PACKAGES"
-  command -v apt-get >/dev/null || die "SLURM is not installed and there is no apt-get; install $PACKAGES with your package manager"
+  [ "${MPITRAIN_SLURM_NO_INSTALL:-0}" = 1 ] && cannot_run "SLURM is not installed ($PACKAGES) and MPITRAIN_SLURM_NO_INSTALL=1"
+  [ "$(id -u)" = 0 ] || cannot_run "SLURM is not installed; as root run: apt-get install $PACKAGES"
+  command -v apt-get >/dev/null || cannot_run "SLURM is not installed and there is no apt-get; install $PACKAGES with your package manager"
   say "installing $PACKAGES (apt-get, about a minute) ..."
   export DEBIAN_FRONTEND=noninteractive
   local log=/tmp/mpitrain-slurm-apt.$$.log
+  # shellcheck disable=SC2086  # $PACKAGES: several words
   if ! { timeout 300 apt-get update -q \
          && timeout 600 apt-get install -y -q --no-install-recommends $PACKAGES; } >"$log" 2>&1; then
     tail -n 20 "$log" >&2
-    die "apt-get could not install $PACKAGES (full log: $log)"
+    cannot_run "apt-get could not install $PACKAGES (full log: $log)"
   fi
   rm -f "$log"
   have_packages || die "apt-get finished but munged/slurmctld/slurmd/sbatch are still missing"
@@ -181,7 +185,7 @@ cmd_start() {
     echo "export SLURM_CONF=$CONF"
     return 0
   fi
-  [ "$(id -u)" = 0 ] || die "start needs root: slurmd must be able to launch jobs as the submitting user"
+  [ "$(id -u)" = 0 ] || cannot_run "start needs root: slurmd must be able to launch jobs as the submitting user"
   # Config is (re)written only while the controller is down, so a running one never
   # sees a file it did not read.
   if ! pid_of "$DIR/run/slurmctld.pid" >/dev/null; then write_config; fi

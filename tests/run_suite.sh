@@ -19,8 +19,16 @@ for n in $RANKS; do
   rc=$?
   if [ $rc -ne 0 ]; then fail=1; summary+=("mpi n=$n: FAILED (exit $rc)"); else summary+=("mpi n=$n: ok"); fi
 done
+if [ "${MPITRAIN_SKIP_SLURM:-0}" != 1 ]; then
+  echo "=== SLURM tests (a private local SLURM; apt-installs it when missing, skips when it cannot) ==="
+  timeout -k 10 "${MPITRAIN_SLURM_TIMEOUT:-900}" python -m pytest -m slurm -p no:cacheprovider --timeout=600 \
+      -q -rs tests/test_slurm.py
+  rc=$?
+  if [ $rc -ne 0 ]; then fail=1; summary+=("slurm: FAILED (exit $rc)"); else summary+=("slurm: ok"); fi
+fi
 echo "=== serial tests ==="
-timeout -k 10 "$PER_RUN" python -m pytest -m "not mpi" -p no:cacheprovider --timeout="$PER_TEST" -q -rs tests
+timeout -k 10 "$PER_RUN" python -m pytest -m "not mpi and not slurm" -p no:cacheprovider --timeout="$PER_TEST" \
+    -q -rs tests
 rc=$?
 if [ $rc -ne 0 ]; then fail=1; summary+=("serial: FAILED (exit $rc)"); else summary+=("serial: ok"); fi
 printf '%s\n' "${summary[@]}"
