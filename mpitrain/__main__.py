@@ -2,7 +2,8 @@
 
 A user error (bad config, bad data) prints one ``[rank r@host] error: ...`` line;
 a bug prints its traceback too. Either way the rank calls ``Abort`` so no other
-rank stays blocked in a receive.
+rank stays blocked in a receive. Ranks other than 0 wait a moment before reporting,
+so an error every rank hits (bad config, bad data) prints once, from rank 0.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import traceback
 
 
 def main(argv=None) -> int:
-    from .runtime import UserError, abort, error_message
+    from .runtime import UserError, abort, defer_to_rank0, error_message, report
 
     try:
         from .cli import main as cli_main
@@ -27,12 +28,14 @@ def main(argv=None) -> int:
                 abort(code)
         return code
     except KeyboardInterrupt:
-        print(error_message(KeyboardInterrupt("interrupted")), file=sys.stderr, flush=True)
+        defer_to_rank0()
+        report(error_message(KeyboardInterrupt("interrupted")))
         abort(130)
     except BaseException as exc:  # noqa: BLE001 - the whole point is to catch everything
+        defer_to_rank0(exc)  # an error every rank hits is reported once, by rank 0
         if not isinstance(exc, UserError):
             traceback.print_exc()
-        print(error_message(exc), file=sys.stderr, flush=True)
+        report(error_message(exc))
         abort(1)
     return 1
 

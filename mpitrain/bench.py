@@ -19,6 +19,9 @@ starting with a different one each round, so slow drifts hit all alike):
 
 A ``memcpy`` row per size (one rank copying the same number of bytes, the
 other ranks idle) shows the physical ceiling; its bandwidth is bytes / time.
+With ``--backend cupy`` a ``d2h`` row per size (every rank copying the bytes from
+its GPU into pinned host memory at the same time) shows the ceiling of the
+staged ring (collectives/staging.py), which moves every byte over that link.
 
 The harness is reusable: ``run_sweep`` returns the rows as dicts (the same on
 every rank), ``measure`` times one function, ``parse_size``/``size_range`` make
@@ -244,6 +247,25 @@ def measure_memcpy(comm, buf, src, iters: int, xp=np) -> float:
     return comm.bcast(t, root=0)
 
 
+def measure_d2h(comm, host, buf, iters: int) -> float:
+    """Collective. Seconds to copy the device array ``buf`` into the pinned ``host`` array,
+    every rank at once (ranks that share a GPU or a PCIe link share its bandwidth, as they do
+    in the staged ring): max over ranks of the median. The staged ring's copy ceiling."""
+    from .collectives.staging import ops_for
+
+    ops = ops_for(buf)
+    stream = ops.stream()
+    ts = []
+    for _ in range(max(1, iters) + 1):  # the first one warms up
+        backend.synchronize(buf)
+        comm.Barrier()
+        t0 = time.perf_counter()
+        ops.copy_d2h(host, buf, stream)
+        ops.synchronize(ops.record(stream))
+        ts.append(time.perf_counter() - t0)
+    return comm.allreduce(statistics.median(ts[1:]), op=MPI.MAX)
+
+
 def rounds_for(round_time: float, target_seconds: float = TARGET_SECONDS) -> int:
     """Timed rounds for a size whose one round (every algorithm once) took ``round_time`` s:
     enough to fill ``target_seconds``, at least MIN_ROUNDS, at most MAX_ROUNDS."""
@@ -282,7 +304,7 @@ def run_sweep(comm, sizes, algorithms=("ring", "tree", "native", "auto"), dtype=
     ``progress(i, nsizes, nbytes, round, rounds)`` (round None: warm-up) and ``on_size(rows)``
     are called on every rank.
     """
-    from .collectives import DTYPES, OPS, choose
+    from .collectives import DTYPES, OPS, choose, state_for
 
     dt = np.dtype(dtype)
     if dt.name not in DTYPES:
@@ -298,6 +320,11 @@ def run_sweep(comm, sizes, algorithms=("ring", "tree", "native", "auto"), dtype=
     src = xp.asarray(make_source(nmax, dt, op, rank, seed))
     buf = xp.empty(nmax, dtype=dt)
     ref = xp.empty(nmax, dtype=dt)
+    pinned = None  # device buffers: a d2h ceiling row per size, into pinned host memory
+    if memcpy and backend.is_device(buf):
+        from .collectives.staging import ops_for
+
+        pinned = ops_for(buf).host_empty(dt, nmax)
     rtol = tolerance(dt, p)
     factor = busbw_factor(p)
     rows = []
@@ -346,6 +373,10 @@ def run_sweep(comm, sizes, algorithms=("ring", "tree", "native", "auto"), dtype=
 
         med = np.array([statistics.median(times[lab]) for lab in labels], dtype=np.float64)
         comm.Allreduce(MPI.IN_PLACE, med, op=MPI.MAX)
+        # lower quartile of the rounds (max over ranks): what bench --fit fits, robust to bursts of
+        # load from other processes (rows carry it as low_us; the table and files show the median)
+        low = np.array([np.percentile(times[lab], 25) for lab in labels], dtype=np.float64)
+        comm.Allreduce(MPI.IN_PLACE, low, op=MPI.MAX)
         bad = np.array([wrong[lab] for lab in labels], dtype=np.int64)
         comm.Allreduce(MPI.IN_PLACE, bad, op=MPI.MAX)
         t_native = med[labels.index("native")]
@@ -356,8 +387,8 @@ def run_sweep(comm, sizes, algorithms=("ring", "tree", "native", "auto"), dtype=
             algbw = nbytes / t / GB if t > 0 else float("inf")
             size_rows.append({
                 "size": nbytes, "count": n, "type": dt.name, "op": op, "algorithm": lab,
-                "picked": choose(nbytes, p) if lab == "auto" else "",
-                "time_us": t * 1e6, "algbw": algbw, "busbw": algbw * factor,
+                "picked": choose(nbytes, p, state_for(comm)) if lab == "auto" else "",
+                "time_us": t * 1e6, "low_us": float(low[i]) * 1e6, "algbw": algbw, "busbw": algbw * factor,
                 "speedup": float(t_native / t) if t > 0 else float("inf"),
                 "wrong": int(bad[i]), "iters": rounds, "ranks": p,
             })
@@ -367,6 +398,13 @@ def run_sweep(comm, sizes, algorithms=("ring", "tree", "native", "auto"), dtype=
             size_rows.append({"size": nbytes, "count": n, "type": dt.name, "op": op, "algorithm": "memcpy",
                               "picked": "", "time_us": t * 1e6, "algbw": bw, "busbw": bw, "speedup": None,
                               "wrong": 0, "iters": max(MIN_ROUNDS, min(rounds, 50)), "ranks": 1})
+        if pinned is not None:
+            it = max(MIN_ROUNDS, min(rounds, 50))
+            t = measure_d2h(comm, pinned[:n], b, it)
+            bw = nbytes / t / GB if t > 0 else float("inf")
+            size_rows.append({"size": nbytes, "count": n, "type": dt.name, "op": op, "algorithm": "d2h",
+                              "picked": "", "time_us": t * 1e6, "algbw": bw, "busbw": bw, "speedup": None,
+                              "wrong": 0, "iters": it, "ranks": p})
         rows.extend(size_rows)
         if on_size is not None:
             on_size(size_rows)
@@ -389,8 +427,11 @@ HEADER = (f"#{'size':>9} {'count':>10} {'type':>8} {'op':>5} {'algorithm':>12} {
           f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'speedup':>8} {'#wrong':>7}")
 
 
+CEILINGS = ("memcpy", "d2h")  # rows that are copies, not all-reduces
+
+
 def format_row(row) -> str:
-    memcpy = row["algorithm"] == "memcpy"
+    memcpy = row["algorithm"] in CEILINGS
     sp = "-" if row.get("speedup") is None else f"{row['speedup']:.2f}"
     wrong = "-" if memcpy else str(row["wrong"])
     return (f"{format_size(row['size']):>10} {row['count']:>10} {row['type']:>8} {row['op']:>5} "
@@ -417,6 +458,9 @@ def format_header(meta: dict) -> str:
         "#",
         HEADER,
     ]
+    if meta.get("backend") == "cupy":
+        lines[-2:-2] = ["#   d2h: every rank copying the bytes GPU -> pinned host at once (the staged "
+                        "ring's copy ceiling); " + meta.get("cuda_aware", "")]
     return "\n".join(lines)
 
 
@@ -436,7 +480,7 @@ def summarize(rows) -> list[str]:
         out.append(f"# wrong results: {sum(r['wrong'] for r in bad)} elements -- FAILED: {where}{more}")
     else:
         out.append("# wrong results: 0 -- OK")
-    algs = list(dict.fromkeys(r["algorithm"] for r in rows if r["algorithm"] != "memcpy"))
+    algs = list(dict.fromkeys(r["algorithm"] for r in rows if r["algorithm"] not in CEILINGS))
     big = 1 << 20
     for a in algs:
         rs = [r for r in rows if r["algorithm"] == a]
@@ -454,6 +498,16 @@ def summarize(rows) -> list[str]:
     if mc:
         peak = max(mc, key=lambda r: r["busbw"])
         out.append(f"#   memcpy: peak {peak['busbw']:.3f} GB/s at {format_size(peak['size'])} (one rank)")
+    d2h = {r["size"]: r for r in rows if r["algorithm"] == "d2h"}
+    if d2h:
+        peak = max(d2h.values(), key=lambda r: r["busbw"])
+        out.append(f"#      d2h: peak {peak['busbw']:.3f} GB/s at {format_size(peak['size'])} (all ranks at once)")
+        top = max(d2h)
+        for a in algs:
+            r = next((r for r in rows if r["algorithm"] == a and r["size"] == top), None)
+            if r is not None and d2h[top]["busbw"] > 0:
+                out.append(f"# {a:>8}: busbw / d2h ceiling at {format_size(top)}: "
+                           f"{r['busbw'] / d2h[top]['busbw']:.2f}")
     return out
 
 
@@ -493,6 +547,8 @@ def plot(path, rows, meta: dict | None = None) -> None:
         ys = [max(r["busbw"], 1e-9) for r in rs]
         if a == "memcpy":
             ax.plot(xs, ys, "--", color="0.3", label="memcpy (1 rank, ceiling)")
+        elif a == "d2h":
+            ax.plot(xs, ys, ":", color="0.3", label="GPU->host copy (all ranks, staging ceiling)")
         else:
             ax.plot(xs, ys, "o-", ms=3, label=a)
     ax.set_xscale("log", base=2)
@@ -569,6 +625,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"),
                    help="where the buffers live (cupy: on the GPU)")
     p.add_argument("--quiet", action="store_true", help="no table or progress (files and errors only)")
+    p.add_argument("--fit", action="store_true",
+                   help="fit the cost model (alpha, beta, gamma: collectives/cost.py) to this sweep, "
+                        "store it for this host and rank count (~/.cache/mpitrain, or $MPITRAIN_COST_FILE) "
+                        "and print predicted vs measured; auto then picks by the model. "
+                        "With --plot: measured (solid) vs predicted (dashed) time per size")
     p.set_defaults(func=main)
 
 
@@ -588,14 +649,17 @@ def _agree(comm, problem: str | None) -> str | None:
 
 
 def _use_gpu(comm):
-    """cupy on the GPU of this rank's local index (ranks on one host spread over its GPUs)."""
-    xp = backend.get_xp("cupy")
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    """cupy on this rank's GPU (backend.select_device). Ranks may share a GPU here: the bench
+    then measures the sharing (and the d2h row copies on all ranks at once). Collective."""
+    problem = None
     try:
-        local = node.Get_rank()
-    finally:
-        node.Free()
-    xp.cuda.Device(local % backend.gpu_count()).use()
+        xp = backend.get_xp("cupy")
+    except UserError as e:
+        problem = str(e)
+    problem = _agree(comm, problem)
+    if problem:
+        raise UserError(problem)
+    backend.select_device(comm, share=True)
     return xp
 
 
@@ -606,7 +670,9 @@ def _meta(comm, args, algorithms, dtype) -> dict:
             "dtype": dtype, "op": args.op, "algorithms": algorithms, "backend": args.backend,
             "min": args.min, "max": args.max, "step": args.step, "iters": args.iters,
             "warmup": args.warmup, "rtol": tolerance(dtype, comm.Get_size()),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"cuda_aware": "CUDA-aware MPI: " + ("yes" if backend.cuda_aware_mpi() else "no") + " ("
+                + backend.cuda_aware_info()[1] + ")"} if args.backend == "cupy" else {})}
 
 
 def main(args) -> int:
@@ -632,6 +698,13 @@ def main(args) -> int:
             problem = str(e)
     if problem is None and args.plot and rank == 0 and not have_matplotlib():
         problem = "--plot needs matplotlib: pip install 'mpitrain[plot]'"
+    if problem is None and args.fit:
+        if comm.Get_size() < 2:
+            problem = "--fit needs 2 ranks or more (with 1, auto always runs native): mpirun -n P python -m mpitrain bench --fit"
+        elif args.backend != "numpy":
+            problem = "--fit models host buffers: use --backend numpy"
+        else:  # the fit needs every algorithm timed
+            algorithms = list(dict.fromkeys([*algorithms, "ring", "tree", "native", "auto"]))
     if problem is None and args.backend == "cupy":
         try:
             xp = _use_gpu(comm)
@@ -665,15 +738,25 @@ def main(args) -> int:
     rows = run_sweep(comm, sizes, algorithms, args.dtype, args.op, iters=args.iters or None, xp=xp,
                      warmup=args.warmup, progress=progress, on_size=on_size)
     status.close()
+    from .collectives import cost
+
+    fitted = cost.fit_for_bench(comm, rows, meta) if args.fit else None  # collective: fit, store, use
+    if fitted:
+        meta["cost_model"] = fitted["model"].to_dict()
     if show:
-        log0("\n".join(summarize(rows)))
+        log0("\n".join(summarize(rows) + cost.format_auto_vs_best(rows)))
+        if fitted:
+            log0(fitted["report"])
     if rank == 0:
         if args.json:
             write_json(args.json, rows, meta)
         if args.csv:
             write_csv(args.csv, rows)
         if args.plot:
-            plot(args.plot, rows, meta)
+            if fitted:
+                cost.plot_fit(args.plot, rows, fitted["model"], meta)
+            else:
+                plot(args.plot, rows, meta)
     code = exit_status(rows)
     if code:
         n = sum(r["wrong"] for r in rows)

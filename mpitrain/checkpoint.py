@@ -15,10 +15,13 @@ data order needs no saved RNG stream: the epoch and step within it are enough.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import h5py
@@ -43,14 +46,17 @@ def _digest(arrays: dict) -> str:
 def probe(directory: str | Path) -> None:
     """Fail now, before training, if checkpoints cannot be written to ``directory``."""
     d = Path(directory)
+    test = d / f".probe-{os.getpid()}"
     try:
         d.mkdir(parents=True, exist_ok=True)
-        test = d / f".probe-{os.getpid()}"
-        with open(test, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        test.unlink()
+        try:
+            with open(test, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                test.unlink()  # also when the write failed (disk full)
     except OSError as e:
         raise UserError(f"checkpoint.dir {d}: cannot write there ({e.strerror or e}); "
                         "choose another with --set checkpoint.dir=PATH or set checkpoint.every=0") from None
@@ -69,7 +75,6 @@ def save(directory, *, params, optimizer: dict, step: int, epoch: int, step_in_e
          before_rename=None) -> Path:
     """Write one checkpoint atomically (call on one rank only) and prune old ones."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     final = d / f"ckpt-{step:08d}.h5"
     tmp = d / f".ckpt-{step:08d}.h5.tmp"
     arrays = {"params": np.asarray(params)}
@@ -81,29 +86,81 @@ def save(directory, *, params, optimizer: dict, step: int, epoch: int, step_in_e
             scalars[k] = v
     meta = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "ranks": ranks,
             "version": __version__, "config": config, "optimizer_scalars": scalars, **(extra or {})}
-    try:
-        with h5py.File(tmp, "w") as f:
-            for k, a in arrays.items():
-                f.create_dataset(k, data=a)
-            f.attrs["meta"] = json.dumps(meta)
-            f.attrs["checksum"] = _digest(arrays)
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        if before_rename is not None:  # testing aid: a crash between write and rename
-            before_rename()
-        os.replace(tmp, final)
-        _fsync_dir(d)
-    except OSError as e:
+    failed = None
+    with _quiet_h5py_cleanup():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with h5py.File(tmp, "w") as f:
+                for k, a in arrays.items():
+                    f.create_dataset(k, data=a)
+                f.attrs["meta"] = json.dumps(meta)
+                f.attrs["checksum"] = _digest(arrays)
+                f.flush()
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            if before_rename is not None:  # testing aid: a crash between write and rename
+                before_rename()
+            os.replace(tmp, final)
+            _fsync_dir(d)
+        except (OSError, RuntimeError) as e:  # h5py reports failed writes (disk full) as RuntimeError
+            failed, f = _io_reason(e), None
+        if failed is not None:
+            gc.collect()  # free the half-written file's h5py objects here, quietly
+    if failed is not None:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"checkpoint {final}: write failed ({e.strerror or e}); the previous checkpoint "
-                        "is intact. Free space or change checkpoint.dir, then --resume") from None
+        raise UserError(f"checkpoint {final}: write failed ({failed}); the previous checkpoint "
+                        "is intact. Free space or change checkpoint.dir, then --resume")
     for old in list_checkpoints(d)[keep:]:
         old.unlink(missing_ok=True)
     for stale in d.glob(".ckpt-*.h5.tmp"):
         if stale != tmp:
             stale.unlink(missing_ok=True)
     return final
+
+
+@contextlib.contextmanager
+def _quiet_h5py_cleanup():
+    """Silence h5py's 'Exception ignored in ObjectID.__dealloc__' tracebacks after a failed write.
+
+    When the disk fills, h5py objects of the half-written file fail again as they are freed and
+    print tracebacks to stderr (through sys.excepthook and sys.unraisablehook); the UserError
+    raised by ``save`` already says it all. Anything not from h5py is passed on.
+    """
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def from_h5py(tb) -> bool:
+        while tb is not None:
+            if "h5py" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        return False
+
+    def quiet_unraisable(u):
+        if not (from_h5py(u.exc_traceback) or "h5py" in repr(getattr(u, "object", None))):
+            unraisable(u)
+
+    def quiet_excepthook(typ, value, tb):
+        if not from_h5py(tb):
+            excepthook(typ, value, tb)
+
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+def _io_reason(exc: BaseException) -> str:
+    """The OS's words for a failed write (``No space left on device``), also from inside h5py's messages."""
+    e = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        m = re.search(r"error message = '([^']+)'", str(e))
+        if m:
+            return m.group(1)
+        e = e.__context__
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def list_checkpoints(directory) -> list[Path]:

@@ -165,12 +165,14 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def validate(cfg: JobConfig) -> None:
-    """Range and choice checks, each error naming the key."""
+def validate(cfg: JobConfig, origins: dict | None = None) -> None:
+    """Range and choice checks, each error naming the key (and the --set that gave it, if one did)."""
+    origins = origins or {}
     for (s, k), allowed in CHOICES.items():
         v = getattr(getattr(cfg, s), k)
         if v not in allowed:
-            raise UserError(f"{cfg.source}: {s}.{k} = {v!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+            raise UserError(f"{origins.get(f'{s}.{k}', cfg.source)}: {s}.{k} = {v!r}; allowed: "
+                            f"{', '.join(repr(a) for a in allowed)}")
     t = cfg.train
     rules = [
         ("train.epochs", t.epochs >= 1, "must be >= 1"),
@@ -202,7 +204,7 @@ def validate(cfg: JobConfig) -> None:
     for key, ok, why in rules:
         if not ok:
             s, k = key.split(".")
-            raise UserError(f"{cfg.source}: {key} = {getattr(getattr(cfg, s), k)!r} {why}")
+            raise UserError(f"{origins.get(key, cfg.source)}: {key} = {getattr(getattr(cfg, s), k)!r} {why}")
 
 
 def default_job_path() -> Path:
@@ -228,8 +230,10 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig
         raise UserError(f"{path}: TOML syntax error: {e}") from None
     cfg.source = str(path)
     _apply(cfg, table, str(path))
+    origins = {}
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(cfg, {section: {key: value}}, f"--set {text}")
-    validate(cfg)
+        origins[f"{section}.{key}"] = f"--set {text}"
+    validate(cfg, origins)
     return cfg

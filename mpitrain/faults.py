@@ -1,7 +1,8 @@
 """Fault injection for testing: ``MPITRAIN_FAULT=rank:step:kind``.
 
-A testing aid, documented in the README's "Failure modes": at training step
-``step`` (counted from 0 over the whole run), rank ``rank`` misbehaves:
+A testing aid, documented in docs/failure-modes.md: at training step ``step``
+(counted from 0 over the whole run), rank ``rank`` (of COMM_WORLD) misbehaves
+just before the gradient all-reduce:
 
     raise   raise RuntimeError (a bug on one rank)
     exit    os._exit(3) without telling anyone
@@ -11,7 +12,9 @@ A testing aid, documented in the README's "Failure modes": at training step
     ckptkill  SIGKILL itself while writing the next checkpoint (rank 0)
     usr1    send itself SIGUSR1 (what `#SBATCH --signal` does before the time limit)
 
-Several faults may be given, separated by commas.
+Several faults may be given, separated by commas, e.g.
+``MPITRAIN_FAULT=1:30:hang`` or ``MPITRAIN_FAULT=0:5:nan,1:5:nan``.
+A malformed value is a user error (every rank reports it before training).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+
+from .runtime import UserError
 
 KINDS = ("raise", "exit", "kill", "hang", "nan", "ckptkill", "usr1")
 
@@ -30,7 +35,8 @@ def parse(spec: str | None) -> list[tuple[int, int, str]]:
     for item in spec.split(","):
         parts = item.strip().split(":")
         if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or parts[2] not in KINDS:
-            raise ValueError(f"MPITRAIN_FAULT={spec!r}: expected rank:step:kind with kind in {', '.join(KINDS)}")
+            raise UserError(f"MPITRAIN_FAULT={spec!r}: expected rank:step:kind with kind in {', '.join(KINDS)} "
+                            "(e.g. MPITRAIN_FAULT=1:30:hang); unset it for a normal run")
         out.append((int(parts[0]), int(parts[1]), parts[2]))
     return out
 

@@ -46,8 +46,9 @@ def main(args) -> int:
          f"numpy {np.__version__}, h5py {h5py.__version__}")
     cupy = backend._cupy()
     log0(f"CuPy          {cupy.__version__ if cupy else 'not installed'}; GPUs visible on rank 0: {ngpu}")
-    log0(f"CUDA-aware    {'yes' if backend.cuda_aware_mpi() else 'no'} (device buffers are "
-         f"{'passed to MPI directly' if backend.cuda_aware_mpi() else 'staged through pinned host memory'})")
+    aware, why = backend.cuda_aware_info()
+    log0(f"CUDA-aware    {'yes' if aware else 'no'} ({why}); device buffers are "
+         f"{'passed to MPI directly' if aware else 'staged through pinned host memory'}")
     if comm.Get_rank() == 0:
         hosts = sorted({r[1] for r in rows})
         log0(f"ranks         {comm.Get_size()} on {len(hosts)} host(s): {', '.join(hosts)}")

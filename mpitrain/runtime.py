@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 
 from mpi4py import MPI
 
@@ -59,12 +60,41 @@ def error_message(exc: BaseException, comm=None) -> str:
     return f"{tag(comm)} error: {text}"
 
 
+# Seconds a failing rank waits between printing its message and MPI_Abort: without it the
+# launcher (MPICH's hydra) sometimes tears the job down before forwarding the message (~1%).
+ABORT_LINGER_S = 0.2
+# Seconds ranks other than 0 wait before reporting an error, so that an error every rank
+# hits (bad config, bad data) is reported once, by rank 0, whose Abort ends the others.
+DEFER_TO_RANK0_S = 2.0
+
+
 def abort(code: int = 1) -> None:
     """End every rank of the job now. Never returns."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if MPI.COMM_WORLD.Get_size() > 1:
+        time.sleep(ABORT_LINGER_S)
     MPI.COMM_WORLD.Abort(code)
     os._exit(code)  # pragma: no cover - Abort does not return
+
+
+def report(text: str) -> None:
+    """Write one line to stderr in one write (so lines of different ranks do not interleave)."""
+    sys.stderr.write(text.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def defer_to_rank0(exc: BaseException | None = None) -> None:
+    """On ranks other than 0, give rank 0 a moment to report (and Abort) first.
+
+    Errors every rank raises alike then print once; an error only this rank knows
+    about (``exc.rank_local``) is reported at once.
+    """
+    if getattr(exc, "rank_local", False):
+        return
+    world = MPI.COMM_WORLD
+    if world.Get_size() > 1 and world.Get_rank() != 0:
+        time.sleep(DEFER_TO_RANK0_S)
 
 
 def check_launch(comm=None) -> None:
@@ -77,7 +107,8 @@ def check_launch(comm=None) -> None:
     ntasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS") or ""
     if comm.Get_size() == 1 and ntasks.isdigit() and int(ntasks) > 1 and "SLURM_STEP_ID" in os.environ:
         raise UserError(
-            f"SLURM started {ntasks} tasks but each one is an MPI job of size 1: srun did not give MPI its "
-            "process manager. Launch with `srun --mpi=pmi2 python -m mpitrain ...` (the pip MPICH wheel), "
+            f"(SLURM task {os.environ.get('SLURM_PROCID', '?')}) SLURM started {ntasks} tasks but each "
+            "one is an MPI job of size 1: srun did not give MPI its process manager. Launch with "
+            "`srun --mpi=pmi2 python -m mpitrain ...` (the pip MPICH wheel), "
             "the --mpi plug-in your site's MPI needs (see `srun --mpi=list`), or run `mpirun -n "
             f"{ntasks} python -m mpitrain ...` inside the allocation")

@@ -129,6 +129,9 @@ class Trainer:
         if cfg.train.backend == "cupy":
             backend.select_device(comm, share=cfg.train.share_gpu)
             self.timers = Timers(sync=backend.synchronize)
+            if cfg.comm.bucket_bytes > 0 and not backend.cuda_aware_mpi():
+                raise UserError("comm.bucket_bytes > 0 with train.backend='cupy' needs a CUDA-aware MPI "
+                                f"({backend.cuda_aware_info()[1]}); set comm.bucket_bytes=0")
         d = cfg.data
         ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=cfg.train.seed,
                        rows=d.rows or None, features=d.features or None, classes=d.classes or None)
@@ -310,11 +313,20 @@ class Trainer:
     # -------------------------------------------------------------------- run
     def run(self, resume=False, metrics_out=None, trace=None) -> int:
         cfg, comm = self.cfg, self.comm
-        self.setup(resume)
+        self.stop.install()  # before set-up: a signal while data is made or a checkpoint read is kept
+        try:
+            self.setup(resume)
+        except BaseException:
+            self.stop.restore()
+            raise
+        if self._should_stop():
+            self.stop.restore()
+            log0("stopped by a signal during set-up, before the first step; nothing to save; "
+                 "run again (with --resume to continue from an existing checkpoint)")
+            return EXIT_STOPPED
         if trace:
             self.trace = Trace(comm)
             self.timers.trace = self.trace
-        self.stop.install()
         t = cfg.train
         bar = ProgressBar(self.steps_per_epoch, epochs=t.epochs, comm=comm)
         t_start = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from . import cost as _cost
 from .. import backend
 from ..runtime import get_comm
 
@@ -53,6 +54,8 @@ class _State:
         # the check's Allgather row: 6 int64 of metadata, then room for a small message
         self._row = np.zeros(META + SMALL_BYTES // 8, dtype=np.int64)
         self._rows = np.zeros((self.size, self._row.size), dtype=np.int64)
+        # the fitted cost model for this host and size (cost.py), or None: rank 0 reads, all get it
+        self.cost = _cost.shared(self.comm)
 
     def scratch(self, xp, dtype, n: int):
         """A 1-D scratch array of at least ``n`` elements, allocated once per (module, dtype)."""
@@ -106,10 +109,19 @@ def _algorithms():
 ALGORITHMS = ("ring", "tree", "native", "auto")
 
 
-def choose(nbytes: int, size: int) -> str:
-    """What ``auto`` runs for a message of ``nbytes`` on ``size`` ranks."""
+def choose(nbytes: int, size: int, st=None) -> str:
+    """What ``auto`` runs for a message of ``nbytes`` on ``size`` ranks (above SMALL_BYTES; below, it fuses).
+
+    With a cost model fitted for this host and rank count (``bench --fit``, cost.py): the
+    algorithm it predicts fastest -- the model on ``st`` (a communicator's state: loaded once
+    by rank 0 and broadcast, so every rank decides alike) or, without ``st``, the one last
+    loaded for ``size`` ranks. Without a model: the fixed threshold AUTO_RING_MIN_BYTES.
+    """
     if size == 1:
         return "native"
+    model = getattr(st, "cost", None) if st is not None else _cost.last_for(size)
+    if model is not None and model.ranks == size:
+        return model.best(nbytes)
     return "ring" if nbytes >= AUTO_RING_MIN_BYTES else "native"
 
 
@@ -216,13 +228,13 @@ def allreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
     if check(st, buf, op, algorithm, payload=algorithm == "auto"):
         return fused(st, buf, op) if st.size > 1 else buf
     if algorithm == "auto":
-        algorithm = choose(buf.nbytes, st.size)
+        algorithm = choose(buf.nbytes, st.size, st)
     if st.size == 1 or buf.size == 0:
         return buf
     run = _algorithms()[algorithm]
-    if backend.is_device(buf) and not backend.cuda_aware_mpi():
-        from .staging import staged
+    if backend.is_device(buf):  # staged through pinned host memory, or CUDA-aware (staging.py)
+        from . import staging
 
-        return staged(run, st, buf, op)
+        return staging.allreduce(algorithm, run, st, buf, op)
     backend.synchronize(buf)
     return run(st, buf, op)

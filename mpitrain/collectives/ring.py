@@ -95,29 +95,42 @@ def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING
     width = min(seg, -(-n // p))
     if slots is None:
         slots = st.scratch(xp, flat.dtype, DEPTH * width)
-    sends = {}  # (send step, lo) -> request
+    sends = {}  # (send step, lo) -> request still in flight
+    issued = set()  # (send step, lo) of every send started so far
+    dev = backend.is_device(flat)  # CUDA-aware MPI: finish the reduce kernel before MPI reads
 
     # step 0 of the reduce-scatter: send my own chunk, segment by segment
     lo0, hi0 = chunk_bounds(n, p, r)
     for a, b in segments(lo0, hi0, seg):
         sends[(0, a)] = comm.Isend(flat[a:b], dest=right, tag=tag)
+        issued.add((0, a))
 
     recvs = [None] * len(units)
+    posted = 0  # receives are posted in unit order, at most DEPTH ahead
 
-    def dest(i):
-        t, a, b = units[i]
-        if t <= last_rs:
-            k = i % DEPTH
-            return slots[k * width:k * width + (b - a)]
-        return flat[a:b]  # all-gather: straight into place
+    def postable(j):
+        """An all-gather receive lands in place: only after that region's reduce-scatter send began."""
+        t, a, _ = units[j]
+        return t <= last_rs or (t - (p - 1), a) in issued
 
-    for i in range(min(DEPTH, len(units))):
-        old = sends.pop((units[i][0] - (p - 1), units[i][1]), None) if units[i][0] > last_rs else None
-        if old is not None:  # never receive into a region a send is still reading
-            yield old
-        dst = dest(i)
-        recvs[i] = (comm.Irecv(dst, source=left, tag=tag), dst)
+    def post_upto(limit):
+        nonlocal posted
+        while posted < min(limit, len(units)) and postable(posted):
+            t, a, b = units[posted]
+            if t <= last_rs:
+                k = posted % DEPTH
+                dst = slots[k * width:k * width + (b - a)]
+            else:  # never receive into a region a send is still reading
+                old = sends.pop((t - (p - 1), a), None)
+                if old is not None:
+                    yield old
+                dst = flat[a:b]
+            recvs[posted] = (comm.Irecv(dst, source=left, tag=tag), dst)
+            posted += 1
+
+    yield from post_upto(DEPTH)
     for i, (t, a, b) in enumerate(units):
+        yield from post_upto(i + 1)  # always possible: every reduce-scatter send precedes unit i
         req, dst = recvs[i]
         yield req
         recvs[i] = None
@@ -126,15 +139,11 @@ def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING
             f(view, dst, out=view)
             if t == last_rs and op == "avg":
                 finish_avg(view, p)
-        j = i + DEPTH
-        if j < len(units):
-            tj, aj, _ = units[j]
-            old = sends.pop((tj - (p - 1), aj), None) if tj > last_rs else None
-            if old is not None:
-                yield old
-            dst = dest(j)
-            recvs[j] = (comm.Irecv(dst, source=left, tag=tag), dst)
+            if dev:
+                backend.synchronize(view)
         if t < 2 * (p - 1) - 1:
             sends[(t + 1, a)] = comm.Isend(flat[a:b], dest=right, tag=tag)
+            issued.add((t + 1, a))
+        yield from post_upto(i + 1 + DEPTH)
     for req in sends.values():
         yield req
