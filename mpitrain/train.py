@@ -177,6 +177,8 @@ class Trainer:
         self.model.params[...] = self.xp.asarray(ck["params"])
         self.opt.load_state_dict(ck["optimizer"])
         self.step, self.epoch, self.start_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
+        if ck["ranks"] != self.size:  # a new data layout: the partly done epoch starts over on it
+            self.start_in_epoch = 0
         if self.start_in_epoch >= self.steps_per_epoch:
             self.epoch, self.start_in_epoch = self.epoch + 1, 0
         note = "" if ck["ranks"] == self.size else (
