@@ -86,6 +86,7 @@ class _StopFlag:
     def __init__(self):
         self.signum = 0
         self._old = {}
+        self._grace = watchdog.TermGrace()  # a rank stuck in MPI cannot stop: end it 20 s after SIGTERM
 
     def install(self):
         for s in (signal.SIGUSR1, signal.SIGTERM):
@@ -93,11 +94,13 @@ class _StopFlag:
                 self._old[s] = signal.signal(s, self._handler)
             except ValueError:  # not the main thread
                 pass
+        self._grace.install()
 
     def _handler(self, signum, frame):
         self.signum = signum
 
     def restore(self):
+        self._grace.restore()
         for s, h in self._old.items():
             signal.signal(s, h)
 
@@ -265,14 +268,16 @@ class Trainer:
 
     def _nonfinite(self, loss):
         bad = self.comm.allgather(not math.isfinite(loss))
-        who = [r for r, b in enumerate(bad) if b] or "unknown (finite losses everywhere)"
+        who = [r for r, b in enumerate(bad) if b]
+        where = (f"local loss non-finite on rank(s) {who}" if who else
+                 "every rank's loss was finite: it arose in the backward pass")
         if self.cfg.train.nonfinite == "skip":
             self.nonfinite_skipped += 1
-            log0(f"step {self.step}: non-finite gradient (from rank(s) {who}); step skipped "
+            log0(f"step {self.step}: non-finite gradient ({where}); step skipped "
                  f"({self.nonfinite_skipped} so far)")
             return float("nan"), 0
-        raise UserError(f"non-finite gradient at step {self.step} (epoch {self.epoch + 1}; local loss "
-                        f"non-finite on rank(s) {who}). Lower train.lr, set train.clip_norm, check the data "
+        raise UserError(f"non-finite gradient at step {self.step} (epoch {self.epoch + 1}; {where}). "
+                        "Lower train.lr, set train.clip_norm, check the data "
                         "(python -m mpitrain data check), or set train.nonfinite=\"skip\"")
 
     def _check_replicas(self):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -102,6 +103,7 @@ class Watchdog:
         self._sends = [self.comm.Send_init([self._mine, MPI.INT64_T], dest=r, tag=TAG_ARRIVE)
                        for r in self._peers]
         self._reqs = self._recvs + self._sends
+        self._mt = MPI.Query_thread() >= MPI.THREAD_MULTIPLE  # may the thread call MPI?
         self._lock = threading.Lock()
         self._busy = None      # (what, step, since) while the main thread is inside a collective
         self._active = False   # this step's arrival requests are started and not yet completed
@@ -159,7 +161,7 @@ class Watchdog:
     def _diagnose(self, what: str, step: int, waited: float) -> str:
         missing = None
         with self._lock:
-            if self._active:
+            if self._active and self._mt:
                 missing = [r for r, req in zip(self._peers, self._recvs) if not req.Test()]
         head = f"{tag()} error: watchdog:"
         limit = f"comm.timeout_s={self.timeout_s:g} s" + (
@@ -187,7 +189,7 @@ class Watchdog:
             return
         from .runtime import abort
 
-        if MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
+        if self._mt:
             abort(1)
         # MPI_Abort is not allowed from this thread: exiting makes the launcher end the job
         sys.stdout.flush()
@@ -225,6 +227,102 @@ class _Guard:
         if typ is None:
             self.wd._settle(self.what, self.step)
         return False
+
+
+# ---------------------------------------------------------------------------- SIGTERM grace
+
+TERM_GRACE_S = 20.0  # MPITRAIN_TERM_GRACE_S overrides (tests); SLURM's KillWait is 30 s by default
+
+
+class TermGrace:
+    """End this rank ``grace_s`` after SIGTERM if the job has not stopped by itself by then.
+
+    SIGTERM asks the ranks to stop at the next step boundary and write a checkpoint
+    (``train._StopFlag``). A rank blocked inside MPI never runs a Python signal
+    handler, and mpirun (hydra) forwards SIGTERM without ever escalating, so a job
+    with a stuck rank would ignore ``kill``/``timeout`` for ever. Python's C-level
+    handler still writes the signal number to the wakeup fd; this thread reads it
+    and, ``grace_s`` later (or at a second SIGTERM), reports and aborts the job.
+    """
+
+    def __init__(self, grace_s: float | None = None, abort=None):
+        env = os.environ.get("MPITRAIN_TERM_GRACE_S", "")
+        self.grace_s = float(grace_s if grace_s is not None else (env or TERM_GRACE_S))
+        self._abort = abort
+        self._socks = None
+        self._old_fd = -1
+        self._thread = None
+
+    def install(self) -> bool:
+        """Start watching (main thread only; returns False where that is not possible)."""
+        import socket
+
+        try:
+            r, w = socket.socketpair()
+        except OSError:
+            return False
+        try:
+            w.setblocking(False)
+            self._old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main thread
+            r.close()
+            w.close()
+            return False
+        self._socks = (r, w)
+        self._thread = threading.Thread(target=self._run, args=(r,), name="mpitrain-sigterm", daemon=True)
+        self._thread.start()
+        return True
+
+    def _run(self, r):
+        import select
+
+        since = None
+        while True:
+            timeout = None if since is None else max(0.0, since + self.grace_s - time.monotonic())
+            try:
+                ready, _, _ = select.select([r], [], [], timeout)
+                data = r.recv(256) if ready else b""
+            except (OSError, ValueError):
+                return  # closed by restore()
+            if ready and not data:
+                return  # closed by restore()
+            terms = data.count(bytes([signal.SIGTERM]))
+            if terms and since is not None:
+                return self._fire(f"a second SIGTERM {time.monotonic() - since:.1f} s after the first")
+            if terms > 1:
+                return self._fire("SIGTERM twice")
+            if terms:
+                since = time.monotonic()
+            elif since is not None and time.monotonic() >= since + self.grace_s:
+                return self._fire(f"SIGTERM {self.grace_s:g} s ago")
+
+    def _fire(self, what: str) -> None:
+        from .runtime import abort, defer_to_rank0, report
+
+        defer_to_rank0()  # every rank got the signal: rank 0 speaks for them
+        report(f"{tag()} error: got {what}, but the ranks could not stop at a step boundary (a rank is "
+               "stuck in a collective, or a step is very slow); ending now without a new checkpoint. "
+               "Resume from the last checkpoint with --resume; set comm.timeout_s to have stuck ranks "
+               "named")
+        if self._abort is not None:  # tests
+            return self._abort(143)
+        if MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
+            abort(143)
+        os._exit(143)  # pragma: no cover
+
+    def restore(self) -> None:
+        if self._socks is None:
+            return
+        try:
+            signal.set_wakeup_fd(self._old_fd)
+        except (ValueError, OSError):
+            pass
+        r, w = self._socks
+        self._socks = None
+        w.close()  # the thread sees end-of-file and returns
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2)
+        r.close()
 
 
 def _ranges(ranks) -> str:
