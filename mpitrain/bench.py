@@ -754,7 +754,7 @@ def main(args) -> int:
             write_csv(args.csv, rows)
         if args.plot:
             if fitted:
-                cost.plot_fit(args.plot, rows, fitted["model"], meta)
+                cost.plot_fit(args.plot, fitted["rows"], fitted["model"], meta)
             else:
                 plot(args.plot, rows, meta)
     code = exit_status(rows)

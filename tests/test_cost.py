@@ -1,0 +1,367 @@
+"""The cost model (collectives/cost.py): fitting, storage, and how `auto` uses it.
+
+Nothing here reads or writes the real ~/.cache: every test points MPITRAIN_COST_FILE
+(or XDG_CACHE_HOME) at a temporary path, and the MPI tests use fresh communicators,
+so the library state of the run's communicator -- and with it the rest of the suite --
+is the same whether or not a model is stored on this machine.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpitrain import collectives
+from mpitrain.collectives import cost
+
+MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch):
+    """No test sees the real cache, and the module's 'last model per size' is restored after."""
+    monkeypatch.setenv(cost.ENV, "off")
+    saved = dict(cost._LAST)
+    yield
+    cost._LAST.clear()
+    cost._LAST.update(saved)
+
+
+def make_model(p=4, *, ring=(20e-6, 0.2e-9), tree=(8e-6, 0.15e-9), gamma=0.05e-9, native=None, host="h"):
+    native = native or [[8, 12e-6], [64 << 10, 60e-6], [MiB, 600e-6], [64 * MiB, 40e-3]]
+    return cost.CostModel(ranks=p, host=host, alpha=2e-6, beta=0.1e-9, gamma=gamma,
+                          ring={"alpha": ring[0], "beta": ring[1]}, tree={"alpha": tree[0], "beta": tree[1]},
+                          native=native, fused=15e-6, sizes=[8, 64 << 10, MiB])
+
+
+def synthetic_rows(model, sizes, noise=0.0, seed=0):
+    """Bench-like rows whose times follow ``model`` (times up to ``noise`` relative error)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        for a in ("ring", "tree", "native", "auto"):
+            t = model.predict("fused" if a == "auto" and n <= cost.SMALL_BYTES else
+                              (model.best(n) if a == "auto" else a), n)
+            t *= 1 + noise * (2 * rng.random() - 1)
+            rows.append({"size": n, "algorithm": a, "time_us": t * 1e6})
+    return rows
+
+
+SIZES = [8 * 4 ** k for k in range(13)]  # 8 B .. 128 MiB
+
+
+# --------------------------------------------------------------------------- fitting (serial)
+
+
+def test_small_bytes_matches_the_fused_path():
+    assert cost.SMALL_BYTES == collectives.SMALL_BYTES
+
+
+def test_fit_alpha_beta_and_gamma_recover_known_values():
+    sizes = [8 * 4 ** k for k in range(10)]
+    a, b = cost.fit_alpha_beta(sizes, [3e-6 + n * 0.25e-9 for n in sizes])
+    assert a == pytest.approx(3e-6, rel=1e-6) and b == pytest.approx(0.25e-9, rel=1e-6)
+    g, c0 = cost.fit_gamma(sizes, [0.4e-6 + n * 0.07e-9 for n in sizes])
+    assert g == pytest.approx(0.07e-9, rel=1e-6) and c0 == pytest.approx(0.4e-6, rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+@pytest.mark.parametrize("noise", [0.0, 0.03])
+def test_fit_recovers_ring_and_tree_parameters(p, noise):
+    true = make_model(p, ring=(14e-6, 0.3e-9), tree=(7e-6, 0.12e-9), gamma=0.04e-9)
+    rows = synthetic_rows(true, SIZES, noise)
+    prims = {"alpha": 2e-6, "beta": 0.1e-9, "gamma": 0.04e-9}
+    m = cost.fit(rows, prims, ranks=p, host="h")
+    tol = 1e-6 if noise == 0 else 0.08
+    assert m.ring["alpha"] == pytest.approx(14e-6, rel=tol)
+    assert m.ring["beta"] == pytest.approx(0.3e-9, rel=tol)
+    assert m.tree["alpha"] == pytest.approx(7e-6, rel=tol)
+    assert m.tree["beta"] == pytest.approx(0.12e-9, rel=tol)
+    assert m.gamma == 0.04e-9 and m.ranks == p
+    assert m.fused == pytest.approx(15e-6, rel=max(tol, 1e-9))
+    if noise == 0:
+        assert m.ring["knees"] == [] and m.tree["knees"] == []
+        for n in SIZES:  # the fitted model predicts what it was fitted to
+            for a in ("ring", "tree", "native"):
+                assert m.predict(a, n) == pytest.approx(true.predict(a, n), rel=1e-6)
+
+
+def test_fit_finds_a_knee():
+    p, K = 4, 512 * 1024
+    sizes = [8 * 2 ** k for k in range(25)]
+    # a jump past 512 KiB (out of L2), a steeper slope past 8 MiB (out of L3)
+    true = {"alpha": 10e-6, "beta": 0.1e-9, "knees": [K, 8 * MiB], "above": [[60e-6, 0.2e-9], [60e-6, 1.0e-9]]}
+    times = [cost.formula("ring", n, p, true, 0.05e-9) for n in sizes]
+    d = cost.fit_algorithm("ring", sizes, times, p, 0.05e-9)
+    assert d["knees"] == true["knees"]
+    assert [d["alpha"], d["beta"], *sum(d["above"], [])] == pytest.approx(
+        [true["alpha"], true["beta"], *sum(true["above"], [])], rel=1e-6)
+    one = {"alpha": 10e-6, "beta": 0.1e-9, "knees": [K], "above": [[60e-6, 0.2e-9]]}
+    d = cost.fit_algorithm("tree", sizes, [cost.formula("tree", n, p, one, 0.05e-9) for n in sizes], p, 0.05e-9)
+    assert d["knees"] == [K]
+    straight = [cost.tree_time(n, p, 10e-6, 0.1e-9, 0.05e-9) for n in sizes]
+    assert cost.fit_algorithm("tree", sizes, straight, p, 0.05e-9)["knees"] == []
+
+
+def test_a_single_odd_size_does_not_make_a_knee():
+    p = 2
+    sizes = [8 * 4 ** k for k in range(13)]
+    times = [cost.ring_time(n, p, 12e-6, 0.2e-9, 0.03e-9, cost.ring_segments(n, p)) for n in sizes]
+    times[7] *= 2.0
+    assert cost.fit_algorithm("ring", sizes, times, p, 0.03e-9)["knees"] == []
+
+
+def test_fit_skips_sizes_where_native_was_disturbed_too():
+    true = make_model(2, ring=(14e-6, 0.3e-9), tree=(7e-6, 0.12e-9), gamma=0.04e-9,
+                      native=[[8, 10e-6], [MiB, 400e-6], [128 * MiB, 60e-3]])
+    rows = synthetic_rows(true, SIZES)
+    for r in rows:  # everything timed at 2 KiB ran 2.5x slower: another process was busy then
+        if r["size"] == SIZES[4]:
+            r["time_us"] *= 2.5
+    m = cost.fit(rows, {"alpha": 2e-6, "beta": 0.1e-9, "gamma": 0.04e-9}, ranks=2)
+    assert m.disturbed == [SIZES[4]]
+    assert m.ring["alpha"] == pytest.approx(14e-6, rel=1e-6)
+    assert m.predict("native", SIZES[4]) < 2 * true.predict("native", SIZES[4])
+
+
+def test_merge_passes_keeps_the_lowest_times():
+    a = [{"size": 8, "algorithm": "ring", "time_us": 30.0, "low_us": 28.0},
+         {"size": 8, "algorithm": "tree", "time_us": 15.0, "low_us": 14.0}]
+    b = [{"size": 8, "algorithm": "tree", "time_us": 40.0, "low_us": 12.0},
+         {"size": 8, "algorithm": "ring", "time_us": 25.0, "low_us": 26.0}]
+    m = cost.merge_passes([a, b])
+    assert [(r["algorithm"], r["time_us"], r["low_us"]) for r in m] == [("ring", 25.0, 26.0), ("tree", 15.0, 12.0)]
+
+
+def test_lsq_relative_keeps_coefficients_nonnegative():
+    X = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    c = cost.lsq_relative(X, np.array([3.0, 2.0, 1.0]))  # a falling line: slope clamped to 0
+    assert np.all(c >= 0) and c[1] == 0
+
+
+def test_native_piecewise_is_monotone_and_interpolates():
+    table = cost.fit_piecewise([8, 64, 512, 4096, 32768], [10e-6, 12e-6, 11e-6, 20e-6, 80e-6])
+    ts = [t for _, t in table]
+    assert ts == [10e-6, 11e-6, 11e-6, 20e-6, 80e-6]  # 64 B measured slower than 512 B: disturbed, lowered
+    assert cost.piecewise_time(table, 8) == pytest.approx(10e-6)
+    assert cost.piecewise_time(table, 4) == pytest.approx(10e-6)  # constant below
+    assert cost.piecewise_time(table, 2 * 32768) == pytest.approx(160e-6)  # proportional above
+    mid = cost.piecewise_time(table, int(math.sqrt(4096 * 32768)))
+    assert mid == pytest.approx(math.sqrt(20e-6 * 80e-6), rel=1e-4)  # log-log midpoint
+
+
+def test_best_is_the_fastest_prediction():
+    m = make_model(4)
+    for n in [8, 4096, 65536, MiB, 16 * MiB, 256 * MiB, 12345] + SIZES:
+        preds = {a: m.predict(a, n) for a in cost.CANDIDATES}
+        fastest = min(preds, key=preds.get)
+        if fastest != "native" and preds[fastest] > cost.PREFER_NATIVE * preds["native"]:
+            fastest = "native"  # a near-tie goes to the MPI library's own
+        assert m.best(n) == fastest
+    picks = {m.best(n) for n in SIZES}
+    assert len(picks) >= 2, picks  # this model has crossovers
+
+
+# --------------------------------------------------------------------------- storage (serial)
+
+
+def test_store_round_trip(tmp_path):
+    m = make_model(3, host="node7")
+    m.ring.update(knees=[MiB], above=[[50e-6, 0.5e-9]])
+    path = cost.save(m, tmp_path / "sub" / "c.json")
+    back = cost.load(path)
+    assert back == m
+    assert back.to_dict() == json.loads(path.read_text())
+    for n in SIZES:
+        assert back.best(n) == m.best(n) and back.predict("ring", n) == m.predict("ring", n)
+    assert not list(path.parent.glob("*.tmp"))  # written atomically, nothing left over
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"version": 99}, "version"), ({"alpha": -1.0}, ">= 0"), ({"ring": {"alpha": 1e-6}}, "malformed"),
+    ({"tree": {"alpha": 1e-6, "beta": 1e-9, "knees": [8], "above": []}}, "malformed"),
+    ({"native": []}, "native"), ({"gamma": float("nan")}, ">= 0"),
+])
+def test_load_rejects_bad_files(tmp_path, change, match):
+    d = make_model(2).to_dict()
+    d.update(change)
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=match):
+        cost.load(tmp_path / "c.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="JSON"):
+        cost.load(tmp_path / "bad.json")
+
+
+def test_cost_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(cost.ENV)
+    assert cost.cost_path("nodeA", 4) == tmp_path / "mpitrain" / "cost-nodeA-n4.json"
+    assert cost.cost_path("a/b", 2, nodes=3) == tmp_path / "mpitrain" / "cost-a_b-n2-h3.json"
+    monkeypatch.setenv(cost.ENV, str(tmp_path / "x.json"))
+    assert cost.cost_path("nodeA", 4) == tmp_path / "x.json"
+    for off in ("off", "OFF", "none", "0"):
+        monkeypatch.setenv(cost.ENV, off)
+        assert cost.cost_path("nodeA", 4) is None
+
+
+def test_read_ignores_unusable_files(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "c.json"
+    monkeypatch.setenv(cost.ENV, str(f))
+    assert cost._read_for("h", 2, 1) is None  # absent: silently none
+    f.write_text("garbage")
+    cost._FILES.pop(str(f), None)
+    assert cost._read_for("h", 2, 1) is None
+    assert "fixed thresholds" in capsys.readouterr().err
+    cost.save(make_model(2), f)
+    assert cost._read_for("h", 2, 1) == make_model(2)
+    assert cost._read_for("h", 4, 1) is None  # fitted for 2 ranks, not 4
+    assert "fitted for 2 rank(s)" in capsys.readouterr().err
+
+
+def test_choose_without_a_model_uses_the_thresholds():
+    cost._LAST.clear()
+    for p in (2, 3, 4):
+        for n in (8, 4096, collectives.AUTO_RING_MIN_BYTES - 1, collectives.AUTO_RING_MIN_BYTES, 64 * MiB):
+            want = "ring" if n >= collectives.AUTO_RING_MIN_BYTES else "native"
+            assert collectives.choose(n, p) == want
+    assert collectives.choose(64 * MiB, 1) == "native"
+
+
+def test_choose_with_a_state_uses_its_model():
+    class St:
+        cost = make_model(4)
+
+    for n in SIZES:
+        assert collectives.choose(n, 4, St()) == St.cost.best(n)
+    assert collectives.choose(16 * MiB, 2, St()) == "ring"  # a model for 4 ranks is not used for 2
+
+
+# --------------------------------------------------------------------------- MPI: sharing and choosing
+
+
+def _fresh(comm):
+    """A new communicator: its library state is made (and its model loaded) now."""
+    return comm.Dup()
+
+
+def _model_for_this_run(p):
+    """A model whose picks change with size: native small, tree in the middle, ring large."""
+    native = [[8, 10e-6], [8192, 30e-6], [MiB, 3e-3], [256 * MiB, 1.0]]
+    return make_model(p, ring=(40e-6, 0.15e-9), tree=(5e-6, 0.2e-9), native=native)
+
+
+@pytest.mark.mpi
+def test_choose_follows_the_stored_model_on_every_rank(comm, shared_tmp, monkeypatch):
+    p, r = comm.Get_size(), comm.Get_rank()
+    path = shared_tmp / "cost.json"
+    model = _model_for_this_run(p)
+    if r == 0:
+        cost.save(model, path)
+        monkeypatch.setenv(cost.ENV, str(path))
+    else:  # only rank 0 reads: the others must get its model even when their own setting differs
+        monkeypatch.setenv(cost.ENV, str(shared_tmp / f"absent-{r}.json"))
+    comm.Barrier()
+    c = _fresh(comm)
+    try:
+        st = collectives.state_for(c)
+        sizes = sorted({int(x) for x in np.geomspace(8, 256 * MiB, 60)} | set(SIZES))
+        picks = [collectives.choose(n, p, st) for n in sizes]
+        if p == 1:
+            assert st.cost is None and set(picks) == {"native"}
+        else:
+            assert st.cost == model
+            assert picks == [model.best(n) for n in sizes]
+            assert {"native", "tree", "ring"} <= set(picks)
+            assert [collectives.choose(n, p) for n in sizes] == picks  # the last model shared for p ranks
+        assert c.allgather(picks) == [picks] * p
+        # auto runs what the model picks, and gets the right answer
+        for n in (3, 5000, 300_000):
+            x = (np.arange(n) % 13 + r).astype(np.float32)
+            out = collectives.allreduce(x.copy(), c, algorithm="auto")
+            want = (np.arange(n) % 13).astype(np.float64) * p + p * (p - 1) / 2
+            np.testing.assert_allclose(out, want, rtol=1e-6)
+    finally:
+        c.Free()
+
+
+@pytest.mark.mpi
+def test_without_a_stored_model_auto_uses_the_thresholds(comm, shared_tmp, monkeypatch):
+    p = comm.Get_size()
+    monkeypatch.setenv(cost.ENV, str(shared_tmp / "none-here.json"))
+    c = _fresh(comm)
+    try:
+        st = collectives.state_for(c)
+        assert st.cost is None
+        for n in (8, 5000, collectives.AUTO_RING_MIN_BYTES - 4, collectives.AUTO_RING_MIN_BYTES, 8 * MiB):
+            want = "native" if p == 1 or n < collectives.AUTO_RING_MIN_BYTES else "ring"
+            assert collectives.choose(n, p, st) == want
+    finally:
+        c.Free()
+
+
+@pytest.mark.mpi
+def test_a_model_for_another_size_is_ignored(comm, shared_tmp, monkeypatch):
+    p = comm.Get_size()
+    path = shared_tmp / "other.json"
+    if comm.Get_rank() == 0:
+        cost.save(_model_for_this_run(p + 1), path)
+    comm.Barrier()
+    monkeypatch.setenv(cost.ENV, str(path))
+    c = _fresh(comm)
+    try:
+        assert collectives.state_for(c).cost is None
+    finally:
+        c.Free()
+
+
+@pytest.mark.mpi
+def test_install_switches_the_model(comm):
+    p = comm.Get_size()
+    c = _fresh(comm)
+    try:
+        st = collectives.state_for(c)
+        cost.install(st, _model_for_this_run(p))
+        if p > 1:
+            assert collectives.choose(20 * 1024, p, st) == "tree"
+        cost.install(st, None)
+        assert collectives.choose(20 * 1024, p, st) == "native"
+    finally:
+        c.Free()
+
+
+# --------------------------------------------------------------------------- bench --fit end to end
+
+
+def test_bench_fit_writes_a_valid_model(tmp_path):
+    path = tmp_path / "fit.json"
+    env = dict(os.environ, MPITRAIN_COST_FILE=str(path), OMP_NUM_THREADS="1")
+    cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "mpitrain", "bench", "--fit", "--min", "8B", "--max", "64KiB",
+           "--step", "8", "--iters", "3", "--warmup", "0", "--json", str(tmp_path / "rows.json")]
+    if importlib.util.find_spec("matplotlib"):
+        cmd += ["--plot", str(tmp_path / "fit.png")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    m = cost.load(path)
+    assert m.ranks == 2 and m.nodes == 1
+    assert m.sizes == [8, 64, 512, 4096, 32768, 65536]
+    assert all(math.isfinite(m.predict(a, n)) for a in cost.CANDIDATES for n in m.sizes)
+    assert m.fused is not None and m.alpha > 0 and m.gamma > 0
+    assert "predicted vs measured" in res.stdout and f"stored: {path}" in res.stdout
+    assert json.loads((tmp_path / "rows.json").read_text())["meta"]["cost_model"] == m.to_dict()
+    if "--plot" in cmd:
+        assert (tmp_path / "fit.png").stat().st_size > 1000
+
+
+def test_bench_fit_needs_two_ranks(tmp_path):
+    env = dict(os.environ, MPITRAIN_COST_FILE=str(tmp_path / "fit.json"))
+    res = subprocess.run([sys.executable, "-m", "mpitrain", "bench", "--fit", "--max", "64B"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2 and "2 ranks or more" in res.stderr
+    assert not (tmp_path / "fit.json").exists()
