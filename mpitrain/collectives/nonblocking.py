@@ -65,7 +65,7 @@ class Handle:
         if st.size == 1 or buf.size == 0:
             return
         if algorithm == "auto":
-            algorithm = choose(buf.nbytes, st.size)
+            algorithm = choose(buf.nbytes, st.size, st)
         backend.synchronize(buf)
         xp = backend.array_module(buf)
         if algorithm == "ring":

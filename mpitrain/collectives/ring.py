@@ -37,11 +37,11 @@ from . import TAG_RING, finish_avg, reducer
 from .partition import chunk_bounds, segments
 from .. import backend
 
-# Segment size: None = adaptive (about a quarter of a chunk, between 256 KiB and 4 MiB,
+# Segment size: None = adaptive (about a quarter of a chunk, between 1 MiB and 4 MiB,
 # measured best on a 2-core box at 1-64 MiB with 2 and 4 ranks: docs/benchmarks.md).
 # MPITRAIN_RING_SEGMENT=bytes fixes it.
 SEGMENT_BYTES = int(os.environ["MPITRAIN_RING_SEGMENT"]) if os.environ.get("MPITRAIN_RING_SEGMENT") else None
-SEGMENT_MIN, SEGMENT_MAX = 256 * 1024, 4 * 1024 * 1024
+SEGMENT_MIN, SEGMENT_MAX = 1024 * 1024, 4 * 1024 * 1024
 DEPTH = 4  # receives posted ahead
 
 
