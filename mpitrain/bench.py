@@ -525,6 +525,22 @@ def write_json(path, rows, meta: dict | None = None) -> None:
         f.write("\n")
 
 
+def size_axes(ax, sizes, ylabel: str) -> None:
+    """Log-log axes with message sizes (8B, 1MiB, ...) as x ticks: shared by every bench plot."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    every = max(1, math.ceil(len(sizes) / 14))
+    ax.xaxis.set_major_locator(FixedLocator(sizes[::every]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_size(int(round(x)))))
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    ax.set_xlabel("message size")
+    ax.set_ylabel(ylabel)
+
+
 def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
@@ -536,7 +552,6 @@ def plot(path, rows, meta: dict | None = None) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'mpitrain[plot]'") from None
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
@@ -551,16 +566,7 @@ def plot(path, rows, meta: dict | None = None) -> None:
             ax.plot(xs, ys, ":", color="0.3", label="GPU->host copy (all ranks, staging ceiling)")
         else:
             ax.plot(xs, ys, "o-", ms=3, label=a)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    sizes = sorted({r["size"] for r in rows})
-    every = max(1, math.ceil(len(sizes) / 14))
-    ax.xaxis.set_major_locator(FixedLocator(sizes[::every]))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_size(int(round(x)))))
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    ax.set_xlabel("message size")
-    ax.set_ylabel("busbw (GB/s)")
+    size_axes(ax, sorted({r["size"] for r in rows}), "busbw (GB/s)")
     if meta:
         ax.set_title(f"allreduce busbw: {meta.get('ranks')} ranks on {len(meta.get('hosts', []))} host(s), "
                      f"{meta.get('dtype')} {meta.get('op')}\n{meta.get('mpi', '')}", fontsize=9)

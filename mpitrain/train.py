@@ -29,7 +29,7 @@ from .faults import Faults
 from .metrics import ProgressBar, Timers, Trace
 from .model import MLP
 from .optim import LRSchedule, clip_by_global_norm, clip_by_value, make_optimizer
-from .runtime import UserError, get_comm, log0, warn
+from .runtime import UserError, get_comm, log0
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, a checkpoint was written, --resume continues
 

@@ -800,17 +800,9 @@ def plot_fit(path, rows, model: CostModel, meta: dict | None = None) -> None:
         ax.plot(xs, [t * 1e6 for t in ts], "o-", ms=3, color=c, label=f"{a} measured (lower quartile)")
         grid = [x for x in fine if a != "fused" or x <= SMALL_BYTES]
         ax.plot(grid, [model.predict(a, x) * 1e6 for x in grid], "--", color=c, alpha=0.8, label=f"{a} model")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from ..bench import size_axes
 
-    every = max(1, math.ceil(len(sizes) / 14))
-    ax.xaxis.set_major_locator(FixedLocator(sizes[::every]))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _fmt_size(int(round(x)))))
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    ax.set_xlabel("message size")
-    ax.set_ylabel("time per allreduce (us)")
+    size_axes(ax, sizes, "time per allreduce (us)")
     title = f"allreduce time, measured vs cost model: {model.ranks} ranks"
     if meta:
         title += f", {meta.get('dtype')} {meta.get('op')}\n{meta.get('mpi', '')}"

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import os
 
-from mpi4py import MPI
-
 from . import TAG_RING, finish_avg, reducer
 from .partition import chunk_bounds, segments
 from .. import backend
