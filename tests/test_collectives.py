@@ -171,3 +171,19 @@ def test_subcommunicators_of_any_size(comm):
                 np.testing.assert_array_equal(x, np.arange(13) * q * (q + 1) // 2)
         finally:
             sub.Free()
+
+
+def test_auto_without_the_fused_path_on_many_ranks(comm, monkeypatch):
+    """Above FUSE_MAX_RANKS the check carries no data; auto still reduces small messages right."""
+    import mpitrain.collectives as C
+
+    monkeypatch.setattr(C, "FUSE_MAX_RANKS", 0)
+    dup = comm.Dup()  # a fresh communicator: its state is made with the patched limit
+    try:
+        r, p = dup.Get_rank(), dup.Get_size()
+        x = np.arange(5, dtype=np.float32) + r
+        allreduce(x, dup)
+        assert state_for(dup).small == 0
+        np.testing.assert_array_equal(x, p * np.arange(5) + p * (p - 1) / 2)
+    finally:
+        dup.Free()

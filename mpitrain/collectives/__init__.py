@@ -10,7 +10,10 @@ Every call:
      library's messages never match a receive the caller has posted.
 
 Algorithms: ring (bandwidth-optimal), tree (latency-optimal), native (the MPI
-library's Allreduce, the reference), auto (picks one by message size).
+library's Allreduce, the reference), auto (messages <= SMALL_BYTES ride inside
+the check's Allgather and are reduced locally in rank order -- one collective
+in all, up to FUSE_MAX_RANKS ranks; larger ones go to the algorithm the fitted
+cost model, or the fixed threshold, says is fastest).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ AUTO_RING_MIN_BYTES = 512 * 1024
 # Allgather carries the data too, every rank reduces the p rows in rank order,
 # and one collective does the whole job (see fused() below).
 SMALL_BYTES = 4096
+FUSE_MAX_RANKS = 64  # above this the check's Allgather (p x 4 KiB) would cost more than it saves
 META = 6  # n, dtype, op, algorithm, problem, on-device
 
 TAG_CHECK = 11  # tags on the library's private communicator (never tag 0)
@@ -52,7 +56,8 @@ class _State:
         self.size = self.comm.Get_size()
         self._scratch = {}
         # the check's Allgather row: 6 int64 of metadata, then room for a small message
-        self._row = np.zeros(META + SMALL_BYTES // 8, dtype=np.int64)
+        self.small = SMALL_BYTES if self.size <= FUSE_MAX_RANKS else 0
+        self._row = np.zeros(META + self.small // 8, dtype=np.int64)
         self._rows = np.zeros((self.size, self._row.size), dtype=np.int64)
         # the fitted cost model for this host and size (cost.py), or None: rank 0 reads, all get it
         self.cost = _cost.shared(self.comm)
@@ -189,7 +194,7 @@ def check(st: _State, buf, op, algorithm, payload: bool = False) -> bool:
     row = st._row
     _codes(row, buf, op, algorithm)
     nbytes = int(row[0]) * buf.itemsize if not row[4] else 0
-    carry = payload and not row[4] and not row[5] and nbytes <= SMALL_BYTES
+    carry = payload and not row[4] and not row[5] and nbytes <= st.small
     if carry:
         row[META:].view(np.uint8)[:nbytes] = buf.reshape(-1).view(np.uint8)
         row[5] = -1  # "carrying": must agree too
