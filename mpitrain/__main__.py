@@ -13,7 +13,7 @@ import traceback
 
 
 def main(argv=None) -> int:
-    from .runtime import UserError, abort, defer_to_rank0, error_message, report
+    from .runtime import UserError, abort, defer_to_rank0, error_message, job_size, report
 
     try:
         from .cli import main as cli_main
@@ -21,11 +21,8 @@ def main(argv=None) -> int:
         return cli_main(argv)
     except SystemExit as e:  # argparse and explicit exits: clean code on this rank
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code != 0:
-            from mpi4py import MPI
-
-            if MPI.COMM_WORLD.Get_size() > 1:
-                abort(code)
+        if code != 0 and job_size() > 1:
+            abort(code)
         return code
     except KeyboardInterrupt:
         defer_to_rank0()

@@ -1,8 +1,9 @@
 """Fault injection for testing: ``MPITRAIN_FAULT=rank:step:kind``.
 
 A testing aid, documented in docs/failure-modes.md: at training step ``step``
-(counted from 0 over the whole run), rank ``rank`` (of COMM_WORLD) misbehaves
-just before the gradient all-reduce:
+(counted from 0 over the whole run), rank ``rank`` of the run's communicator
+(numbered as mpirun numbers the ranks) misbehaves just before the gradient
+all-reduce:
 
     raise   raise RuntimeError (a bug on one rank)
     exit    os._exit(3) without telling anyone

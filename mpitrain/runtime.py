@@ -68,11 +68,16 @@ ABORT_LINGER_S = 0.2
 DEFER_TO_RANK0_S = 2.0
 
 
+def job_size() -> int:
+    """Ranks in the whole job (no communication: safe on an error path)."""
+    return MPI.COMM_WORLD.Get_size()
+
+
 def abort(code: int = 1) -> None:
     """End every rank of the job now. Never returns."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if MPI.COMM_WORLD.Get_size() > 1:
+    if job_size() > 1:
         time.sleep(ABORT_LINGER_S)
     MPI.COMM_WORLD.Abort(code)
     os._exit(code)  # pragma: no cover - Abort does not return

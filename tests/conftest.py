@@ -12,6 +12,20 @@ BIN = os.path.dirname(sys.executable)
 MPIRUN = os.path.join(BIN, "mpirun")
 
 
+def h5_edit(path, fn):
+    """Open an HDF5 file for writing and apply ``fn(f)`` (tests damage data sets with it)."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+def h5_replace(f, name, data):
+    """Replace dataset ``name`` of open file ``f`` with ``data`` (another dtype or shape)."""
+    del f[name]
+    f.create_dataset(name, data=data)
+
+
 @pytest.fixture
 def comm():
     """The run's communicator (a Dup of COMM_WORLD), as library code uses it."""

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from conftest import h5_edit, h5_replace
 from mpitrain.data import (check_dataset, ensure_dataset, import_file, make_digits, make_synthetic,
                            open_dataset)
 from mpitrain.data import cli as data_cli
@@ -242,16 +243,6 @@ def test_writer_rejects_bad_rows(tmp_path):
 # ============================================================================ serial: check + open
 
 
-def _edit(path, fn):
-    with h5py.File(path, "r+") as f:
-        fn(f)
-
-
-def _replace(f, name, data):
-    del f[name]
-    f.create_dataset(name, data=data)
-
-
 def _corrupt(out: Path, how: str) -> str:
     """Damage shard 1 (or the set) one way; return the file name the error must name."""
     s1 = out / "train-00001.h5"
@@ -263,25 +254,25 @@ def _corrupt(out: Path, how: str) -> str:
     elif how == "garbage":
         s1.write_bytes(b"not an hdf5 file at all" * 100)
     elif how == "labels":
-        _edit(s1, lambda f: f["y"].__setitem__(3, 12))
+        h5_edit(s1, lambda f: f["y"].__setitem__(3, 12))
     elif how == "nan":
-        _edit(s1, lambda f: f["x"].__setitem__((5, 1), np.nan))
+        h5_edit(s1, lambda f: f["x"].__setitem__((5, 1), np.nan))
     elif how == "inf":
-        _edit(s1, lambda f: f["x"].__setitem__((0, 0), -np.inf))
+        h5_edit(s1, lambda f: f["x"].__setitem__((0, 0), -np.inf))
     elif how == "x_dtype":
-        _edit(s1, lambda f: _replace(f, "x", f["x"][...].astype(np.float64)))
+        h5_edit(s1, lambda f: h5_replace(f, "x", f["x"][...].astype(np.float64)))
     elif how == "y_dtype":
-        _edit(s1, lambda f: _replace(f, "y", f["y"][...].astype(np.int32)))
+        h5_edit(s1, lambda f: h5_replace(f, "y", f["y"][...].astype(np.int32)))
     elif how == "x_shape":
-        _edit(s1, lambda f: _replace(f, "x", f["x"][:, :3]))
+        h5_edit(s1, lambda f: h5_replace(f, "x", f["x"][:, :3]))
     elif how == "y_shape":
-        _edit(s1, lambda f: _replace(f, "y", f["y"][:-1]))
+        h5_edit(s1, lambda f: h5_replace(f, "y", f["y"][:-1]))
     elif how == "no_y":
-        _edit(s1, lambda f: f.__delitem__("y"))
+        h5_edit(s1, lambda f: f.__delitem__("y"))
     elif how == "schema":
-        _edit(s1, lambda f: f.attrs.__setitem__("features", 99))
+        h5_edit(s1, lambda f: f.attrs.__setitem__("features", 99))
     elif how == "content":  # valid values, changed: only the checksum can tell
-        _edit(s1, lambda f: f["x"].__setitem__((2, 2), f["x"][2, 2] + 0.25))
+        h5_edit(s1, lambda f: f["x"].__setitem__((2, 2), f["x"][2, 2] + 0.25))
     elif how == "manifest_missing":
         (out / MANIFEST).unlink()
         return MANIFEST
@@ -618,7 +609,7 @@ def test_mpi_bad_shard_on_one_rank_raises_everywhere(comm, shared):
     k = size
     last = f"train-{k - 1:05d}.h5"
     out = _broken(comm, shared, "badlabel", k,
-                  lambda o: _edit(o / last, lambda f: f["y"].__setitem__(2, 12)))
+                  lambda o: h5_edit(o / last, lambda f: f["y"].__setitem__(2, 12)))
     with pytest.raises(UserError) as e:
         open_dataset(out, comm, batch_size=4)
     msg = str(e.value)
@@ -647,7 +638,7 @@ def test_mpi_nan_in_split_shard_seen_by_last_rank(comm, shared):
     """One shard, split in row ranges over the ranks: a NaN in the last row is only the last rank's."""
     size = comm.Get_size()
     out = _broken(comm, shared, "nan", 1,
-                  lambda o: _edit(o / "train-00000.h5", lambda f: f["x"].__setitem__((-1, 1), np.nan)))
+                  lambda o: h5_edit(o / "train-00000.h5", lambda f: f["x"].__setitem__((-1, 1), np.nan)))
     with pytest.raises(UserError) as e:
         open_dataset(out, comm, batch_size=4)
     assert "train-00000.h5" in str(e.value) and "NaN or Inf" in str(e.value)

@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
-from conftest import MPIRUN
+from conftest import MPIRUN, h5_edit, h5_replace
 from mpitrain import checkpoint
 
 PY = sys.executable
@@ -324,26 +323,16 @@ def test_ranks_with_different_data_sets_behind_the_same_path(digits, tmp_path):
 # ============================================================== 5. data
 
 
-def _h5(path, fn):
-    with h5py.File(path, "r+") as f:
-        fn(f)
-
-
-def _replace(f, name, data):
-    del f[name]
-    f.create_dataset(name, data=data)
-
-
 DAMAGE = {  # how -> (damage shard 1 of DIR, words the message must hold)
     "missing_shard": (lambda s: s.unlink(), "missing (listed in manifest.json)"),
     "truncated": (lambda s: s.write_bytes(s.read_bytes()[: s.stat().st_size // 2]), "truncated"),
-    "x_dtype": (lambda s: _h5(s, lambda f: _replace(f, "x", f["x"][...].astype(np.float64))),
+    "x_dtype": (lambda s: h5_edit(s, lambda f: h5_replace(f, "x", f["x"][...].astype(np.float64))),
                 "x has dtype float64, expected float32"),
-    "x_shape": (lambda s: _h5(s, lambda f: _replace(f, "x", f["x"][:, :60])), "x has shape"),
-    "schema": (lambda s: _h5(s, lambda f: f.attrs.__setitem__("features", 60)), "schema mismatch"),
-    "labels": (lambda s: _h5(s, lambda f: f["y"].__setitem__(3, 12)), "labels out of range (found 12"),
-    "nan": (lambda s: _h5(s, lambda f: f["x"].__setitem__((5, 1), np.nan)), "NaN or Inf"),
-    "inf": (lambda s: _h5(s, lambda f: f["x"].__setitem__((0, 0), np.inf)), "NaN or Inf"),
+    "x_shape": (lambda s: h5_edit(s, lambda f: h5_replace(f, "x", f["x"][:, :60])), "x has shape"),
+    "schema": (lambda s: h5_edit(s, lambda f: f.attrs.__setitem__("features", 60)), "schema mismatch"),
+    "labels": (lambda s: h5_edit(s, lambda f: f["y"].__setitem__(3, 12)), "labels out of range (found 12"),
+    "nan": (lambda s: h5_edit(s, lambda f: f["x"].__setitem__((5, 1), np.nan)), "NaN or Inf"),
+    "inf": (lambda s: h5_edit(s, lambda f: f["x"].__setitem__((0, 0), np.inf)), "NaN or Inf"),
 }
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpitrain.collectives import allreduce, ring
+from mpitrain.collectives import allreduce, ring, state_for
 from mpitrain.collectives.nonblocking import CommThread, iallreduce
 
 pytestmark = pytest.mark.mpi
@@ -58,3 +58,22 @@ def test_comm_thread_drives_handles(comm):
             assert (b == p * (p + 1) / 2).all()
     finally:
         t.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+def test_scratch_is_reused_across_steps(comm, algorithm):
+    """Buckets of the same sizes every step: the second step allocates no new scratch."""
+    st = state_for(comm)
+    bufs = [np.ones(n) for n in (300, 1001)]
+
+    def one_step():
+        for h in [iallreduce(b, comm, algorithm=algorithm) for b in bufs]:
+            h.wait()
+        return {k: sorted(id(a) for a in v) for k, v in st._pool.items()}
+
+    first = one_step()
+    assert sum(len(v) for v in first.values()) >= 2  # both handles gave theirs back
+    assert one_step() == first  # the same arrays, borrowed and returned again
+    for b in bufs:
+        assert (b == comm.Get_size() ** 2).all()

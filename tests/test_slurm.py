@@ -149,18 +149,35 @@ def output(cluster, jid) -> str:
     return path.read_text(errors="replace") if path.exists() else f"(no output file {path})"
 
 
-def wait_for(cluster, jid, until, deadline_s, what):
-    """Poll the job until ``until(record)``; on the deadline cancel it and fail with its output."""
+def poll(probe, deadline_s):
+    """Call ``probe()`` until it returns something true, or None after ``deadline_s``.
+
+    SLURM tells nobody when a job changes state (short of `sbatch --wait`, which ends only with
+    the job), so its controller and the job's output file are asked every 0.25 s, up to a deadline.
+    """
     t0 = time.monotonic()
     while True:
-        rec = job(cluster, jid)
-        if until(rec):
-            return rec
-        if time.monotonic() - t0 > deadline_s:
-            _run(["scancel", jid], env=cluster.env(), timeout=30)
-            pytest.fail(f"job {jid}: not {what} after {deadline_s}s (state {rec['JobState']}, "
-                        f"reason {rec['Reason']}); output:\n{output(cluster, jid)}")
+        got = probe()
+        if got or time.monotonic() - t0 > deadline_s:
+            return got or None
         time.sleep(0.25)
+
+
+def wait_for(cluster, jid, until, deadline_s, what):
+    """Poll the job until ``until(record)``; on the deadline cancel it and fail with its output."""
+    seen = {}
+
+    def probe():
+        seen["rec"] = rec = job(cluster, jid)
+        return rec if until(rec) else None
+
+    rec = poll(probe, deadline_s)
+    if rec is None:
+        rec = seen["rec"]
+        _run(["scancel", jid], env=cluster.env(), timeout=30)
+        pytest.fail(f"job {jid}: not {what} after {deadline_s}s (state {rec['JobState']}, "
+                    f"reason {rec['Reason']}); output:\n{output(cluster, jid)}")
+    return rec
 
 
 def finish(cluster, jid, deadline_s=120):
@@ -194,6 +211,18 @@ def requeue_now(cluster, jid, *settings):
              "pending after its requeue")
     p = _run(["scontrol", "update", f"JobId={jid}", "StartTime=now+2", *settings], env=cluster.env(), timeout=30)
     assert p.returncode == 0, p.stderr
+
+
+def usr1_requeue_and_finish(cluster, jid, job_file):
+    """`scancel --signal=USR1 --batch JOB`; the job must be requeued; then let it run to the end fast."""
+    p = _run(["scancel", "--signal=USR1", "--batch", jid], env=cluster.env(), timeout=30)
+    assert p.returncode == 0, p.stderr
+    rec = wait_for(cluster, jid, lambda r: r["Restarts"] == "1" or r["JobState"] in TERMINAL, 60, "requeued")
+    assert rec["Restarts"] == "1", f"not requeued: {rec}\n{output(cluster, jid)}"
+    job_file.write_text(job_file.read_text().replace("step_sleep = 0.2", "step_sleep = 0"))
+    requeue_now(cluster, jid)
+    rec = finish(cluster, jid)
+    assert_ok(cluster, jid, rec)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -265,14 +294,7 @@ def test_usr1_by_hand_requeues_and_resumes_with_srun(cluster, tmp_path, data_dir
     jid = submit(cluster, tmp_path, "train.sbatch", "job.toml", MPITRAIN_LAUNCHER="srun")
     wait_for(cluster, jid, lambda r: r["JobState"] in TERMINAL or epoch_lines(output(cluster, jid)), 60,
              "through its first epoch")
-    p = _run(["scancel", "--signal=USR1", "--batch", jid], env=cluster.env(), timeout=30)
-    assert p.returncode == 0, p.stderr
-    rec = wait_for(cluster, jid, lambda r: r["Restarts"] == "1" or r["JobState"] in TERMINAL, 60, "requeued")
-    assert rec["Restarts"] == "1", f"not requeued: {rec}\n{output(cluster, jid)}"
-    job_file.write_text(job_file.read_text().replace("step_sleep = 0.2", "step_sleep = 0"))
-    requeue_now(cluster, jid)
-    rec = finish(cluster, jid)
-    assert_ok(cluster, jid, rec)
+    usr1_requeue_and_finish(cluster, jid, job_file)
     out = output(cluster, jid)
     assert "stopped by signal SIGUSR1" in out and "resumed from" in out, out
     assert_rank0_once(out, 6)
@@ -289,14 +311,7 @@ def test_usr1_while_starting_still_requeues(cluster, tmp_path, data_dir):
     job_file.write_text(f'[train]\nepochs = 3\nstep_sleep = 0.2\n[data]\npath = "{data_dir}"\n')
     jid = submit(cluster, tmp_path, "train.sbatch", "job.toml")
     wait_for(cluster, jid, lambda r: r["JobState"] != "PENDING", 60, "started")
-    p = _run(["scancel", "--signal=USR1", "--batch", jid], env=cluster.env(), timeout=30)
-    assert p.returncode == 0, p.stderr
-    rec = wait_for(cluster, jid, lambda r: r["Restarts"] == "1" or r["JobState"] in TERMINAL, 60, "requeued")
-    assert rec["Restarts"] == "1", f"not requeued: {rec}\n{output(cluster, jid)}"
-    job_file.write_text(job_file.read_text().replace("step_sleep = 0.2", "step_sleep = 0"))
-    requeue_now(cluster, jid)
-    rec = finish(cluster, jid)
-    assert_ok(cluster, jid, rec)
+    usr1_requeue_and_finish(cluster, jid, job_file)
     assert_rank0_once(output(cluster, jid), 3)
 
 
@@ -312,13 +327,12 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, tmp_path, data_dir):
     assert p.returncode == 0, p.stderr
     rec = finish(cluster, jid, 60)
     assert rec["JobState"] == "CANCELLED" and rec["Restarts"] == "0", rec
+    # SLURM closes the job record at scancel; the ranks write their checkpoint during KillWait and
+    # say so (after the rename) in the output: wait for that line, not for time to pass
+    said = poll(lambda: "stopped by signal SIGTERM" in output(cluster, jid), 10)
+    assert said, f"no 'stopped by signal SIGTERM' after scancel:\n{output(cluster, jid)}"
     ckpt_dir = tmp_path / "checkpoints" / f"mpitrain-{jid}"
-    for _ in range(40):                  # the trainer may still be writing as the job record closes
-        if sorted(ckpt_dir.glob("*.h5")):
-            break
-        time.sleep(0.25)
     assert sorted(ckpt_dir.glob("*.h5")), f"no checkpoint after scancel:\n{output(cluster, jid)}"
-    assert "stopped by signal SIGTERM" in output(cluster, jid)
 
 
 @pytest.mark.slurm

@@ -55,6 +55,7 @@ class _State:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self._scratch = {}
+        self._pool = {}  # (module, dtype, n) -> free scratch arrays (see borrow)
         # the check's Allgather row: 6 int64 of metadata, then room for a small message
         self.small = SMALL_BYTES if self.size <= FUSE_MAX_RANKS else 0
         self._row = np.zeros(META + self.small // 8, dtype=np.int64)
@@ -70,6 +71,15 @@ class _State:
             buf = xp.empty(max(n, 1), dtype=dtype)
             self._scratch[key] = buf
         return buf[:n]
+
+    def borrow(self, xp, dtype, n: int):
+        """Scratch of ``n`` elements for one of several operations in flight at once (non-blocking
+        ones): taken from a pool, handed back with ``give_back`` and reused by the next step."""
+        free = self._pool.setdefault((xp.__name__, np.dtype(dtype).str, n), [])
+        return free.pop() if free else xp.empty(max(n, 1), dtype=dtype)[:n]
+
+    def give_back(self, arr) -> None:
+        self._pool[(backend.array_module(arr).__name__, arr.dtype.str, arr.size)].append(arr)
 
 
 _KEYVAL = None

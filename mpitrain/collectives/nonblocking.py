@@ -69,15 +69,15 @@ class Handle:
         backend.synchronize(buf)
         xp = backend.array_module(buf)
         if algorithm == "ring":
-            flat = buf.reshape(-1)
-            seg = ring.segment_bytes(flat.nbytes, st.size) // flat.itemsize
-            width = min(max(seg, 1), -(-flat.size // st.size))
-            slots = xp.empty(ring.DEPTH * width, dtype=flat.dtype)
-            yield from ring.steps(st, buf, op, tag=self._tag, slots=slots)
+            tmp = st.borrow(xp, buf.dtype, ring.slot_elems(buf.size, st.size, buf.itemsize))
+            yield from ring.steps(st, buf, op, tag=self._tag, slots=tmp)
         elif algorithm == "tree":
-            yield from tree.steps(st, buf, op, tag=self._tag, tmp=xp.empty(buf.size, dtype=buf.dtype))
+            tmp = st.borrow(xp, buf.dtype, buf.size)
+            yield from tree.steps(st, buf, op, tag=self._tag, tmp=tmp)
         else:
             yield from _native_steps(st, buf, op)
+            return
+        st.give_back(tmp)  # only once complete: MPI is done with it
 
     def progress(self) -> bool:
         """Advance as far as possible without blocking; True once complete."""

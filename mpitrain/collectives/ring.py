@@ -50,6 +50,12 @@ def segment_bytes(nbytes: int, p: int) -> int:
     return min(SEGMENT_MAX, max(SEGMENT_MIN, nbytes // p // 4))
 
 
+def slot_elems(n: int, p: int, itemsize: int) -> int:
+    """Elements of scratch ``steps`` needs for ``n`` elements on ``p`` ranks (DEPTH segment slots)."""
+    seg = max(1, segment_bytes(n * itemsize, p) // itemsize)
+    return DEPTH * min(seg, -(-n // p))
+
+
 def plan(n: int, p: int, rank: int, seg_elems: int):
     """The ordered list of (step, lo, hi) receives this rank performs.
 
@@ -87,10 +93,10 @@ def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING
     if p == 1 or n == 0:
         return
     seg = max(1, (seg_bytes or segment_bytes(flat.nbytes, p)) // flat.itemsize)
+    width = min(seg, -(-n // p))  # one slot: the longest segment
     left, right = (r - 1) % p, (r + 1) % p
     last_rs = p - 2  # the step after which this rank's chunk is final
     units = plan(n, p, r, seg)
-    width = min(seg, -(-n // p))
     if slots is None:
         slots = st.scratch(xp, flat.dtype, DEPTH * width)
     sends = {}  # (send step, lo) -> request still in flight
