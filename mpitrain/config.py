@@ -58,6 +58,8 @@ class TrainConfig:
     check_every: int = 100           # steps between cross-rank parameter hash checks; 0 = off
     eval_batch_size: int = 512
     step_sleep: float = 0.0          # testing aid: seconds to sleep per step
+    sync_every: int = 1              # 1 = average gradients every step; T > 1 = local SGD: T local
+                                     # steps, then average the parameters
 
 
 @dataclass
@@ -66,6 +68,12 @@ class CommConfig:
     timeout_s: float = 0.0           # watchdog: abort when a rank is this late to a step; 0 = off
     bucket_bytes: int = 0            # >0: average gradients in buckets overlapped with backprop
     overlap: str = "progress"        # buckets: "progress" (between layers) | "thread" (comm thread)
+    mode: str = "sync"               # sync (all-reduce) | ps (asynchronous parameter server)
+    compress: str = "none"           # gradient compression: none | fp16 | topk | sign
+    topk_ratio: float = 0.01         # topk: fraction of the gradient's elements sent per step
+    error_feedback: bool = True      # topk/sign: keep what was not sent and add it next step
+    servers: int = 1                 # ps: server ranks (ranks 0..servers-1); the rest are workers
+    max_staleness: int = 4           # ps: a worker may run at most this many steps ahead of the slowest
 
 
 @dataclass
@@ -103,6 +111,8 @@ CHOICES = {
     ("train", "nonfinite"): ("error", "skip"),
     ("comm", "algorithm"): ("ring", "tree", "native", "auto"),
     ("comm", "overlap"): ("progress", "thread"),
+    ("comm", "mode"): ("sync", "ps"),
+    ("comm", "compress"): ("none", "fp16", "topk", "sign"),
     ("data", "dataset"): ("digits", "synthetic", ""),
 }
 
@@ -198,6 +208,10 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("data.path", bool(cfg.data.path), "must not be empty"),
         ("comm.timeout_s", cfg.comm.timeout_s >= 0, "must be >= 0 (0 = off)"),
         ("comm.bucket_bytes", cfg.comm.bucket_bytes >= 0, "must be >= 0 (0 = off)"),
+        ("train.sync_every", t.sync_every >= 1, "must be >= 1 (1 = synchronous)"),
+        ("comm.topk_ratio", 0 < cfg.comm.topk_ratio <= 1, "must be in (0, 1]"),
+        ("comm.servers", cfg.comm.servers >= 1, "must be >= 1"),
+        ("comm.max_staleness", cfg.comm.max_staleness >= 0, "must be >= 0 (0 = lock-step)"),
         ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0 (0 = off)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
     ]
@@ -205,6 +219,23 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         if not ok:
             s, k = key.split(".")
             raise UserError(f"{origins.get(key, cfg.source)}: {key} = {getattr(getattr(cfg, s), k)!r} {why}")
+    _exclusive(cfg, origins)
+
+
+def _exclusive(cfg: JobConfig, origins: dict) -> None:
+    """Strategies that do not combine: one error naming both keys and what to drop."""
+    c, t = cfg.comm, cfg.train
+    on = {"comm.compress": c.compress != "none", "train.sync_every": t.sync_every > 1,
+          "comm.mode": c.mode == "ps", "comm.bucket_bytes": c.bucket_bytes > 0}
+    shown = {"comm.compress": repr(c.compress), "train.sync_every": t.sync_every, "comm.mode": repr(c.mode),
+             "comm.bucket_bytes": c.bucket_bytes}
+    active = [k for k, v in on.items() if v]
+    if len(active) > 1:
+        a, b = active[:2]
+        where = origins.get(b, origins.get(a, cfg.source))
+        raise UserError(f"{where}: {a} = {shown[a]} and {b} = {shown[b]} do not combine (one synchronization "
+                        f"strategy per job); keep one and reset the other to its default "
+                        f"(comm.compress=\"none\", train.sync_every=1, comm.mode=\"sync\", comm.bucket_bytes=0)")
 
 
 def default_job_path() -> Path:

@@ -8,6 +8,15 @@ averages its gradients with the others' and applies the same optimizer step,
 so the parameters stay identical; every ``train.check_every`` steps a hash
 exchange proves it. Rank 0 prints; the other ranks only speak when something
 is wrong.
+
+Other ways for the ranks to agree (one per job, see docs/jobs.md):
+
+    comm.compress = fp16|topk|sign   the gradients travel compressed (collectives/compress.py)
+    train.sync_every = T > 1         local SGD: T steps on local gradients, then average parameters
+    comm.mode = "ps"                 asynchronous parameter server (ps.py)
+
+Every rank counts the bytes it sends; the per-epoch history (wall time, bytes
+sent by all ranks together, test accuracy) lands in ``--metrics-out``.
 """
 
 from __future__ import annotations
@@ -49,6 +58,17 @@ def main(args) -> int:
     return Trainer(cfg, get_comm()).run(resume=args.resume, metrics_out=args.metrics_out, trace=args.trace)
 
 
+def allreduce_bytes(nbytes: int, p: int) -> float:
+    """Bytes one rank sends, on average, in an all-reduce of ``nbytes`` over ``p`` ranks.
+
+    2(p-1)/p · n for every algorithm here: ring sends 2(p-1) chunks of n/p; a
+    binomial reduce + broadcast sends n once per non-root in each half (2(p-1)·n in
+    all, spread unevenly); hier is a tree inside hosts plus a ring across them (the
+    same total). For ``native`` it is what a bandwidth-optimal MPI library sends.
+    """
+    return 2.0 * (p - 1) / p * nbytes if p > 1 else 0.0
+
+
 def params_digest(params) -> str:
     return hashlib.sha1(backend.to_numpy(params).tobytes()).hexdigest()[:12]
 
@@ -78,6 +98,22 @@ def _agree_config(comm, cfg) -> None:
             diffs.append(f"{key} is " + ", ".join(f"{v} on ranks {rs}" for v, rs in groups.items()))
     raise UserError(f"the job configuration differs across ranks: {'; '.join(diffs) or 'unknown keys'}; "
                     "start every rank with the same job file and --set options")
+
+
+def strategy_name(cfg) -> str:
+    """A short label of how the ranks agree, e.g. ``ring``, ``ring+topk(0.01)``, ``local-sgd(T=4)``, ``ps(1)``."""
+    c = cfg.comm
+    if c.mode == "ps":
+        return f"ps(servers={c.servers},staleness={c.max_staleness})"
+    if cfg.train.sync_every > 1:
+        return f"local-sgd(T={cfg.train.sync_every})"
+    if c.compress == "topk":
+        return f"topk({c.topk_ratio:g}{'' if c.error_feedback else ',no-ef'})"
+    if c.compress == "sign":
+        return "sign" + ("" if c.error_feedback else "(no-ef)")
+    if c.compress == "fp16":
+        return "fp16"
+    return c.algorithm + (f"+buckets({c.bucket_bytes})" if c.bucket_bytes > 0 else "")
 
 
 class _StopFlag:
@@ -118,6 +154,11 @@ class Trainer:
         self.nonfinite_skipped = 0
         self.step = self.epoch = self.start_in_epoch = 0
         self._flag = np.zeros(1, dtype=np.int64)
+        self.sent_bytes = 0.0    # by this rank, since the start of this run
+        self.history = []        # one entry per epoch: wall time, bytes (all ranks), test loss/accuracy
+        self.sync_every = cfg.train.sync_every
+        self.local_sgd = cfg.train.sync_every > 1  # T = 1 is synchronous training (gradients averaged)
+        self.local_steps = 0     # local SGD: steps since the parameters were last averaged
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool):
@@ -202,11 +243,14 @@ class Trainer:
                 loss, correct = model.loss_and_grad(x, y)
             if self.faults:
                 self.faults.at(self.step, model.grads)
-            with self.timers("comm"), self.watchdog.collective(self.step):
-                allreduce(model.grads, self.comm, op="avg", algorithm=cfg.comm.algorithm)
+            if not self.local_sgd:
+                with self.timers("comm"), self.watchdog.collective(self.step):
+                    self._average_grads()
         with self.timers("compute"):
-            # the averaged gradients are identical on every rank: every rank decides the same
             if not bool(xp.isfinite(model.grads).all()):
+                if self.local_sgd:  # only this rank knows; its own step is skipped or fails
+                    return self._nonfinite_local(loss)
+                # the averaged gradients are identical on every rank: every rank decides the same
                 return self._nonfinite(loss)
             if cfg.train.clip_value > 0:
                 clip_by_value(model.grads, cfg.train.clip_value)
@@ -214,6 +258,35 @@ class Trainer:
                 clip_by_global_norm(model.grads, cfg.train.clip_norm)
             self.opt.step(model.grads, self.schedule(self.step))
         return loss, correct
+
+    def _average_grads(self):
+        """Replace the local gradients with their average over the ranks."""
+        g = self.model.grads
+        allreduce(g, self.comm, op="avg", algorithm=self.cfg.comm.algorithm)
+        self.sent_bytes += allreduce_bytes(g.nbytes, self.size)
+
+    def _average_params(self):
+        """Local SGD's synchronization: every rank takes the average of the ranks' parameters."""
+        p = self.model.params
+        self.local_steps = 0
+        with self.timers("comm"), self.watchdog.collective(self.step):
+            allreduce(p, self.comm, op="avg", algorithm=self.cfg.comm.algorithm)
+        self.sent_bytes += allreduce_bytes(p.nbytes, self.size)
+        if not bool(self.xp.isfinite(p).all()):  # identical on every rank after the average
+            raise UserError(f"non-finite parameters after averaging at step {self.step} (local SGD, "
+                            f"train.sync_every={self.sync_every}): a rank diverged between synchronizations. "
+                            "Lower train.lr or train.sync_every, or set train.clip_norm")
+
+    def after_step(self):
+        """Local SGD: count the step; every ``sync_every``-th one, average the parameters."""
+        if self.local_sgd:
+            self.local_steps += 1
+            if self.local_steps >= self.sync_every:
+                self._average_params()
+
+    def _synced(self) -> bool:
+        """True when the replicas hold the same parameters (always, unless local SGD is between syncs)."""
+        return self.local_steps == 0
 
     def _backward_bucketed(self, x, y):
         """Backprop with gradient buckets averaged while earlier layers still compute (like DDP).
@@ -255,6 +328,7 @@ class Trainer:
                 thread.drain()
             for h in handles:
                 h.wait()
+        self.sent_bytes += allreduce_bytes(grads.nbytes, self.size)
         return loss, correct
 
     def _comm_thread(self):
@@ -280,6 +354,15 @@ class Trainer:
                         "Lower train.lr, set train.clip_norm, check the data "
                         "(python -m mpitrain data check), or set train.nonfinite=\"skip\"")
 
+    def _nonfinite_local(self, loss):
+        """Local SGD: a non-finite gradient on this rank only (no collective: the others did not see it)."""
+        if self.cfg.train.nonfinite == "skip":
+            self.nonfinite_skipped += 1
+            return float("nan"), 0
+        raise UserError(f"non-finite gradient at step {self.step} (epoch {self.epoch + 1}, local SGD: this "
+                        f"rank's own gradient; local loss {loss}). Lower train.lr, set train.clip_norm, check "
+                        "the data (python -m mpitrain data check), or set train.nonfinite=\"skip\"")
+
     def _check_replicas(self):
         _agree(self.comm, params_digest(self.model.params), f"parameters at step {self.step} (hash)",
                "the replicas diverged: check that every rank runs the same code and MPI library")
@@ -296,10 +379,11 @@ class Trainer:
         for x, y in self.data.test_batches(self.cfg.train.eval_batch_size):
             ls, c = self.model.evaluate(self.xp.asarray(x), self.xp.asarray(y))
             loss_sum, correct, count = loss_sum + ls, correct + c, count + len(y)
-        tot = np.array([loss_sum, correct, count], dtype=np.float64)
+        tot = np.array([loss_sum, correct, count, self.sent_bytes], dtype=np.float64)
         with self.watchdog.guard("the evaluation all-reduce", self.step):
             self.comm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
         n = max(tot[2], 1.0)
+        self.total_bytes = float(tot[3])  # sent by all ranks together since this run started
         return tot[0] / n, tot[1] / n
 
     def save(self, step_in_epoch):
@@ -357,22 +441,28 @@ class Trainer:
                         time.sleep(t.step_sleep)
                     self.step += 1
                     i += 1
+                    self.after_step()
                     if math.isfinite(loss):
                         loss_sum, correct, seen = loss_sum + loss * len(y), correct + c, seen + len(y)
                     samples += len(y) * self.size
-                    if t.check_every and self.step % t.check_every == 0:
+                    if t.check_every and self.step % t.check_every == 0 and self._synced():
                         self._check_replicas()
                     bar.update(i, epoch=self.epoch + 1, loss=loss_sum / max(seen, 1),
                                accuracy=correct / max(seen, 1), samples=len(y) * self.size,
                                comm_fraction=self.timers.fraction("comm"))
-                    if self._should_stop():
+                    if self._synced() and self._should_stop():
                         stopped = True
                         break
                 if stopped:
                     break
+                if not self._synced():  # local SGD: the epoch ends between synchronizations
+                    self._average_params()
                 test_loss, test_acc = self.evaluate()
                 self.epoch += 1
                 elapsed = time.perf_counter() - t_start
+                self.history.append({"epoch": self.epoch, "step": self.step, "wall_s": elapsed,
+                                     "comm_bytes": self.total_bytes, "test_accuracy": float(test_acc),
+                                     "test_loss": float(test_loss)})
                 bar.clear()
                 log0(f"epoch {self.epoch:>3}/{t.epochs}  loss {loss_sum / max(seen, 1):.4f}  "
                                  f"train acc {correct / max(seen, 1):.4f}  test loss {test_loss:.4f}  "
@@ -399,7 +489,10 @@ class Trainer:
                    "steps": self.step, "ranks": self.size, "samples_per_s": samples / max(elapsed, 1e-9),
                    "comm_fraction": self.timers.fraction("comm"), "wall_s": elapsed,
                    "timers_s": self.timers.totals(), "nonfinite_skipped": self.nonfinite_skipped,
-                   "algorithm": cfg.comm.algorithm, "backend": cfg.train.backend, "stopped_early": stopped}
+                   "algorithm": cfg.comm.algorithm, "backend": cfg.train.backend, "stopped_early": stopped,
+                   "strategy": strategy_name(cfg), "comm_bytes": getattr(self, "total_bytes", 0.0),
+                   "bytes_per_step": getattr(self, "total_bytes", 0.0) / max(self.size, 1) / max(self.step, 1),
+                   "history": self.history}
         if self.trace is not None:
             self.trace.write(trace, comm)
         if metrics_out and self.rank == 0:

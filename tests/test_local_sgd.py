@@ -1,0 +1,119 @@
+"""Local SGD (train.sync_every = T): T local steps, then the ranks average their parameters."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mpitrain import config
+from mpitrain.model import MLP
+from mpitrain.optim import LRSchedule, make_optimizer
+from mpitrain.train import Trainer
+from test_train import _job, _run
+
+
+def _trainer(comm, sync_every, optimizer="sgd"):
+    cfg = config.JobConfig()
+    cfg.train.sync_every = sync_every
+    cfg.train.optimizer = optimizer
+    tr = Trainer(cfg, comm)
+    tr.xp = np
+    tr.model = MLP(12, [9, 7], 5, xp=np, dtype=np.float64, seed=3)
+    tr.opt = make_optimizer(optimizer, tr.model.params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    tr.schedule = LRSchedule("constant", 0.1)
+    return tr
+
+
+def _data(comm, steps, b=6):
+    r = comm.Get_rank()
+    rng = np.random.default_rng(7 + r)  # each rank its own batches
+    return rng.standard_normal((steps, b, 12)), rng.integers(0, 5, size=(steps, b))
+
+
+def _same_everywhere(comm, arr) -> bool:
+    return len(set(comm.allgather(arr.tobytes()))) == 1
+
+
+@pytest.mark.mpi
+def test_local_sgd_with_t_1_equals_synchronous_training(comm):
+    """Averaging parameters after every step == averaging gradients, for SGD with momentum (linear)."""
+    steps = 6
+    X, Y = _data(comm, steps)
+    sync, local = _trainer(comm, 1), _trainer(comm, 1)
+    local.local_sgd = True  # the local-SGD code path, forced at T = 1 (the job key uses sync for T = 1)
+    for k in range(steps):
+        sync.train_step(X[k], Y[k])
+        local.train_step(X[k], Y[k])
+        sync.step = local.step = k + 1
+        sync.after_step()
+        local.after_step()
+        assert local.local_steps == 0, "T = 1 must synchronize after every step"
+    np.testing.assert_allclose(local.model.params, sync.model.params, rtol=1e-10, atol=1e-13)
+    assert _same_everywhere(comm, local.model.params)
+    p = comm.Get_size()
+    assert local.sent_bytes == pytest.approx(steps * 2 * (p - 1) / p * local.model.params.nbytes)
+
+
+@pytest.mark.mpi
+def test_local_sgd_averages_parameters_every_t_steps(comm):
+    T, steps = 3, 7
+    X, Y = _data(comm, steps)
+    tr = _trainer(comm, T)
+    for k in range(steps):
+        tr.train_step(X[k], Y[k])
+        tr.step = k + 1
+        due = (k + 1) % T == 0
+        before = comm.allgather(tr.model.params.copy())
+        tr.after_step()
+        if due:
+            expect = np.mean(before, axis=0)  # the average of what the ranks held
+            np.testing.assert_allclose(tr.model.params, expect, rtol=1e-12, atol=1e-14)
+            assert _same_everywhere(comm, tr.model.params)
+        elif comm.Get_size() > 1:
+            assert not _same_everywhere(comm, tr.model.params), "ranks must train locally between syncs"
+    assert tr.local_steps == steps % T
+    p = comm.Get_size()
+    assert tr.sent_bytes == pytest.approx((steps // T) * 2 * (p - 1) / p * tr.model.params.nbytes)
+
+
+@pytest.mark.mpi
+def test_local_sgd_nonfinite_local_gradient_skips_only_that_rank(comm):
+    """No collective on a local NaN: the rank skips its own step; the next average heals it."""
+    tr = _trainer(comm, 2)
+    tr.cfg.train.nonfinite = "skip"
+    X, Y = _data(comm, 2)
+    if comm.Get_rank() == 0:
+        X[0][0, 0] = np.nan
+    before = tr.model.params.copy()
+    loss, _ = tr.train_step(X[0], Y[0])
+    if comm.Get_rank() == 0:
+        assert np.isnan(loss) and tr.nonfinite_skipped == 1
+        np.testing.assert_array_equal(tr.model.params, before)
+    tr.step = 1
+    tr.after_step()
+    tr.train_step(X[1], Y[1])
+    tr.step = 2
+    tr.after_step()
+    assert np.isfinite(tr.model.params).all() and _same_everywhere(comm, tr.model.params)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_local_sgd_trains_the_default_job_with_fewer_bytes(tmp_path, n):
+    job = _job(tmp_path, "--set", "train.epochs=8")
+    p, _ = _run(n, [*job, "--set", "train.sync_every=4", "--metrics-out", "local.json"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((tmp_path / "local.json").read_text())
+    assert m["strategy"] == "local-sgd(T=4)"
+    assert m["test_accuracy"] >= 0.93, m  # measured 0.95-0.97 at 2-4 ranks
+    n_params = 64 * 128 + 128 + 128 * 10 + 10
+    sync_per_step = 2 * (n - 1) / n * n_params * 4
+    # one average every 4 steps, plus one at each epoch end that falls between syncs
+    assert sync_per_step / 4 <= m["bytes_per_step"] <= sync_per_step / 4 * 1.25, m
+    assert len(m["history"]) == 8 and m["history"][-1]["comm_bytes"] == pytest.approx(m["comm_bytes"])
+
+
+def test_strategies_do_not_combine(tmp_path):
+    with pytest.raises(config.UserError, match="comm.compress .* and train.sync_every .* do not combine"):
+        config.load(None, ["comm.compress=\"topk\"", "train.sync_every=4"])
+    with pytest.raises(config.UserError, match="train.sync_every = 0 must be >= 1"):
+        config.load(None, ["train.sync_every=0"])
