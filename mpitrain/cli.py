@@ -1,4 +1,4 @@
-"""Subcommands: train (the default), bench, data, info, checkpoint."""
+"""Subcommands: train (the default), bench, compare, data, info, checkpoint."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("train", "bench", "data", "info", "checkpoint")
+COMMANDS = ("train", "bench", "compare", "data", "info", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, info, train
+    from . import bench, compare, info, train
     from .data import cli as data_cli
 
     ap = argparse.ArgumentParser(
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     train.add_arguments(sub.add_parser("train", help="train a job (the default)"))
     bench.add_arguments(sub.add_parser("bench", help="benchmark the all-reduce algorithms"))
+    compare.add_arguments(sub.add_parser("compare", help="train one job with every synchronization strategy; "
+                                         "table + plot (launches its own mpirun)"))
     data_cli.add_arguments(sub.add_parser("data", help="make, import and check HDF5 shards"))
     info.add_arguments(sub.add_parser("info", help="MPI library, ranks, hosts, backend"))
     try:
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["train", *argv]
     args = build_parser().parse_args(argv)
-    if args.command != "data":
+    if args.command not in ("data", "compare"):
         from .runtime import check_launch
 
         check_launch()
