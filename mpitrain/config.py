@@ -109,7 +109,7 @@ CHOICES = {
     ("train", "schedule"): ("constant", "step", "cosine"),
     ("train", "backend"): ("numpy", "cupy"),
     ("train", "nonfinite"): ("error", "skip"),
-    ("comm", "algorithm"): ("ring", "tree", "native", "auto"),
+    ("comm", "algorithm"): ("ring", "tree", "native", "auto", "hier"),
     ("comm", "overlap"): ("progress", "thread"),
     ("comm", "mode"): ("sync", "ps"),
     ("comm", "compress"): ("none", "fp16", "topk", "sign"),

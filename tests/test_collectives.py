@@ -71,7 +71,7 @@ def test_bitwise_identical_on_every_rank(comm, algorithm, dtype):
             assert len(set(digests)) == 1, f"{algorithm} {op} {dtype} n={n}: ranks differ {digests}"
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "tree"])
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "hier"])
 def test_float16_sum_is_accurate(comm, algorithm):
     r, p = comm.Get_rank(), comm.Get_size()
     x = (np.linspace(0.1, 1.0, 257) * (r + 1)).astype(np.float16)

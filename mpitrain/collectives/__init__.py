@@ -13,7 +13,9 @@ Algorithms: ring (bandwidth-optimal), tree (latency-optimal), native (the MPI
 library's Allreduce, the reference), auto (messages <= SMALL_BYTES ride inside
 the check's Allgather and are reduced locally in rank order -- one collective
 in all, up to FUSE_MAX_RANKS ranks; larger ones go to the algorithm the fitted
-cost model, or the fixed threshold, says is fastest).
+cost model, or the fixed threshold, says is fastest), hier (topology-aware: reduce
+within each host, ring across the hosts' leaders, broadcast within each host;
+hier.py, with MPITRAIN_HOSTS=block:K to emulate K hosts on one machine).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ META = 6  # n, dtype, op, algorithm, problem, on-device
 TAG_CHECK = 11  # tags on the library's private communicator (never tag 0)
 TAG_RING = 12
 TAG_TREE = 13
+TAG_HIER = 14
 
 
 class _State:
@@ -62,6 +65,8 @@ class _State:
         self._rows = np.zeros((self.size, self._row.size), dtype=np.int64)
         # the fitted cost model for this host and size (cost.py), or None: rank 0 reads, all get it
         self.cost = _cost.shared(self.comm)
+        # hier.py's hosts (per-host and leaders' communicators), made on first use of hier
+        self.hier = None
 
     def scratch(self, xp, dtype, n: int):
         """A 1-D scratch array of at least ``n`` elements, allocated once per (module, dtype)."""
@@ -115,13 +120,14 @@ _RUN = {}
 
 def _algorithms():
     if not _RUN:
-        from . import native, ring, tree
+        from . import hier, native, ring, tree
 
-        _RUN.update(ring=ring.allreduce, tree=tree.allreduce, native=native.allreduce)
+        _RUN.update(ring=ring.allreduce, tree=tree.allreduce, native=native.allreduce,
+                    hier=hier.allreduce)
     return _RUN
 
 
-ALGORITHMS = ("ring", "tree", "native", "auto")
+ALGORITHMS = ("ring", "tree", "native", "auto", "hier")
 
 
 def choose(nbytes: int, size: int, st=None) -> str:
@@ -237,7 +243,8 @@ def allreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
     """Reduce ``buf`` in place across ``comm`` (default: the run's communicator); return ``buf``.
 
     ops: sum, avg (sum / size; floor division for integers), max, min, prod.
-    algorithms: ring, tree, native, auto. Results are bitwise identical on all ranks.
+    algorithms: ring, tree, native, auto, hier (hier.py: reduce within each host, ring across
+    hosts, broadcast within each host). Results are bitwise identical on all ranks.
     """
     st = state_for(comm if comm is not None else get_comm())
     if check(st, buf, op, algorithm, payload=algorithm == "auto"):

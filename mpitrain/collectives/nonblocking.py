@@ -6,7 +6,7 @@
     bucket L-1:                          iallreduce ---- ring steps ----------------> done
 
 Each algorithm is a generator that yields the MPI request it must see
-completed before it can go on (ring.steps, tree.steps). ``progress()`` tests
+completed before it can go on (ring.steps, tree.steps, hier.steps). ``progress()`` tests
 the pending request and, while requests are complete, runs the algorithm on
 to its next wait — it never blocks; ``wait()`` drives it with ``Wait``. MPICH
 moves shared-memory messages only inside MPI calls, so overlap comes from
@@ -31,7 +31,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import _MPI_OP, check, choose, finish_avg, state_for
-from . import ring, tree
+from . import hier, ring, tree
 from .. import backend
 from ..runtime import get_comm
 
@@ -74,6 +74,9 @@ class Handle:
         elif algorithm == "tree":
             tmp = st.borrow(xp, buf.dtype, buf.size)
             yield from tree.steps(st, buf, op, tag=self._tag, tmp=tmp)
+        elif algorithm == "hier":  # the hosts are made here, at the start, if not yet cached
+            tmp = st.borrow(xp, buf.dtype, hier.slot_elems(hier.topology(st), buf.size, buf.itemsize))
+            yield from hier.steps(st, buf, op, tag=self._tag, slots=tmp)
         else:
             yield from _native_steps(st, buf, op)
             return
