@@ -12,6 +12,12 @@ all-reduce:
     nan     put NaN into its gradients
     ckptkill  SIGKILL itself while writing the next checkpoint (rank 0)
     usr1    send itself SIGUSR1 (what `#SBATCH --signal` does before the time limit)
+    slow    from this step on, sleep MPITRAIN_SLOW_S seconds (default 0.05) per step (a slow rank)
+    finish  comm.mode="ps" workers only: stop at this step as if its data had run out (it tells
+            the servers it is done); ignored elsewhere
+
+With comm.mode="ps" a worker's "step" is its own step count; a server's is its update count
+(the gradients it has applied), so ``0:30:hang`` hangs server 0 before its 31st update.
 
 Several faults may be given, separated by commas, e.g.
 ``MPITRAIN_FAULT=1:30:hang`` or ``MPITRAIN_FAULT=0:5:nan,1:5:nan``.
@@ -26,7 +32,8 @@ import time
 
 from .runtime import UserError
 
-KINDS = ("raise", "exit", "kill", "hang", "nan", "ckptkill", "usr1")
+KINDS = ("raise", "exit", "kill", "hang", "nan", "ckptkill", "usr1", "slow", "finish")
+SLOW_S = 0.05  # seconds per step of a "slow" rank; MPITRAIN_SLOW_S overrides
 
 
 def parse(spec: str | None) -> list[tuple[int, int, str]]:
@@ -46,6 +53,11 @@ class Faults:
     def __init__(self, rank: int, spec: str | None = None):
         spec = os.environ.get("MPITRAIN_FAULT") if spec is None else spec
         self.plan = [(s, k) for r, s, k in parse(spec) if r == rank]
+        try:
+            self.slow_s = float(os.environ.get("MPITRAIN_SLOW_S") or SLOW_S)
+        except ValueError:
+            raise UserError(f"MPITRAIN_SLOW_S={os.environ['MPITRAIN_SLOW_S']!r}: expected seconds, "
+                            "e.g. 0.05") from None
 
     def __bool__(self):
         return bool(self.plan)
@@ -53,6 +65,8 @@ class Faults:
     def at(self, step: int, grads=None) -> None:
         """Called once per step, before the gradients are averaged."""
         for s, kind in self.plan:
+            if kind == "slow" and step >= s:
+                time.sleep(self.slow_s)
             if s != step:
                 continue
             if kind == "raise":
@@ -68,6 +82,10 @@ class Faults:
                 os.kill(os.getpid(), signal.SIGUSR1)
             if kind == "nan" and grads is not None:
                 grads[: max(1, grads.size // 7)] = float("nan")
+
+    def finished(self, step: int) -> bool:
+        """``finish``: a parameter-server worker stops before this step (as if out of data)."""
+        return any(k == "finish" and s <= step for s, k in self.plan)
 
     def checkpoint_kill(self, step: int) -> bool:
         return any(k == "ckptkill" and s <= step for s, k in self.plan)

@@ -55,6 +55,10 @@ def add_arguments(p):
 
 def main(args) -> int:
     cfg = config.load(args.job, args.overrides)
+    if cfg.comm.mode == "ps":  # asynchronous parameter server: its own loop (ps.py)
+        from .ps import PSTrainer
+
+        return PSTrainer(cfg, get_comm()).run(resume=args.resume, metrics_out=args.metrics_out, trace=args.trace)
     return Trainer(cfg, get_comm()).run(resume=args.resume, metrics_out=args.metrics_out, trace=args.trace)
 
 
