@@ -264,8 +264,27 @@ class Trainer:
         return loss, correct
 
     def _average_grads(self):
-        """Replace the local gradients with their average over the ranks."""
+        """Replace the local gradients with their average over the ranks.
+
+        ``comm.compress`` != "none": the average of the ranks' compressed gradients
+        (collectives/compress.py); the compressor, with its error-feedback residual,
+        is made on the first step (a resumed run starts with a zero residual).
+        """
         g = self.model.grads
+        c = self.cfg.comm
+        if c.compress != "none":
+            comp = getattr(self, "compressor", None)
+            if comp is None:
+                from .collectives import compress
+
+                tensors = []  # each layer's W and b, in buffer order
+                for layer in sorted(self.model.layers, key=lambda l: l.lo):
+                    w_end = layer.lo + layer.fan_in * layer.fan_out
+                    tensors += [(layer.lo, w_end), (w_end, layer.hi)]
+                comp = self.compressor = compress.make(c.compress, g.size, tensors, topk_ratio=c.topk_ratio,
+                                                       error_feedback=c.error_feedback, dtype=g.dtype)
+            self.sent_bytes += comp.allreduce_avg(g, self.comm)
+            return
         allreduce(g, self.comm, op="avg", algorithm=self.cfg.comm.algorithm)
         self.sent_bytes += allreduce_bytes(g.nbytes, self.size)
 
