@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: install run test test-slurm bench gpu-check clean
+.PHONY: install run test test-slurm test-hosts bench gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: install             ## the whole suite: serial tests, then MPI tests at 1,
 
 test-slurm: install       ## only the SLURM tests (starts a private local SLURM; needs root + apt)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m slurm -p no:cacheprovider -q -rs tests/test_slurm.py
+
+test-hosts: install       ## only the emulated multi-host tests (network namespaces; needs root)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m hosts -p no:cacheprovider -q -rs tests/test_hosts.py
 
 bench: install            ## the all-reduce bench on $(NP) ranks
 	$(BIN)/mpirun -n $(NP) $(BIN)/python -m mpitrain bench

@@ -22,6 +22,17 @@ def slurm_info() -> dict:
     return {k: env[v] for k, v in keys.items() if v in env}
 
 
+def rank_ranges(ranks) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out, ranks = [], sorted(ranks)
+    for i, r in enumerate(ranks):
+        if i and r == ranks[i - 1] + 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
+
+
 def main(args) -> int:
     import h5py
     import mpi4py
@@ -39,6 +50,9 @@ def main(args) -> int:
     gpu = (local % ngpu) if ngpu else None
     row = (comm.Get_rank(), hostname(), local, os.getpid(), gpu, os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
     rows = comm.gather(row, root=0)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # what MPI sees as one shared-memory node
+    nodes = comm.allreduce(int(node.Get_rank() == 0))
+    node.Free()
     log0(f"mpitrain      {__version__}")
     log0(f"MPI library   {lib}")
     log0(f"MPI standard  {'.'.join(map(str, MPI.Get_version()))}; thread level {levels.get(MPI.Query_thread(), '?')}")
@@ -52,6 +66,10 @@ def main(args) -> int:
     if comm.Get_rank() == 0:
         hosts = sorted({r[1] for r in rows})
         log0(f"ranks         {comm.Get_size()} on {len(hosts)} host(s): {', '.join(hosts)}")
+        by_first_rank = sorted(hosts, key=lambda h: min(r[0] for r in rows if r[1] == h))
+        log0(f"hosts         {len(hosts)}: " + ", ".join(
+             f"{h} (ranks {rank_ranges(r[0] for r in rows if r[1] == h)})" for h in by_first_rank)
+             + f"; shared-memory nodes (MPI_COMM_TYPE_SHARED): {nodes}")
         sl = slurm_info()
         if sl:
             log0("SLURM         " + "; ".join(f"{k} {v}" for k, v in sl.items()))

@@ -26,8 +26,20 @@ if [ "${MPITRAIN_SKIP_SLURM:-0}" != 1 ]; then
   rc=$?
   if [ $rc -ne 0 ]; then fail=1; summary+=("slurm: FAILED (exit $rc)"); else summary+=("slurm: ok"); fi
 fi
+if [ "${MPITRAIN_SKIP_HOSTS:-0}" != 1 ]; then
+  echo "=== emulated hosts (network namespaces, MPI over TCP; skips without root) ==="
+  # --delay needs iptables where the kernel has no netem (tools/netns-hosts.sh); best effort, like SLURM's
+  if ! command -v iptables >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { timeout 300 apt-get update -q && timeout 300 apt-get install -y -q --no-install-recommends iptables; } \
+        >/tmp/mpitrain-iptables-apt.log 2>&1 || echo "(could not install iptables: the delay test will skip)"
+  fi
+  timeout -k 10 "${MPITRAIN_HOSTS_TIMEOUT:-300}" python -m pytest -m hosts -p no:cacheprovider --timeout=180 \
+      -q -rs tests/test_hosts.py
+  rc=$?
+  if [ $rc -ne 0 ]; then fail=1; summary+=("hosts: FAILED (exit $rc)"); else summary+=("hosts: ok"); fi
+fi
 echo "=== serial tests ==="
-timeout -k 10 "$PER_RUN" python -m pytest -m "not mpi and not slurm" -p no:cacheprovider --timeout="$PER_TEST" \
+timeout -k 10 "$PER_RUN" python -m pytest -m "not mpi and not slurm and not hosts" -p no:cacheprovider --timeout="$PER_TEST" \
     -q -rs tests
 rc=$?
 if [ $rc -ne 0 ]; then fail=1; summary+=("serial: FAILED (exit $rc)"); else summary+=("serial: ok"); fi
