@@ -24,6 +24,13 @@ def main(argv=None) -> int:
         if code != 0 and job_size() > 1:
             abort(code)
         return code
+    except BrokenPipeError:  # stdout was closed early (`... | head`): not an error, no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit
+        if job_size() > 1:
+            abort(141)
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except KeyboardInterrupt:
         defer_to_rank0()
         report(error_message(KeyboardInterrupt("interrupted")))

@@ -30,11 +30,12 @@ STRATEGIES = {
     "topk": ["comm.compress=\"topk\"", "comm.topk_ratio=0.01"],
     "topk-noef": ["comm.compress=\"topk\"", "comm.topk_ratio=0.01", "comm.error_feedback=false"],
     "sign": ["comm.compress=\"sign\""],
+    "sign-noef": ["comm.compress=\"sign\"", "comm.error_feedback=false"],
     "local4": ["train.sync_every=4"],
     "local16": ["train.sync_every=16"],
     "ps": ["comm.mode=\"ps\"", "comm.max_staleness=4"],
 }
-DEFAULT = "sync,fp16,topk,topk-noef,sign,local4,local16,ps"
+DEFAULT = "sync,fp16,topk,topk-noef,sign,sign-noef,local4,local16,ps"
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -150,7 +151,7 @@ def plot(path: str, runs: dict[str, list[dict]], title: str) -> None:
         raise UserError("--plot needs matplotlib: pip install 'mpitrain[plot]'") from None
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     for name, ms in runs.items():
-        m = ms[0]  # the first repeat's curve (the table has the medians)
+        m = sorted(ms, key=lambda r: r["wall_s"])[len(ms) // 2]  # the repeat with the median wall time
         h = m["history"]
         if not h:
             continue
@@ -162,7 +163,7 @@ def plot(path: str, runs: dict[str, list[dict]], title: str) -> None:
     b.set_xlabel("bytes sent by all ranks (MB, log)")
     b.set_xscale("log")
     a.set_ylabel("test accuracy")
-    lo = min((e["test_accuracy"] for ms in runs.values() for e in ms[0]["history"]), default=0.0)
+    lo = min((e["test_accuracy"] for ms in runs.values() for m in ms for e in m["history"]), default=0.0)
     a.set_ylim(max(0.0, min(lo, 0.8) - 0.02), 1.0)
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
@@ -177,7 +178,7 @@ def plot(path: str, runs: dict[str, list[dict]], title: str) -> None:
 def _load(out: Path, names: list[str]) -> dict[str, list[dict]]:
     runs = {}
     for name in names:
-        files = sorted(out.glob(f"{name}-*.json"))
+        files = sorted(f for f in out.glob(f"{name}-*.json") if f.stem[len(name) + 1:].isdigit())  # not topk-noef
         if not files:
             raise UserError(f"--replot: no {name}-*.json in {out}; run without --replot first")
         runs[name] = [json.loads(f.read_text()) for f in files]
@@ -214,7 +215,8 @@ def main(args) -> int:
         raise UserError("no strategy produced a result")
     rows = summarize(runs)
     job = args.job or "the default digits job"
-    print(f"# {job}, {rows[0]['ranks']} rank(s); medians of {args.repeats} run(s) each; metrics in {out}/")
+    reps = max(len(ms) for ms in runs.values())
+    print(f"# {job}, {rows[0]['ranks']} rank(s); medians of {reps} run(s) each; metrics in {out}/")
     print(table(rows))
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)

@@ -55,3 +55,11 @@ def test_summary_is_relative_to_the_first_strategy():
     rows = compare.summarize({"a": [m(100, 0.9), m(300, 0.95), m(200, 0.8)], "b": [m(50, 0.9)]})
     assert rows[0]["comm_bytes"] == 200 and rows[0]["test_accuracy"] == 0.9  # medians
     assert rows[1]["bytes_vs_first"] == 0.25
+
+
+def test_replot_keeps_strategies_whose_names_share_a_prefix_apart(tmp_path):
+    for name in ("topk-0", "topk-1", "topk-noef-0"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name}))
+    runs = compare._load(tmp_path, ["topk", "topk-noef"])
+    assert [m["name"] for m in runs["topk"]] == ["topk-0", "topk-1"]
+    assert [m["name"] for m in runs["topk-noef"]] == ["topk-noef-0"]
