@@ -444,7 +444,8 @@ def format_header(meta: dict) -> str:
     iters = meta["iters"] or f"auto (~{TARGET_SECONDS:g} s per size, {MIN_ROUNDS}..{MAX_ROUNDS})"
     lines = [
         "# mpitrain bench: allreduce",
-        f"#   ranks {meta['ranks']} on {len(meta['hosts'])} host(s): {', '.join(meta['hosts'])}",
+        f"#   ranks {meta['ranks']} on {len(meta['hosts'])} host(s): {', '.join(meta['hosts'])}"
+        + (f" ({meta['nodes']} nodes by shared memory)" if meta.get("nodes", 1) > len(meta["hosts"]) else ""),
         f"#   MPI library: {meta['mpi']}",
         f"#   dtype {meta['dtype']}  op {meta['op']}  backend {meta['backend']}  "
         f"algorithms {','.join(meta['algorithms'])}",
@@ -580,6 +581,12 @@ def plot(path, rows, meta: dict | None = None) -> None:
 # --------------------------------------------------------------------------- command line
 
 
+class _DefaultSize(int):
+    """A size the user did not give (``bench --model`` has its own default range, up to 1 GiB)."""
+
+    is_default = True
+
+
 def _size_arg(text):
     try:
         return parse_size(text)
@@ -594,6 +601,13 @@ def _step_arg(text):
         raise argparse.ArgumentTypeError(f"bad --step {text!r}: a number > 1") from None
     if not v > 1:
         raise argparse.ArgumentTypeError(f"--step must be > 1 (a size multiplier), got {text}")
+    return v
+
+
+def _positive(text):
+    v = _nonneg(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
 
 
@@ -616,8 +630,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: ring, tree, native, auto (default: all)")
     p.add_argument("--min", type=_size_arg, default=parse_size("8B"), metavar="SIZE",
                    help="smallest message, e.g. 8B, 4KiB (default 8B)")
-    p.add_argument("--max", type=_size_arg, default=parse_size("256MiB"), metavar="SIZE",
-                   help="largest message, e.g. 64M, 256MiB (default 256MiB); K/M/G are binary")
+    p.add_argument("--max", type=_size_arg, default=_DefaultSize(parse_size("256MiB")), metavar="SIZE",
+                   help="largest message, e.g. 64M, 256MiB (default 256MiB; 1GiB with --model); K/M/G are binary")
     p.add_argument("--step", type=_step_arg, default=4.0, help="size multiplier (default 4)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--op", default="sum", choices=OPS)
@@ -636,6 +650,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "store it for this host and rank count (~/.cache/mpitrain, or $MPITRAIN_COST_FILE) "
                         "and print predicted vs measured; auto then picks by the model. "
                         "With --plot: measured (solid) vs predicted (dashed) time per size")
+    m = p.add_argument_group(
+        "extrapolation (--model: one process, no mpirun; collectives/extrapolate.py)")
+    m.add_argument("--model", action="store_true",
+                   help="predict ring, tree and hier times for many ranks on many hosts from the fitted "
+                        "alpha/beta/gamma per link type (intra-host, inter-host); prints a table per N and size "
+                        "(--json: the rows); --plot: the best algorithm over (N, size) and time vs N")
+    m.add_argument("--ranks", metavar="LIST", default=None,
+                   help="rank counts N for --model: 2,8,64 or 2..1024 (powers of two; default 2..1024)")
+    m.add_argument("--ppn", type=_positive, default=None, metavar="L",
+                   help="ranks per host for --model (in blocks: N = H hosts x L; default: this host's cores; "
+                        "with --validate: from each file's meta)")
+    m.add_argument("--link", action="append", metavar="TYPE=SRC[,TYPE=SRC]",
+                   help="parameter sources for --model: intra=COST.json (a single-host bench --fit; default: this "
+                        "host's), inter=COST.json (a bench --fit across hosts), inter=25us@1.17GB/s, "
+                        "inter=BENCH.json[,BENCH2.json] (fitted to their ring rows), TYPE=default")
+    m.add_argument("--from-json", metavar="A.json[,B.json]", default=None,
+                   help="--model: fit the inter-host link to the ring rows of these multi-host bench JSON files")
+    m.add_argument("--validate", metavar="A.json[,B.json]", default=None,
+                   help="--model: compare predictions with the ring/tree/hier rows of these bench JSON files "
+                        "(measured vs predicted, error per row, median/max; rows beyond 20%% flagged)")
     p.set_defaults(func=main)
 
 
@@ -670,8 +704,12 @@ def _use_gpu(comm):
 
 
 def _meta(comm, args, algorithms, dtype) -> dict:
+    from .collectives.cost import node_ids
+
     hosts = comm.allgather(hostname())
-    return {"ranks": comm.Get_size(), "hosts": sorted(set(hosts)),
+    nodes = node_ids(comm)
+    return {"ranks": comm.Get_size(), "hosts": sorted(set(hosts)), "nodes": len(set(nodes)),
+            "ppn": max(nodes.count(h) for h in set(nodes)),
             "mpi": " ".join(MPI.Get_library_version().strip().splitlines()[0].split()),
             "dtype": dtype, "op": args.op, "algorithms": algorithms, "backend": args.backend,
             "min": args.min, "max": args.max, "step": args.step, "iters": args.iters,
@@ -687,6 +725,22 @@ def main(args) -> int:
 
     comm = get_comm()
     rank = comm.Get_rank()
+    model_only = [o for o, v in (("--ranks", getattr(args, "ranks", None)), ("--ppn", getattr(args, "ppn", None)),
+                                 ("--link", getattr(args, "link", None)),
+                                 ("--from-json", getattr(args, "from_json", None)),
+                                 ("--validate", getattr(args, "validate", None))) if v]
+    if getattr(args, "model", False):
+        if args.fit:
+            log0(error_message(UserError("--model predicts from fitted parameters, --fit measures them: "
+                                         "run them separately")), file=sys.stderr)
+            return 2
+        from .collectives import extrapolate
+
+        code = extrapolate.run(args) if rank == 0 else 0  # not an MPI run: rank 0 alone
+        return comm.bcast(code, root=0)
+    if model_only:
+        log0(error_message(UserError(f"{', '.join(model_only)}: only with --model")), file=sys.stderr)
+        return 2
 
     # validate everything before the sweep; every rank agrees on the outcome
     problem = None

@@ -182,6 +182,27 @@ def test_parser_defaults_and_errors():
             p.parse_args(bad)
 
 
+def test_parser_model_options():
+    p = bench.build_parser()
+    a = p.parse_args([])
+    assert not a.model and a.ppn is None and a.link is None and a.validate is None and a.from_json is None
+    assert getattr(a.max, "is_default", False)  # --model then runs to 1 GiB
+    assert not getattr(p.parse_args(["--max", "256MiB"]).max, "is_default", False)
+    a = p.parse_args(["--model", "--ranks", "2..64", "--ppn", "8", "--link", "intra=a.json",
+                      "--link", "inter=25us@1GB/s", "--from-json", "x.json,y.json", "--validate", "z.json"])
+    assert (a.model, a.ranks, a.ppn, a.link, a.from_json, a.validate) == (
+        True, "2..64", 8, ["intra=a.json", "inter=25us@1GB/s"], "x.json,y.json", "z.json")
+    with pytest.raises(SystemExit), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p.parse_args(["--model", "--ppn", "0"])
+
+
+def test_header_tells_nodes_apart_from_host_names():
+    meta = dict(_meta(), hosts=["vm"], nodes=3)
+    assert "(3 nodes by shared memory)" in bench.format_header(meta)
+    assert "nodes by shared memory" not in bench.format_header(dict(meta, nodes=1))
+
+
 # --------------------------------------------------------------------------- end to end (serial, spawns mpirun)
 
 

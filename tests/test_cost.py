@@ -199,6 +199,41 @@ def test_load_rejects_bad_files(tmp_path, change, match):
         cost.load(tmp_path / "bad.json")
 
 
+def test_version_1_files_still_load_and_links_round_trip(tmp_path):
+    d = make_model(2).to_dict()
+    d["version"] = 1
+    del d["links"]  # written before links existed
+    (tmp_path / "v1.json").write_text(json.dumps(d))
+    m = cost.load(tmp_path / "v1.json")
+    assert m.version == 1 and m.links == {} and m.predict("ring", MiB) == make_model(2).predict("ring", MiB)
+    m = make_model(4)
+    m.nodes = 2
+    m.links = cost._links({"intra": {"alpha": 2e-6, "beta": 0.1e-9, "ranks": [0, 1]},
+                           "inter": {"alpha": 30e-6, "beta": 0.8e-9, "ranks": [0, 2]}})
+    back = cost.load(cost.save(m, tmp_path / "v2.json"))
+    assert back == m and back.version == cost.VERSION == 2
+    assert back.links["inter"] == {"alpha": 30e-6, "beta": 0.8e-9, "ranks": [0, 2]}
+    assert "link inter (0<->2" in cost.format_params(back)
+    for bad, match in (({"wire": {"alpha": 1.0, "beta": 1.0}}, "link type"),
+                       ({"inter": {"alpha": -1.0, "beta": 1e-9}}, ">= 0")):
+        d = m.to_dict()
+        d["links"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=match):
+            cost.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("nodes,want", [
+    ([0, 0], {"intra": (0, 1)}),
+    ([0, 1, 2], {"inter": (0, 1)}),                       # one rank per node: no intra pair
+    ([0, 0, 1, 1], {"inter": (0, 2), "intra": (0, 1)}),    # blocks
+    ([0, 1, 0, 1], {"inter": (0, 1), "intra": (0, 2)}),    # round robin
+    ([0, 1, 1], {"inter": (0, 1), "intra": (1, 2)}),       # rank 0 alone on its node
+])
+def test_link_pairs(nodes, want):
+    assert cost.link_pairs(nodes) == want
+
+
 def test_cost_path(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(cost.ENV)
@@ -319,6 +354,19 @@ def test_a_model_for_another_size_is_ignored(comm, shared_tmp, monkeypatch):
         assert collectives.state_for(c).cost is None
     finally:
         c.Free()
+
+
+@pytest.mark.mpi
+def test_node_ids_and_measure_links(comm):
+    p = comm.Get_size()
+    assert cost.node_ids(comm) == [0] * p  # one machine (no emulated hosts in the test runs)
+    fake = [r % 2 for r in range(p)]  # pretend ranks alternate between two nodes
+    links = cost.measure_links(comm, [8, 4096], fake)
+    assert comm.allgather(links) == [links] * p  # the same on every rank
+    assert set(links) == set(cost.link_pairs(fake))
+    for ln in links.values():
+        assert ln["alpha"] >= 0 and ln["beta"] >= 0 and len(ln["pingpong"][1]) == 2
+        assert all(t > 0 for t in ln["pingpong"][1])
 
 
 @pytest.mark.mpi

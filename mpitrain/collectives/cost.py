@@ -27,6 +27,10 @@ How it is fitted (``python -m mpitrain bench --fit``; ``fit()`` below):
        second sweep does it again with the sizes largest first; the fit uses, per size and
        algorithm, the lowest of the two lower quartiles of the rounds (max over ranks) --
        other processes only ever add time, and a burst of load rarely hits both passes
+    1b. when the job spans more than one node (MPI Split_type SHARED: emulated hosts count), a
+       ping-pong between rank 0 and the first rank on another node -> alpha_n, beta_n (the
+       network), and one between two ranks on one node, if any -> alpha_s, beta_s (shared
+       memory); stored as ``links`` -- what ``bench --model`` (extrapolate.py) extrapolates with
     3. gamma fixed from 1., a least-squares fit (relative error, coefficients >= 0) of
        the ring and tree formulas to their measured times gives each its effective
        alpha and beta (and knee) -- they include Python's per-message cost and memory
@@ -35,7 +39,7 @@ How it is fitted (``python -m mpitrain bench --fit``; ``fit()`` below):
        piecewise table, fused the median of auto's times at sizes <= SMALL_BYTES.
 
 Storage: JSON, one file per host and rank count (and node count when > 1):
-``~/.cache/mpitrain/cost-<host>-n<p>.json`` (``$XDG_CACHE_HOME`` respected);
+``~/.cache/mpitrain/cost-<host>-n<p>.json`` or ``...-n<p>-h<nodes>.json`` (``$XDG_CACHE_HOME`` respected);
 ``MPITRAIN_COST_FILE=PATH`` names the file instead, ``MPITRAIN_COST_FILE=off``
 disables the model. Rank 0 writes it. ``shared(comm)`` -- called once per
 communicator, when the library's state for it is made -- has rank 0 read the
@@ -63,7 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2  # 2 added ``links`` (per link type ping-pongs); version 1 files still load
+READS = (1, 2)
 ENV = "MPITRAIN_COST_FILE"
 OFF = ("off", "none", "0", "false", "no")
 CANDIDATES = ("native", "ring", "tree")  # what auto may run above SMALL_BYTES
@@ -292,6 +297,22 @@ def piecewise_time(table, n) -> float:
 # --------------------------------------------------------------------------- the model
 
 
+LINK_TYPES = ("intra", "inter")  # shared memory within a node; the network between nodes
+
+
+def _links(d) -> dict:
+    """{"intra"|"inter": {"alpha", "beta", "ranks": [a, b]}} from a stored dict (absent types left out)."""
+    out = {}
+    for k, v in (d or {}).items():
+        if k not in LINK_TYPES:
+            raise ValueError(f"unknown link type {k!r} (known: {', '.join(LINK_TYPES)})")
+        if v is None:
+            continue
+        out[k] = {"alpha": float(v["alpha"]), "beta": float(v["beta"]),
+                  "ranks": [int(r) for r in v.get("ranks", [])]}
+    return out
+
+
 def _params(d) -> dict:
     """{alpha, beta, knees, above} from a stored dict; knees increasing, one (alpha, beta) above each."""
     knees = [int(k) for k in d.get("knees", [])]
@@ -306,11 +327,11 @@ class CostModel:
 
     FIELDS = ("version", "host", "ranks", "nodes", "mpi", "dtype", "created",
               "alpha", "beta", "gamma", "reduce_overhead", "ring", "tree", "native", "fused", "sizes",
-              "disturbed")
+              "disturbed", "links")
 
     def __init__(self, *, ranks, alpha, beta, gamma, ring, tree, native, fused=None, host="",
                  nodes=1, mpi="", dtype="float32", created="", reduce_overhead=0.0, sizes=(),
-                 disturbed=None, version=VERSION):
+                 disturbed=None, links=None, version=VERSION):
         self.version = int(version)
         self.host, self.ranks, self.nodes = str(host), int(ranks), int(nodes)
         self.mpi, self.dtype, self.created = str(mpi), str(dtype), str(created)
@@ -321,6 +342,7 @@ class CostModel:
         self.fused = None if fused is None else float(fused)
         self.sizes = [int(s) for s in sizes]
         self.disturbed = [int(n) for n in (disturbed or [])]  # sizes ring and tree were not fitted to
+        self.links = _links(links)  # {"intra": {...}, "inter": {...}}: ping-pongs per link type (may be empty)
         self._memo = {}
 
     # ---- JSON
@@ -332,8 +354,9 @@ class CostModel:
         """Build from a stored dict; ValueError naming the problem when it is not a valid model."""
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
-        if d.get("version") != VERSION:
-            raise ValueError(f"version {d.get('version')!r}, this mpitrain reads version {VERSION}")
+        if d.get("version") not in READS:
+            raise ValueError(f"version {d.get('version')!r}, this mpitrain reads versions "
+                             f"{', '.join(map(str, READS))}")
         try:
             m = cls(**{k: d[k] for k in cls.FIELDS if k in d})
         except (KeyError, TypeError, ValueError) as e:
@@ -341,6 +364,7 @@ class CostModel:
         nums = [m.alpha, m.beta, m.gamma]
         for d in (m.ring, m.tree):
             nums += [d["alpha"], d["beta"], *(x for ab in d["above"] for x in ab)]
+        nums += [x for ln in m.links.values() for x in (ln["alpha"], ln["beta"])]
         if m.ranks < 1 or not all(math.isfinite(x) and x >= 0 for x in nums):
             raise ValueError("parameters must be finite and >= 0")
         if not m.native or any(not (n > 0 and t > 0 and math.isfinite(t)) for n, t in m.native):
@@ -476,10 +500,11 @@ def shared(comm) -> CostModel | None:
     if p == 1:
         return None  # one rank: auto always runs native, nothing to decide
     hosts = comm.gather(hostname(), root=0)
+    nnodes = len(set(node_ids(comm)))  # emulated hosts (network namespaces) share a host name
     d = None
     if comm.Get_rank() == 0:
         try:  # never leave the other ranks waiting in the bcast
-            m = _read_for(hosts[0], p, len(set(hosts)))
+            m = _read_for(hosts[0], p, max(len(set(hosts)), nnodes))
         except Exception as e:  # noqa: BLE001 - e.g. no home directory: no model, say why
             _warn_once(("read", type(e).__name__), f"cost model not read ({type(e).__name__}: {e}); "
                                                    "auto uses its fixed thresholds")
@@ -529,20 +554,21 @@ def _reps(n: int) -> int:
     return max(5, min(200, int(4e7 // max(n, 1))))
 
 
-def measure_pingpong(comm, sizes) -> list[float]:
-    """Collective. One-way seconds per message between ranks 0 and 1 (median RTT / 2); the
+def measure_pingpong(comm, sizes, pair=(0, 1)) -> list[float]:
+    """Collective. One-way seconds per message between the ranks ``pair`` (median RTT / 2); the
     other ranks wait without busy-polling. Every rank gets the list."""
     r = comm.Get_rank()
+    a, b = pair
     buf = np.zeros(max(sizes), dtype=np.uint8)
     out = []
-    if r < 2:
-        peer = 1 - r
+    if r in (a, b):
+        peer = b if r == a else a
         for n in sizes:
             b = buf[:n]
             reps = _reps(n)
             ts = []
             for i in range(reps + 2):
-                if r == 0:
+                if r == a:
                     t0 = time.perf_counter()
                     comm.Send(b, dest=peer, tag=TAG_PING)
                     comm.Recv(b, source=peer, tag=TAG_PING)
@@ -553,7 +579,7 @@ def measure_pingpong(comm, sizes) -> list[float]:
                     comm.Send(b, dest=peer, tag=TAG_PING)
             out.append(statistics.median(ts) / 2 if ts else 0.0)
     _quiet_barrier(comm)
-    return comm.bcast(out if r == 0 else None, root=0)
+    return comm.bcast(out if r == a else None, root=a)
 
 
 def gamma_sizes(max_bytes: int) -> list[int]:
@@ -586,16 +612,65 @@ def measure_reduce(comm, sizes, dtype="float32") -> list[float]:
     return comm.bcast(out, root=0)
 
 
-def measure_primitives(comm, max_bytes: int, dtype="float32") -> dict:
-    """Collective: ping-pong and reduction timings, and their fits (same on every rank)."""
+def node_ids(comm) -> list[int]:
+    """Collective. For every rank of ``comm``, the index (0, 1, ... in rank order) of its node:
+    the ranks that share memory (MPI Split_type SHARED -- emulated hosts count as nodes)."""
+    from mpi4py import MPI
+
+    shm = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        leader = shm.allreduce(comm.Get_rank(), op=MPI.MIN)
+    finally:
+        shm.Free()
+    leaders = comm.allgather(leader)
+    index = {}
+    return [index.setdefault(x, len(index)) for x in leaders]
+
+
+def link_pairs(nodes) -> dict:
+    """The rank pairs ``measure_links`` ping-pongs, from ``node_ids``: "inter": rank 0 and the first
+    rank on another node; "intra": the first two ranks of the first node holding two. Absent: none."""
+    out = {}
+    other = next((r for r, h in enumerate(nodes) if h != nodes[0]), None)
+    if other is not None:
+        out["inter"] = (0, other)
+    for h in dict.fromkeys(nodes):
+        on = [r for r, x in enumerate(nodes) if x == h]
+        if len(on) >= 2:
+            out["intra"] = (on[0], on[1])
+            break
+    return out
+
+
+def measure_links(comm, sizes, nodes) -> dict:
+    """Collective. {"intra"|"inter": {"alpha", "beta", "ranks", "pingpong": [sizes, times]}} for
+    the link types this job has (``nodes`` from ``node_ids``); the same on every rank."""
+    out = {}
+    for kind, pair in sorted(link_pairs(nodes).items()):
+        ts = measure_pingpong(comm, sizes, pair)
+        a, b = fit_alpha_beta(sizes, ts)
+        out[kind] = {"alpha": a, "beta": b, "ranks": list(pair), "pingpong": [list(sizes), ts]}
+    return out
+
+
+def measure_primitives(comm, max_bytes: int, dtype="float32", nodes=None) -> dict:
+    """Collective: ping-pong and reduction timings, and their fits (same on every rank).
+
+    ``nodes`` (``node_ids``): when the ranks span more than one node, also a ping-pong per link
+    type (``links``: within a node, between nodes)."""
     pp = pingpong_sizes(min(max_bytes, 64 << 20))
     tp = measure_pingpong(comm, pp) if comm.Get_size() > 1 else []
     gs = gamma_sizes(min(max(max_bytes, 4096), 64 << 20))
     tg = measure_reduce(comm, gs, dtype)
     alpha, beta = fit_alpha_beta(pp, tp) if tp else (0.0, 0.0)
     gamma, c0 = fit_gamma(gs, tg)
+    links = {}
+    if nodes is not None and len(set(nodes)) > 1:
+        links = measure_links(comm, pp, nodes)
+    elif tp:  # one node: ranks 0 and 1 share memory, their ping-pong is the intra-node link
+        links = {"intra": {"alpha": alpha, "beta": beta, "ranks": [0, 1], "pingpong": [pp, tp]}}
     return {"pingpong": [pp, tp], "reduce": [gs, tg], "alpha": alpha, "beta": beta,
-            "gamma": gamma, "reduce_overhead": c0}
+            "gamma": gamma, "reduce_overhead": c0, "links": links}
 
 
 # --------------------------------------------------------------------------- fitting from bench rows
@@ -644,7 +719,7 @@ def fit(rows, prims: dict, *, ranks: int, host: str = "", nodes: int = 1, mpi: s
                      reduce_overhead=prims.get("reduce_overhead", 0.0),
                      ring=ring, tree=tree,
                      native=native, fused=fused, sizes=sorted({r["size"] for r in rows}),
-                     disturbed=noisy)
+                     disturbed=noisy, links=prims.get("links"))
 
 
 # --------------------------------------------------------------------------- reports
@@ -684,6 +759,12 @@ def format_params(model: CostModel) -> str:
     ]
     if m.fused is not None:
         lines.append(f"#   fused (auto, n <= {_fmt_size(SMALL_BYTES)}): {m.fused * 1e6:.1f} us + (p-1)·n·gamma")
+    for kind, what in (("intra", "within a node (shared memory)"), ("inter", "between nodes (network)")):
+        ln = m.links.get(kind)
+        if ln and "inter" in m.links:  # one node: the intra link is the ping-pong above
+            pair = "<->".join(map(str, ln["ranks"]))
+            lines.append(f"#   link {kind} ({pair}, {what}): alpha {ln['alpha'] * 1e6:8.2f} us   "
+                         f"beta {ln['beta'] * 1e9:7.4f} ns/B ({_gbs(ln['beta'])})")
     if m.disturbed:
         lines.append(f"#   not fitted, disturbed (native there > {DISTURBED:g}x its lower envelope): "
                      + ", ".join(_fmt_size(n) for n in m.disturbed))
@@ -861,13 +942,14 @@ def fit_for_bench(comm, rows, meta: dict) -> dict:
                                 meta.get("dtype", "float32"), meta.get("op", "sum"), iters=meta.get("iters") or None,
                                 memcpy=False, warmup=1))
     rows = merge_passes(passes)
+    nodes = node_ids(st.comm)
     prims = measure_primitives(st.comm, int(meta.get("max") or max(r["size"] for r in rows)),
-                               meta.get("dtype", "float32"))
+                               meta.get("dtype", "float32"), nodes=nodes)
     hosts = st.comm.gather(hostname(), root=0)
     d = problem = path = None
     if st.rank == 0:
         try:
-            model = fit(rows, prims, ranks=p, host=hosts[0], nodes=len(set(hosts)),
+            model = fit(rows, prims, ranks=p, host=hosts[0], nodes=max(len(set(hosts)), len(set(nodes))),
                         mpi=meta.get("mpi", ""), dtype=meta.get("dtype", "float32"))
             path = cost_path(model.host, p, model.nodes)
             if path is not None:
@@ -887,6 +969,9 @@ def fit_for_bench(comm, rows, meta: dict) -> dict:
         format_params(model),
         "#   ping-pong one-way (us): " + "  ".join(f"{_fmt_size(n)} {t * 1e6:.1f}" for n, t in zip(pp, tp)),
         "#   np.add (us):            " + "  ".join(f"{_fmt_size(n)} {t * 1e6:.1f}" for n, t in zip(gs, tg)),
+        *(f"#   ping-pong {k} {'<->'.join(map(str, ln['ranks']))} (us): "
+          + "  ".join(f"{_fmt_size(n)} {t * 1e6:.1f}" for n, t in zip(*ln["pingpong"]))
+          for k, ln in sorted(prims.get("links", {}).items()) if "inter" in prims.get("links", {})),
         "#",
         format_compare(rows, model),
         "#",

@@ -1,0 +1,336 @@
+"""The extrapolated cost model (collectives/extrapolate.py, ``bench --model``): serial and fast.
+
+Nothing reads the real ~/.cache: every test points XDG_CACHE_HOME at a temporary directory
+and MPITRAIN_COST_FILE at a file of its own (or unsets it).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpitrain import bench
+from mpitrain.collectives import cost
+from mpitrain.collectives import extrapolate as ex
+
+MiB = 1 << 20
+GiB = 1 << 30
+SIZES = [8 * 4 ** k for k in range(15)]  # 8 B .. 2 GiB
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(cost.ENV, raising=False)
+
+
+def model(p=2, *, ring=None, tree=None, gamma=0.035e-9, nodes=1, links=None, host="h"):
+    ring = ring or {"alpha": 18e-6, "beta": 0.5e-9, "knees": [MiB], "above": [[60e-6, 0.1e-9]]}
+    tree = tree or {"alpha": 9e-6, "beta": 0.4e-9, "knees": [256 << 10], "above": [[120e-6, 0.12e-9]]}
+    return cost.CostModel(ranks=p, host=host, nodes=nodes, alpha=2.5e-6, beta=0.08e-9, gamma=gamma,
+                          ring=ring, tree=tree, native=[[8, 10e-6], [64 * MiB, 30e-3]], created="2026-01-01",
+                          links=links)
+
+
+def params(m=None, inter=(50e-6, 0.8e-9)):
+    P = ex._intra_from_model(m or model(), "test")
+    P.inter = ex.Link(*inter, "test")
+    return P
+
+
+def without_check(P, a, n, N, ppn):
+    """The algorithm's own time: the prediction less the agreement check beyond the fit's."""
+    return ex.predict(P, a, n, N, ppn) - (ex.check_time(P, N, ppn) - ex.check_time(P, P.ranks, P.ranks))
+
+
+# --------------------------------------------------------------------------- the formulas
+
+
+@pytest.mark.parametrize("p0", [2, 4])
+def test_one_host_reduces_to_the_fitted_single_host_formulas(p0):
+    m = model(p0)
+    P = params(m)
+    for n in SIZES + [12345, MiB, MiB + 1]:
+        for a in ("ring", "tree"):  # at the fitted rank count: exactly the fit
+            assert ex.predict(P, a, n, p0, ppn=p0) == pytest.approx(m.predict(a, n), rel=1e-12)
+        assert ex.predict(P, "hier", n, p0, ppn=64) == ex.predict(P, "tree", n, p0, ppn=64)  # one host
+    # one regime, alpha and beta as fitted: at any N on one host, cost.py's formulas for N ranks
+    # (plus the agreement check's growth beyond p0)
+    flat = model(p0, ring={"alpha": 18e-6, "beta": 0.2e-9}, tree={"alpha": 9e-6, "beta": 0.3e-9})
+    P = params(flat)
+    for N in (3, 8, 100, 1024):
+        for n in SIZES:
+            for a in ("ring", "tree"):
+                assert without_check(P, a, n, N, N) == pytest.approx(flat.predict(a, n, p=N), rel=1e-9)
+
+
+def test_the_agreement_check():
+    P = params(inter=(50e-6, 0.8e-9))
+    p0 = P.ranks
+    assert ex.check_time(P, 1, 8) == 0
+    # one host at the fitted rank count: absorbed in the fit, nothing added
+    assert ex.predict(P, "ring", 8, p0, p0) == pytest.approx(model().predict("ring", 8))
+    # across hosts: one network latency per doubling of hosts, and the rows crossing the network
+    r = 48 + 4096
+    two = ex.check_time(P, 16, 8)
+    assert two == pytest.approx(3 * P.intra.alpha + 7 * r * P.intra.beta + 50e-6 + 8 * r * 0.8e-9)
+    assert ex.check_time(P, 64, 8) > ex.check_time(P, 32, 8) > two
+    # above FUSE_MAX_RANKS the row carries no payload room: 48 B per rank
+    assert ex.check_time(P, 128, 8) < ex.check_time(P, 64, 8)
+    assert ex.check_time(P, 128, 8) == pytest.approx(3 * P.intra.alpha + 7 * 48 * P.intra.beta
+                                                     + 4 * 50e-6 + 15 * 8 * 48 * 0.8e-9)
+
+
+def test_topology():
+    assert ex.topology(8, 8) == (1, 8)
+    assert ex.topology(4, 8) == (1, 4)       # fewer ranks than a host holds: one host
+    assert ex.topology(1024, 8) == (128, 8)
+    assert ex.topology(10, 4) == (3, 4)      # the last host partly filled
+    assert ex.topology(5, 1) == (5, 1)
+
+
+def test_ring_flat_in_n_at_large_sizes_tree_grows_with_log_n():
+    P = params(model(ring={"alpha": 20e-6, "beta": 0.1e-9}, tree={"alpha": 10e-6, "beta": 0.1e-9}))
+    n = GiB
+    for ppn in (1, 8, 4096):  # all inter-host, blocks of 8, one big host
+        ring = {N: ex.predict(P, "ring", n, N, ppn) for N in (64, 256, 1024)}
+        tree = {N: ex.predict(P, "tree", n, N, ppn) for N in (64, 256, 1024)}
+        assert ring[1024] / ring[64] < 1.15  # 2(N-1)/N·n·beta: flat
+        assert tree[64] < tree[256] < tree[1024]
+        if ppn != 8:  # one link type throughout: grows as ceil(log2 N)
+            assert tree[1024] / tree[64] == pytest.approx(10 / 6, rel=0.05)
+    # small messages: the ring's 2(N-1) messages grow linearly, the tree's levels with log N
+    r = [without_check(P, "ring", 8, N, 8) for N in (64, 1024)]
+    t = [without_check(P, "tree", 8, N, 8) for N in (64, 1024)]
+    assert r[1] / r[0] == pytest.approx(2046 / 126, rel=0.01) and t[1] / t[0] < 3
+
+
+def test_hier_across_hosts():
+    m = model()
+    slow = params(m, inter=(200e-6, 0.8e-9))  # network latency far above shared memory's
+    for N in (16, 64, 1024):
+        for n in (8, 4096, 64 << 10):
+            assert ex.predict(slow, "hier", n, N, 8) < ex.predict(slow, "ring", n, N, 8)
+    for n in SIZES:
+        assert ex.predict(slow, "hier", n, 12, 1) == ex.predict(slow, "ring", n, 12, 1)  # L = 1: a ring
+        # more hosts for the same N (fewer ranks per host) never makes the tree cheaper
+        assert ex.predict(slow, "tree", n, 64, 4) >= ex.predict(slow, "tree", n, 64, 16)
+        # a slower network never makes anything cheaper
+        for a in ex.ALGORITHMS:
+            assert ex.predict(slow, a, n, 64, 8) >= ex.predict(params(m, inter=(20e-6, 0.8e-9)), a, n, 64, 8)
+    # the inter-host ring pays the network: beta_n dominates at 1 GiB
+    P = params(m, inter=(50e-6, 1e-9))
+    t = ex.predict(P, "ring", GiB, 64, 8)
+    assert 2 * 63 / 64 * GiB * 1e-9 < t < 1.2 * 2 * GiB * 1.1e-9
+
+
+def test_a_regime_with_alpha_zero_does_not_make_messages_free():
+    # fitted at 2 ranks: past 128 KiB alpha 0 (its two messages vanish in n·beta), past 1 MiB 98 us;
+    # at 2 ranks the fit grows with n
+    ring = {"alpha": 18e-6, "beta": 0.3e-9, "knees": [128 << 10, MiB], "above": [[0.0, 0.6e-9], [98e-6, 0.45e-9]]}
+    m = model(2, ring=ring)
+    P = params(m)
+    sizes = sorted({int(x) for x in np.geomspace(8, GiB, 300)})
+    assert all(m.predict("ring", b) >= m.predict("ring", a) for a, b in zip(sizes, sizes[1:]))
+    for N, ppn in ((2, 2), (64, 64), (1024, 8), (1024, 1)):
+        ts = [ex.predict(P, "ring", n, N, ppn) for n in sizes]
+        assert all(b >= a * (1 - 1e-9) for a, b in zip(ts, ts[1:])), N  # so does the extrapolation
+    for n in sizes:
+        # every one of the 2(N-1) messages costs at least the small messages' alpha
+        assert ex.predict(P, "ring", n, 1024, 1024) >= 2 * 1023 * 18e-6
+        # and at the fitted rank count it is still exactly the fit
+        assert ex.predict(P, "ring", n, 2, 2) == pytest.approx(m.predict("ring", n), rel=1e-9)
+
+
+def test_best_and_crossover():
+    P = params()
+    for N in (2, 16, 1024):
+        pr = ex.predict_all(P, 8, N, 8)
+        assert ex.best(pr) == min(pr, key=pr.get)
+        c = ex.crossover(P, N, 8, "ring", "tree", SIZES)
+        assert c is not None
+        assert all(ex.predict(P, "ring", n, N, 8) <= ex.predict(P, "tree", n, N, 8) for n in SIZES if n >= c)
+        below = [n for n in SIZES if n < c]
+        assert not below or ex.predict(P, "ring", below[-1], N, 8) > ex.predict(P, "tree", below[-1], N, 8)
+    assert ex.best({"ring": 1.0, "tree": 2.0, "hier": 2.0}) == "ring"
+    assert ex.best({"ring": 3.0, "tree": 2.0, "hier": 2.0}) == "tree"  # ties go to the first
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_parse_link_literal_and_specs():
+    ln = ex.parse_link_literal("25us@1.25GB/s")
+    assert ln.alpha == pytest.approx(25e-6) and ln.beta == pytest.approx(0.8e-9)
+    ln = ex.parse_link_literal("0.1ms@10gbit")
+    assert ln.alpha == pytest.approx(1e-4) and ln.beta == pytest.approx(0.8e-9)
+    for bad in ("25@1GB/s", "25us@", "25us@0GB/s", "fast@slow"):
+        with pytest.raises(ValueError):
+            ex.parse_link_literal(bad)
+    assert ex.parse_link_specs(["intra=a.json,inter=b.json,c.json", "inter=5us@1GB/s"]) == \
+        {"intra": ["a.json"], "inter": ["5us@1GB/s"]}
+    assert ex.parse_link_specs(["inter=b.json,c.json"]) == {"inter": ["b.json", "c.json"]}
+    for bad in (["wire=x"], ["x.json"]):
+        with pytest.raises(ValueError):
+            ex.parse_link_specs(bad)
+
+
+def test_missing_fits_fall_back_to_defaults_and_say_so():
+    P = ex.load_params()
+    assert P.default and P.inter.default
+    assert P.gamma == ex.DEFAULT_INTRA["gamma"] and P.inter.alpha == ex.DEFAULT_INTER["alpha"]
+    text = "\n".join(ex.format_params(P, 8))
+    assert text.count("DEFAULT parameters") == 2  # intra and inter, each said
+    assert "bench --fit" in text
+    os.environ[cost.ENV] = "off"
+    try:
+        assert "disables" in ex.load_params().notes[0]
+    finally:
+        del os.environ[cost.ENV]
+
+
+def test_stored_models_are_found(tmp_path):
+    base = ex.cache_dir()
+    for p in (2, 4, 8):
+        cost.save(model(p, host="box"), base / f"cost-box-n{p}.json")
+    assert ex.find_intra("box", cores=4)[0].name == "cost-box-n4.json"  # most ranks not sharing cores
+    assert ex.find_intra("box", cores=1)[0].name == "cost-box-n2.json"  # else the fewest
+    assert ex.find_intra("other", cores=4)[0] is None
+    assert ex.find_inter()[0] is None
+    links = {"intra": {"alpha": 3e-6, "beta": 0.1e-9, "ranks": [0, 1]},
+             "inter": {"alpha": 40e-6, "beta": 0.9e-9, "ranks": [0, 2]}}
+    multi = model(4, nodes=2, links=links, host="box")
+    cost.save(multi, base / "cost-box-n4-h2.json")
+    assert ex.find_inter()[0].name == "cost-box-n4-h2.json"
+    ln = ex.load_inter([], params())
+    assert (ln.alpha, ln.beta) == (40e-6, 0.9e-9) and not ln.default
+    with pytest.raises(ValueError, match="single-host"):
+        ex.load_intra(str(base / "cost-box-n4-h2.json"))
+    with pytest.raises(ValueError, match="no inter-host link"):
+        ex.load_inter([str(base / "cost-box-n2.json")], params())
+    (tmp_path / "ab.json").write_text(json.dumps({"alpha": 7e-6, "beta": 1e-9}))
+    assert ex.load_inter([str(tmp_path / "ab.json")], params()).alpha == 7e-6
+
+
+# --------------------------------------------------------------------------- bench rows: fit and validation
+
+
+def bench_doc(P, N, hosts, errors=None, algorithms=("ring", "tree"), sizes=SIZES[:10]):
+    """A bench JSON whose ring/tree rows are the model's predictions times (1 + error)."""
+    L = -(-N // hosts)
+    rows = []
+    for i, n in enumerate(sizes):
+        for a in algorithms:
+            e = (errors or {}).get((n, a), 0.0)
+            rows.append({"size": n, "algorithm": a, "time_us": ex.predict(P, a, n, N, L) * (1 + e) * 1e6,
+                         "ranks": N})
+        rows.append({"size": n, "algorithm": "native", "time_us": 1.0, "ranks": N})
+    return {"meta": {"ranks": N, "hosts": [f"h{i}" for i in range(hosts)]}, "rows": rows}
+
+
+def test_fit_inter_recovers_the_network():
+    true = params(inter=(80e-6, 0.85e-9))
+    docs = [("a.json", bench_doc(true, 3, 3)), ("b.json", bench_doc(true, 6, 3))]
+    ln = ex.fit_inter(params(inter=(0.0, 0.0)), docs)
+    assert ln.alpha == pytest.approx(80e-6, rel=1e-6) and ln.beta == pytest.approx(0.85e-9, rel=1e-6)
+    assert "ring rows of a.json, b.json" in ln.source
+    with pytest.raises(ValueError, match="one host"):
+        ex.fit_inter(params(), [("c.json", bench_doc(true, 2, 1))])
+
+
+def test_validation_math():
+    P = params()
+    errs = {(SIZES[0], "ring"): 0.5, (SIZES[1], "tree"): -0.25, (SIZES[2], "ring"): 0.1}
+    doc = bench_doc(P, 4, 2, errs)
+    res = ex.validate(P, [("x.json", doc)])
+    assert res["files"] == [("x.json", 4, 2, 2)]
+    assert res["skipped"] == {"native": 10}
+    got = {(r["size"], r["algorithm"]): r["error"] for r in res["rows"]}
+    assert len(got) == 20
+    for k, e in errs.items():  # predicted/measured - 1 with measured = predicted·(1 + e)
+        assert got[k] == pytest.approx(1 / (1 + e) - 1)
+    s = ex.error_summary(res["rows"])
+    assert s["all"][0] == 20 and s["all"][3] == 2  # 1/1.5-1 = -33% and 1/0.75-1 = +33% flagged; 1/1.1-1 not
+    assert s["all"][2] == pytest.approx(1 / 0.75 - 1) and s["all"][1] == pytest.approx(0.0, abs=1e-12)
+    assert s["ring"][0] == s["tree"][0] == 10
+    text = ex.format_validation(P, res)
+    assert text.count("% !") == 2 and "median 0%" in text and "native (10 rows)" in text
+    # the topology: from the meta's nodes when it has them, --ppn over everything
+    doc["meta"]["nodes"] = 4
+    assert ex.validate(P, [("x.json", doc)])["files"] == [("x.json", 4, 4, 1)]
+    assert ex.validate(P, [("x.json", doc)], ppn=4)["files"] == [("x.json", 4, 1, 4)]
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _args(*argv):
+    return bench.build_parser().parse_args(["--model", *argv])
+
+
+def test_table_json_and_validate_in_process(tmp_path, capsys):
+    j = tmp_path / "m.json"
+    assert ex.run(_args("--ranks", "2,8,1024", "--ppn", "4", "--max", "1MiB", "--json", str(j))) == 0
+    out, err = capsys.readouterr()
+    rows = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
+    sizes = bench.size_range(8, MiB, 4)
+    assert len(rows) == 3 * len(sizes)
+    assert "DEFAULT parameters" in out and "DEFAULT parameters" in err  # said on stdout and stderr
+    assert "native (MPI's Allreduce) is not extrapolated" in out
+    assert "N =  1024 (256 x 4): ring >= tree from" in out
+    doc = json.loads(j.read_text())
+    assert len(doc["rows"]) == len(rows) and doc["ppn"] == 4 and doc["params"]["inter"]["default"]
+    r = doc["rows"][-1]
+    assert (r["ranks"], r["hosts"], r["ppn"], r["size"]) == (1024, 256, 4, MiB)
+    assert r["best"] == min(ex.ALGORITHMS, key=lambda a: r[a + "_us"])
+    # the default range runs to 1 GiB
+    assert _args().max == 256 * MiB and getattr(_args().max, "is_default", False)
+    # validation against a file made from the same (default) parameters: all errors ~0
+    P = ex.load_params(["intra=default,inter=default"])
+    (tmp_path / "hosts.json").write_text(json.dumps(bench_doc(P, 3, 3)))
+    assert ex.run(_args("--link", "intra=default,inter=default", "--validate", str(tmp_path / "hosts.json"))) == 0
+    out = capsys.readouterr().out
+    assert "median 0%, max 0%, 0/20 rows above 20%" in out
+    # --from-json: the network fitted to those rows, then validated on them (and told so)
+    assert ex.run(_args("--link", "intra=default", "--from-json", str(tmp_path / "hosts.json"),
+                        "--validate", str(tmp_path / "hosts.json"))) == 0
+    out = capsys.readouterr().out
+    assert "fitted to the ring rows" in out and "in-sample" in out and "max 0%" in out
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib")
+def test_plot(tmp_path):
+    png = tmp_path / "m.png"
+    assert ex.run(_args("--ranks", "2..64", "--ppn", "8", "--min", "64B", "--max", "64MiB", "--plot", str(png),
+                        "--link", "inter=30us@2GB/s")) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
+
+
+def test_command_line_without_mpirun(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop(cost.ENV, None)
+    run = [sys.executable, "-m", "mpitrain", "bench"]
+    res = subprocess.run(run + ["--model", "--ranks", "4", "--max", "64B"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "DEFAULT parameters" in res.stdout and "warning" in res.stderr
+    res = subprocess.run(run + ["--model", "--link", "inter=nowhere.json"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert res.returncode != 0 and "nowhere.json: no such file" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run(run + ["--ppn", "4", "--max", "64B"], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2 and "only with --model" in res.stderr
+
+
+def test_parse_ranks():
+    assert ex.parse_ranks("2..16") == [2, 4, 8, 16]
+    assert ex.parse_ranks("3,2,100") == [2, 3, 100]
+    for bad in ("1", "a", ""):
+        with pytest.raises(ValueError):
+            ex.parse_ranks(bad)
+    assert math.isfinite(ex.predict(params(), "ring", 8, 3, 2))
