@@ -413,3 +413,48 @@ def test_bench_fit_needs_two_ranks(tmp_path):
                          capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 2 and "2 ranks or more" in res.stderr
     assert not (tmp_path / "fit.json").exists()
+
+
+# --------------------------------------------------------------------------- exchange per link
+
+
+def test_link_entry_fits_the_exchange_from_synthetic_timings(monkeypatch):
+    sizes = cost.pingpong_sizes(16 << 20)
+    pp = [9e-6 + n * 0.45e-9 for n in sizes]       # one way
+    xx = [13e-6 + n * 0.75e-9 for n in sizes]      # both ranks send at once: slower
+    monkeypatch.setattr(cost, "measure_pingpong", lambda comm, s, pair: pp[:len(s)])
+    monkeypatch.setattr(cost, "measure_exchange", lambda comm, s, pair: xx[:len(s)])
+    ln = cost.link_entry(None, sizes, (0, 2))
+    assert ln["ranks"] == [0, 2] and ln["pingpong"] == [sizes, pp] and ln["exchange"]["times"] == [sizes, xx]
+    assert ln["alpha"] == pytest.approx(9e-6, rel=1e-6) and ln["beta"] == pytest.approx(0.45e-9, rel=1e-6)
+    assert ln["exchange"]["alpha"] == pytest.approx(13e-6, rel=1e-6)
+    assert ln["exchange"]["beta"] == pytest.approx(0.75e-9, rel=1e-6)
+    # noisy medians: still close
+    rng = np.random.default_rng(1)
+    noisy = [t * (1 + 0.03 * rng.standard_normal()) for t in xx]
+    a, b = cost.fit_alpha_beta(sizes, noisy)
+    assert a == pytest.approx(13e-6, rel=0.1) and b == pytest.approx(0.75e-9, rel=0.1)
+
+
+def test_links_keep_the_exchange_and_old_links_load_without_it(tmp_path):
+    m = make_model(2)
+    m.nodes = 2
+    sizes = [8, 4096]
+    m.links = cost._links({"inter": {"alpha": 9e-6, "beta": 0.45e-9, "ranks": [0, 1],
+                                     "pingpong": [sizes, [9e-6, 11e-6]],
+                                     "exchange": {"alpha": 13e-6, "beta": 0.75e-9, "times": [sizes, [13e-6, 16e-6]]}}})
+    back = cost.load(cost.save(m, tmp_path / "x.json"))
+    assert back == m and back.links["inter"]["exchange"]["alpha"] == 13e-6
+    assert back.links["inter"]["exchange"]["times"] == [sizes, [13e-6, 16e-6]]
+    text = cost.format_params(back)
+    assert "link inter (0<->1" in text and "link inter exchange (0<->1, both send at once)" in text
+    d = json.loads(json.dumps(m.to_dict()))  # a copy
+    del d["links"]["inter"]["exchange"]  # written before the exchange existed
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    old = cost.load(tmp_path / "old.json")
+    assert "exchange" not in old.links["inter"] and old.links["inter"]["alpha"] == 9e-6
+    d = json.loads(json.dumps(m.to_dict()))
+    d["links"]["inter"]["exchange"]["beta"] = -1.0
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=">= 0"):
+        cost.load(tmp_path / "bad.json")

@@ -334,3 +334,76 @@ def test_parse_ranks():
         with pytest.raises(ValueError):
             ex.parse_ranks(bad)
     assert math.isfinite(ex.predict(params(), "ring", 8, 3, 2))
+
+
+# --------------------------------------------------------------------------- the exchange link parameters
+
+
+PP, XX = (50e-6, 0.8e-9), (100e-6, 1.6e-9)  # ping-pong and exchange of the network
+
+
+def params_x(inter_exchange=True, intra_exchange=(3e-6, 0.09e-9)):
+    links = {"intra": {"alpha": 2.5e-6, "beta": 0.08e-9, "ranks": [0, 1]}}
+    if intra_exchange:
+        links["intra"]["exchange"] = {"alpha": intra_exchange[0], "beta": intra_exchange[1]}
+    P = ex._intra_from_model(model(links=links), "test")
+    P.inter = ex.Link(*PP, "test", xalpha=XX[0] if inter_exchange else None, xbeta=XX[1] if inter_exchange else None)
+    return P
+
+
+def test_ring_and_check_use_the_exchange_tree_the_ping_pong():
+    P, old = params_x(), params_x(inter_exchange=False)
+    assert P.inter.exchange() == XX and old.inter.exchange() == PP  # not measured: the ping-pong
+    for n in (8, 4096, MiB):
+        a, b = ex.fitted("ring", ex.equivalent_size("ring", n, 4, P), P)
+        # ring across hosts: the network's exchange + the overhead above the shared-memory exchange
+        assert ex.on_link("ring", n, 4, P, True) == pytest.approx((XX[0] + max(0, a - 3e-6), XX[1] + max(0, b - 0.09e-9)))
+        a, b = ex.fitted("tree", n, P)
+        # tree levels are one way: the ping-pongs, whether or not an exchange was measured
+        want = (PP[0] + max(0, a - 2.5e-6), PP[1] + max(0, b - 0.08e-9))
+        assert ex.on_link("tree", n, 2, P, True) == pytest.approx(want)
+        assert ex.on_link("tree", n, 2, old, True) == pytest.approx(want)
+        assert ex._algorithm_time(P, "tree", n, 8, 4) == pytest.approx(ex._algorithm_time(old, "tree", n, 8, 4))
+        assert ex._algorithm_time(P, "ring", n, 8, 4) > ex._algorithm_time(old, "ring", n, 8, 4)
+        assert ex._algorithm_time(P, "hier", n, 8, 4) > ex._algorithm_time(old, "hier", n, 8, 4)  # its ring
+    # the check (an Allgather: exchanges), 2 hosts x 4: Li = 2, Lh = 1
+    from mpitrain.collectives import FUSE_MAX_RANKS, META, SMALL_BYTES
+
+    r = 8 * META + (SMALL_BYTES if 8 <= FUSE_MAX_RANKS else 0)
+    assert ex.check_time(P, 8, 4) == pytest.approx(2 * 3e-6 + 3 * r * 0.09e-9 + XX[0] + 4 * r * XX[1])
+    # one host at the fit's rank count: exactly the fitted formulas, exchange or not
+    for n in (8, MiB):
+        assert ex.predict(P, "ring", n, 2, 2) == pytest.approx(model().predict("ring", n))
+
+
+def test_old_files_fall_back_to_the_ping_pong_and_say_so(tmp_path):
+    links = {"inter": {"alpha": PP[0], "beta": PP[1], "ranks": [0, 1]}}
+    old = model(2, nodes=2, links=links)
+    cost.save(old, tmp_path / "old.json")
+    single = tmp_path / "intra.json"
+    cost.save(model(2, links={"intra": {"alpha": 2.5e-6, "beta": 0.08e-9, "ranks": [0, 1],
+                                        "exchange": {"alpha": 3e-6, "beta": 0.09e-9}}}), single)
+    P = ex.load_params([f"intra={single},inter={tmp_path / 'old.json'}"])
+    assert not P.inter.has_exchange and P.intra.has_exchange and P.inter.exchange() == PP
+    text = "\n".join(ex.format_params(P, None))
+    assert "NOTE inter-host: no exchange measurement" in text and "fall back to its ping-pong" in text
+    assert "NOTE intra-host" not in text and "exchange: not measured" in text
+    links["inter"]["exchange"] = {"alpha": XX[0], "beta": XX[1]}
+    cost.save(model(2, nodes=2, links=links), tmp_path / "new.json")
+    P = ex.load_params([f"intra={single},inter={tmp_path / 'new.json'}"])
+    assert P.inter.has_exchange and P.inter.exchange() == XX and (P.inter.alpha, P.inter.beta) == PP
+    assert not [n for n in P.notes if "exchange" in n]
+    assert "ping-pong and exchange" in P.inter.source
+    # small JSON and ping-pong tables with an exchange table
+    (tmp_path / "ab.json").write_text(json.dumps({"alpha": PP[0], "beta": PP[1],
+                                                  "exchange": {"alpha": XX[0], "beta": XX[1]}}))
+    assert ex.load_inter([str(tmp_path / "ab.json")], P).exchange() == XX
+    sizes = [8, 512, 32768, MiB]
+    (tmp_path / "pp.json").write_text(json.dumps({
+        "results": [{"bytes": n, "one_way_us": (PP[0] + n * PP[1]) * 1e6} for n in sizes],
+        "exchange": [{"bytes": n, "time_us": (XX[0] + n * XX[1]) * 1e6} for n in sizes]}))
+    ln = ex.load_inter([str(tmp_path / "pp.json")], P)
+    assert ln.exchange() == pytest.approx(XX, rel=1e-6) and (ln.alpha, ln.beta) == pytest.approx(PP, rel=1e-6)
+    # a literal has no exchange: said
+    P = ex.load_params([f"intra={single},inter=25us@1.17GB/s"])
+    assert any("inter-host: no exchange measurement" in n for n in P.notes)

@@ -30,7 +30,13 @@ How it is fitted (``python -m mpitrain bench --fit``; ``fit()`` below):
     1b. when the job spans more than one node (MPI Split_type SHARED: emulated hosts count), a
        ping-pong between rank 0 and the first rank on another node -> alpha_n, beta_n (the
        network), and one between two ranks on one node, if any -> alpha_s, beta_s (shared
-       memory); stored as ``links`` -- what ``bench --model`` (extrapolate.py) extrapolates with
+       memory); stored as ``links`` -- what ``bench --model`` (extrapolate.py) extrapolates with.
+       Each link is also timed as an *exchange*: the two ranks Sendrecv the same size to each
+       other at once (median seconds per exchange, sizes 8 B .. max) -> its own (alpha, beta),
+       stored as ``links[type]["exchange"]``. Every ring step and the per-call check's
+       Allgather are such simultaneous exchanges, and on a network (or a user-space emulation of
+       one) they cost more than a one-way ping-pong -- ~2x on the emulated hosts here. On one node
+       the intra link (ranks 0, 1) is timed both ways too. Files without ``exchange`` still load.
     3. gamma fixed from 1., a least-squares fit (relative error, coefficients >= 0) of
        the ring and tree formulas to their measured times gives each its effective
        alpha and beta (and knee) -- they include Python's per-message cost and memory
@@ -67,7 +73,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 2  # 2 added ``links`` (per link type ping-pongs); version 1 files still load
+VERSION = 2  # 2 added ``links`` (per link type ping-pongs, optionally ``exchange``); version 1 files still load
 READS = (1, 2)
 ENV = "MPITRAIN_COST_FILE"
 OFF = ("off", "none", "0", "false", "no")
@@ -300,16 +306,35 @@ def piecewise_time(table, n) -> float:
 LINK_TYPES = ("intra", "inter")  # shared memory within a node; the network between nodes
 
 
+def _table(t) -> list:
+    """[sizes, seconds] of a stored timing table (two lists of one length)."""
+    ns, ts = t
+    if len(ns) != len(ts):
+        raise ValueError("a timing table needs as many times as sizes")
+    return [[int(n) for n in ns], [float(x) for x in ts]]
+
+
 def _links(d) -> dict:
-    """{"intra"|"inter": {"alpha", "beta", "ranks": [a, b]}} from a stored dict (absent types left out)."""
+    """{"intra"|"inter": {"alpha", "beta", "ranks": [a, b]}} from a stored dict (absent types left out);
+    the ping-pong's (alpha, beta). Optional, kept when present: "pingpong": [sizes, one-way s] and
+    "exchange": {"alpha", "beta"[, "times": [sizes, s]]} -- the simultaneous exchange's fit (files
+    written before it existed have none: extrapolate.py falls back to the ping-pong and says so)."""
     out = {}
     for k, v in (d or {}).items():
         if k not in LINK_TYPES:
             raise ValueError(f"unknown link type {k!r} (known: {', '.join(LINK_TYPES)})")
         if v is None:
             continue
-        out[k] = {"alpha": float(v["alpha"]), "beta": float(v["beta"]),
-                  "ranks": [int(r) for r in v.get("ranks", [])]}
+        ln = {"alpha": float(v["alpha"]), "beta": float(v["beta"]),
+              "ranks": [int(r) for r in v.get("ranks", [])]}
+        if v.get("pingpong") is not None:
+            ln["pingpong"] = _table(v["pingpong"])
+        x = v.get("exchange")
+        if x is not None:
+            ln["exchange"] = {"alpha": float(x["alpha"]), "beta": float(x["beta"])}
+            if x.get("times") is not None:
+                ln["exchange"]["times"] = _table(x["times"])
+        out[k] = ln
     return out
 
 
@@ -365,6 +390,8 @@ class CostModel:
         for d in (m.ring, m.tree):
             nums += [d["alpha"], d["beta"], *(x for ab in d["above"] for x in ab)]
         nums += [x for ln in m.links.values() for x in (ln["alpha"], ln["beta"])]
+        nums += [x for ln in m.links.values() if "exchange" in ln
+                 for x in (ln["exchange"]["alpha"], ln["exchange"]["beta"])]
         if m.ranks < 1 or not all(math.isfinite(x) and x >= 0 for x in nums):
             raise ValueError("parameters must be finite and >= 0")
         if not m.native or any(not (n > 0 and t > 0 and math.isfinite(t)) for n, t in m.native):
@@ -582,6 +609,41 @@ def measure_pingpong(comm, sizes, pair=(0, 1)) -> list[float]:
     return comm.bcast(out if r == a else None, root=a)
 
 
+def measure_exchange(comm, sizes, pair=(0, 1)) -> list[float]:
+    """Collective. Seconds per simultaneous exchange between the ranks ``pair``: both Sendrecv
+    ``n`` bytes to each other at once (what every ring step and the check's Allgather do), the
+    median over the rounds timed on the first rank of the pair; the other ranks wait without
+    busy-polling. Every rank gets the list."""
+    r = comm.Get_rank()
+    a, b = pair
+    out = []
+    if r in (a, b):
+        peer = b if r == a else a
+        sbuf = np.zeros(max(sizes), dtype=np.uint8)
+        rbuf = np.empty_like(sbuf)
+        for n in sizes:
+            ts = []
+            for i in range(_reps(n) + 2):
+                t0 = time.perf_counter()
+                comm.Sendrecv(sbuf[:n], dest=peer, sendtag=TAG_PING, recvbuf=rbuf[:n], source=peer,
+                              recvtag=TAG_PING)
+                if i >= 2:
+                    ts.append(time.perf_counter() - t0)
+            out.append(statistics.median(ts) if ts else 0.0)
+    _quiet_barrier(comm)
+    return comm.bcast(out if r == a else None, root=a)
+
+
+def link_entry(comm, sizes, pair) -> dict:
+    """Collective. One link: its ping-pong and its exchange, timed and fitted (t = alpha + n·beta)."""
+    tp = measure_pingpong(comm, sizes, pair)
+    tx = measure_exchange(comm, sizes, pair)
+    a, b = fit_alpha_beta(sizes, tp)
+    xa, xb = fit_alpha_beta(sizes, tx)
+    return {"alpha": a, "beta": b, "ranks": list(pair), "pingpong": [list(sizes), tp],
+            "exchange": {"alpha": xa, "beta": xb, "times": [list(sizes), tx]}}
+
+
 def gamma_sizes(max_bytes: int) -> list[int]:
     out, s = [], 4096
     while s <= max_bytes:
@@ -643,14 +705,10 @@ def link_pairs(nodes) -> dict:
 
 
 def measure_links(comm, sizes, nodes) -> dict:
-    """Collective. {"intra"|"inter": {"alpha", "beta", "ranks", "pingpong": [sizes, times]}} for
-    the link types this job has (``nodes`` from ``node_ids``); the same on every rank."""
-    out = {}
-    for kind, pair in sorted(link_pairs(nodes).items()):
-        ts = measure_pingpong(comm, sizes, pair)
-        a, b = fit_alpha_beta(sizes, ts)
-        out[kind] = {"alpha": a, "beta": b, "ranks": list(pair), "pingpong": [list(sizes), ts]}
-    return out
+    """Collective. {"intra"|"inter": {"alpha", "beta", "ranks", "pingpong": [sizes, times],
+    "exchange": {"alpha", "beta", "times": [sizes, times]}}} for the link types this job has
+    (``nodes`` from ``node_ids``); the same on every rank."""
+    return {kind: link_entry(comm, sizes, pair) for kind, pair in sorted(link_pairs(nodes).items())}
 
 
 def measure_primitives(comm, max_bytes: int, dtype="float32", nodes=None) -> dict:
@@ -668,7 +726,10 @@ def measure_primitives(comm, max_bytes: int, dtype="float32", nodes=None) -> dic
     if nodes is not None and len(set(nodes)) > 1:
         links = measure_links(comm, pp, nodes)
     elif tp:  # one node: ranks 0 and 1 share memory, their ping-pong is the intra-node link
-        links = {"intra": {"alpha": alpha, "beta": beta, "ranks": [0, 1], "pingpong": [pp, tp]}}
+        tx = measure_exchange(comm, pp)
+        xa, xb = fit_alpha_beta(pp, tx)
+        links = {"intra": {"alpha": alpha, "beta": beta, "ranks": [0, 1], "pingpong": [pp, tp],
+                           "exchange": {"alpha": xa, "beta": xb, "times": [pp, tx]}}}
     return {"pingpong": [pp, tp], "reduce": [gs, tg], "alpha": alpha, "beta": beta,
             "gamma": gamma, "reduce_overhead": c0, "links": links}
 
@@ -761,10 +822,15 @@ def format_params(model: CostModel) -> str:
         lines.append(f"#   fused (auto, n <= {_fmt_size(SMALL_BYTES)}): {m.fused * 1e6:.1f} us + (p-1)·n·gamma")
     for kind, what in (("intra", "within a node (shared memory)"), ("inter", "between nodes (network)")):
         ln = m.links.get(kind)
-        if ln and "inter" in m.links:  # one node: the intra link is the ping-pong above
+        if ln and ("inter" in m.links or "exchange" in ln):  # one node: the ping-pong is the one above
             pair = "<->".join(map(str, ln["ranks"]))
-            lines.append(f"#   link {kind} ({pair}, {what}): alpha {ln['alpha'] * 1e6:8.2f} us   "
-                         f"beta {ln['beta'] * 1e9:7.4f} ns/B ({_gbs(ln['beta'])})")
+            if "inter" in m.links:
+                lines.append(f"#   link {kind} ({pair}, {what}): alpha {ln['alpha'] * 1e6:8.2f} us   "
+                             f"beta {ln['beta'] * 1e9:7.4f} ns/B ({_gbs(ln['beta'])})")
+            x = ln.get("exchange")
+            if x:
+                lines.append(f"#   link {kind} exchange ({pair}, both send at once): alpha {x['alpha'] * 1e6:8.2f} us"
+                             f"   beta {x['beta'] * 1e9:7.4f} ns/B ({_gbs(x['beta'])})")
     if m.disturbed:
         lines.append(f"#   not fitted, disturbed (native there > {DISTURBED:g}x its lower envelope): "
                      + ", ".join(_fmt_size(n) for n in m.disturbed))
@@ -972,6 +1038,9 @@ def fit_for_bench(comm, rows, meta: dict) -> dict:
         *(f"#   ping-pong {k} {'<->'.join(map(str, ln['ranks']))} (us): "
           + "  ".join(f"{_fmt_size(n)} {t * 1e6:.1f}" for n, t in zip(*ln["pingpong"]))
           for k, ln in sorted(prims.get("links", {}).items()) if "inter" in prims.get("links", {})),
+        *(f"#   exchange {k} {'<->'.join(map(str, ln['ranks']))} (us): "
+          + "  ".join(f"{_fmt_size(n)} {t * 1e6:.1f}" for n, t in zip(*ln["exchange"]["times"]))
+          for k, ln in sorted(prims.get("links", {}).items()) if "exchange" in ln),
         "#",
         format_compare(rows, model),
         "#",

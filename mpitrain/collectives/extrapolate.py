@@ -2,18 +2,39 @@
 
 Not a measurement and not an MPI run: pure arithmetic on fitted parameters, one process.
 
-Two link types, each a ping-pong's alpha (s per message) and beta (s per byte):
+Two link types, each measured two ways by ``bench --fit`` (cost.py), alpha (s per message) and
+beta (s per byte) fitted to t = alpha + n·beta for each:
 
-    intra   (alpha_s, beta_s)   two ranks on one host (shared memory)
-    inter   (alpha_n, beta_n)   two ranks on different hosts (the network)
+                ping-pong (one way)     exchange (both send at once)
+    intra       (alpha_s, beta_s)       (alpha_sx, beta_sx)     two ranks on one host (shared memory)
+    inter       (alpha_n, beta_n)       (alpha_nx, beta_nx)     two ranks on different hosts (the network)
+
+Which one feeds which term -- by what the step does on the wire:
+
+    ring steps (ring, hier's ring across leaders)   exchange: every rank sends its chunk to the right
+                                                    and receives one from the left at the same time
+    the per-call check (an Allgather)               exchange: recursive doubling / Bruck, each round
+                                                    sends and receives at once
+    tree levels (tree, hier's reduce/bcast)         ping-pong: a binomial level is one direction --
+                                                    in the reduce a parent receives from its child and
+                                                    sends nothing, in the broadcast the reverse
+
+On the emulated hosts (tools/netns-hosts.sh) an exchange costs ~2x a one-way ping-pong (the
+measured fact this follows: MPICH's Allreduce on 2 hosts, two exchanges, took ~4 one-way
+times); in shared memory the two are close. A source without an exchange measurement (cost
+files written before it existed, a ping-pong table, a literal ALPHA@BANDWIDTH) falls back to
+its ping-pong for the exchange terms, and the output says so in a NOTE line -- expect
+ring predictions that are too low on networks where a simultaneous exchange is slower.
 
 and, from ``bench --fit`` on one host (cost.py), gamma (s per byte reduced) and ring's and
 tree's *effective* (alpha, beta) -- per size regime (knees) -- which include what a ping-pong
 does not see: Python's cost per message and per byte, memory contention. On the network an
-algorithm pays the network's ping-pong plus that same software overhead:
+algorithm pays the network's link plus that same software overhead, both taken the way its
+steps use the link (ring: exchange, tree: ping-pong):
 
     on intra links:  (alpha, beta) = the fitted regime (a, b) of the algorithm at n bytes
-    on inter links:  (alpha, beta) = (alpha_n + max(0, a - alpha_s), beta_n + max(0, b - beta_s))
+    on inter links, tree:  (alpha_n + max(0, a - alpha_s),   beta_n + max(0, b - beta_s))
+    on inter links, ring:  (alpha_nx + max(0, a - alpha_sx), beta_nx + max(0, b - beta_sx))
 
 Topology (``--ppn L``): N = H hosts x L ranks per host, ranks in blocks (rank r on host
 r // L); H = ceil(N / L); N <= L is one host (H = 1, L = N). Li = ceil(log2 L),
@@ -21,9 +42,9 @@ Lh = ceil(log2 H), s(n, p) = ring segments per chunk (ring.segment_bytes), and
 ring_time / tree_time are cost.py's formulas:
 
     ring    ring_time(n, N, alpha, beta, gamma, s(n, N)) with the inter (alpha, beta) of the
-            ring's regime when H > 1 -- every ring step waits for its slowest link, and with
-            more than one host some link of every step crosses hosts:
-                2(N-1)·s·alpha_n' + 2(N-1)/N·n·beta_n' + (N-1)/N·n·gamma
+            ring's regime when H > 1 (from the exchange) -- every ring step waits for its slowest
+            link, and with more than one host some link of every step crosses hosts:
+                2(N-1)·s·alpha_nx' + 2(N-1)/N·n·beta_nx' + (N-1)/N·n·gamma
     tree    binomial levels: with blocks of L (a power of two) the first Li levels pair
             ranks of one host, the remaining Lh cross hosts:
                 tree_time(n, L, intra) + tree_time(n, H, inter)
@@ -32,7 +53,7 @@ ring_time / tree_time are cost.py's formulas:
             memory (tree's fitted parameters), a ring across the H leaders (ring's, inter):
                 tree_time(n, L, intra) + ring_time(n, H, inter, s(n, H))
               = 2Li·(alpha_t + n·beta_t) + Li·n·gamma
-                + 2(H-1)·s·alpha_n' + 2(H-1)/H·n·beta_n' + (H-1)/H·n·gamma
+                + 2(H-1)·s·alpha_nx' + 2(H-1)/H·n·beta_nx' + (H-1)/H·n·gamma
 
 Size regimes (the fit's knees, ``fitted``): the fitted (alpha, beta) change with the message
 size at the rank count p0 of the fit. Every tree step moves the whole n: tree takes the regime
@@ -46,9 +67,10 @@ regimes, that regime's beta lowered to keep the time at p0.
 The agreement check: every call first runs one small Allgather (collectives/__init__.py) of a
 row of r = 48 B (+ SMALL_BYTES of room for auto's fused path when N <= FUSE_MAX_RANKS) per
 rank. On one host at p0 ranks the fit absorbed it into alpha; at N ranks on H hosts it costs
-(MPICH's recursive doubling or Bruck, ping-pong parameters: no Python per message)
+(MPICH's recursive doubling or Bruck -- simultaneous exchanges: the exchange parameters, no
+Python per message)
 
-    check(N) = Li·alpha_s + (L-1)·r·beta_s + Lh·alpha_n + (H-1)·L·r·beta_n
+    check(N) = Li·alpha_sx + (L-1)·r·beta_sx + Lh·alpha_nx + (H-1)·L·r·beta_nx
 
 and every prediction adds check(N) - check(p0 on one host): on one host a few us, across
 hosts its Lh network latencies and (H-1)·L rows over the network.
@@ -72,11 +94,13 @@ Where the parameters come from (``--link intra=SRC,inter=SRC``, each also ``defa
 
     intra   a single-host cost model JSON (``bench --fit``); default: the one stored for this
             host with the most ranks not above its core count (~/.cache/mpitrain/cost-<host>-n<p>.json)
-    inter   a cost model JSON fitted on more than one host (its ``links.inter``); a small JSON
-            {"alpha": s, "beta": s/B}; a ping-pong table {"results": [{"bytes", "one_way_us"}]}
-            (fitted t = alpha + n·beta); a literal ALPHA@BANDWIDTH (``25us@1.17GB/s``,
-            ``100us@10gbit``); or bench JSON files of multi-host runs (``--from-json``), whose
-            ring rows are fitted for (alpha_n, beta_n) with the intra overheads fixed;
+    inter   a cost model JSON fitted on more than one host (its ``links.inter``, with its
+            ``exchange`` when it has one); a small JSON {"alpha": s, "beta": s/B[, "exchange":
+            {"alpha", "beta"}]}; a ping-pong table {"results": [{"bytes", "one_way_us"}][,
+            "exchange": [{"bytes", "time_us"}]]} (each fitted t = alpha + n·beta); a literal
+            ALPHA@BANDWIDTH (``25us@1.17GB/s``, ``100us@10gbit``: ping-pong only); or bench JSON
+            files of multi-host runs (``--from-json``), whose ring rows are fitted for one
+            (alpha_n, beta_n) used for both ways (an effective link), the intra overheads fixed;
             default: the newest multi-host cost model in the cache
     when none is found: DEFAULT_INTRA / DEFAULT_INTER below, and the output says so.
 """
@@ -118,18 +142,41 @@ DEFAULT_INTER = {"source": "DEFAULT: 10 GbE under MPI over TCP (typical values, 
                  "alpha": 25e-6, "beta": 1 / 1.17e9}
 
 
+def _ab_text(a: float, b: float) -> str:
+    bw = f"{1e-9 / b:.3g} GB/s" if b > 0 else "inf"
+    return f"alpha {a * 1e6:.2f} us, beta {b * 1e9:.4f} ns/B ({bw})"
+
+
 @dataclass
 class Link:
-    """A ping-pong's alpha (s) and beta (s/B) for one link type, and where they come from."""
+    """One link type: a ping-pong's alpha (s) and beta (s/B), the simultaneous exchange's (xalpha,
+    xbeta) -- None: not measured, ``exchange()`` falls back to the ping-pong -- and the source."""
 
     alpha: float
     beta: float
     source: str = ""
     default: bool = False
+    xalpha: float | None = None
+    xbeta: float | None = None
+
+    @property
+    def has_exchange(self) -> bool:
+        return self.xalpha is not None and self.xbeta is not None
+
+    def exchange(self) -> tuple[float, float]:
+        """(alpha, beta) of a simultaneous exchange: measured, else the ping-pong's."""
+        return (self.xalpha, self.xbeta) if self.has_exchange else (self.alpha, self.beta)
+
+    def pingpong(self) -> tuple[float, float]:
+        return self.alpha, self.beta
 
     def text(self) -> str:
-        bw = f"{1e-9 / self.beta:.3g} GB/s" if self.beta > 0 else "inf"
-        return f"alpha {self.alpha * 1e6:.2f} us, beta {self.beta * 1e9:.4f} ns/B ({bw})"
+        s = "ping-pong " + _ab_text(self.alpha, self.beta)
+        if self.has_exchange:
+            s += "; exchange " + _ab_text(self.xalpha, self.xbeta)
+        else:
+            s += "; exchange: not measured (= the ping-pong)"
+        return s
 
 
 @dataclass
@@ -195,14 +242,26 @@ def fitted(kind: str, n: int, P: Params) -> tuple[float, float]:
     return a, b
 
 
+EXCHANGE_STEPS = ("ring",)  # algorithms whose steps are simultaneous exchanges (tree levels: one way)
+
+
+def link_params(link: Link, kind: str) -> tuple[float, float]:
+    """(alpha, beta) of ``link`` the way a step of ``kind`` uses it: ring (and the check) exchange,
+    tree one way (ping-pong)."""
+    return link.exchange() if kind in EXCHANGE_STEPS else link.pingpong()
+
+
 def on_link(kind: str, n: int, p: int, P: Params, inter: bool) -> tuple[float, float]:
     """The (alpha, beta) ``kind`` (ring, tree) pays per message for ``n`` bytes on ``p`` ranks: on one
-    host its fitted regime (``fitted``); across hosts the network's ping-pong plus the software
-    overhead the fit saw above the shared-memory ping-pong."""
+    host its fitted regime (``fitted``); across hosts the network's link plus the software
+    overhead the fit saw above the shared-memory link -- both the exchange for ring, the
+    ping-pong for tree (``link_params``)."""
     a, b = fitted(kind, equivalent_size(kind, n, p, P), P)
     if not inter:
         return a, b
-    return P.inter.alpha + max(0.0, a - P.intra.alpha), P.inter.beta + max(0.0, b - P.intra.beta)
+    na, nb = link_params(P.inter, kind)
+    sa, sb = link_params(P.intra, kind)
+    return na + max(0.0, a - sa), nb + max(0.0, b - sb)
 
 
 def check_time(P: Params, N: int, ppn: int) -> float:
@@ -213,9 +272,11 @@ def check_time(P: Params, N: int, ppn: int) -> float:
         return 0.0
     H, L = topology(N, ppn)
     r = 8 * META + (SMALL_BYTES if N <= FUSE_MAX_RANKS else 0)
-    t = log2ceil(L) * P.intra.alpha + (L - 1) * r * P.intra.beta
+    sa, sb = P.intra.exchange()  # every round of the Allgather sends and receives at once
+    t = log2ceil(L) * sa + (L - 1) * r * sb
     if H > 1:
-        t += log2ceil(H) * P.inter.alpha + (H - 1) * L * r * P.inter.beta
+        na, nb = P.inter.exchange()
+        t += log2ceil(H) * na + (H - 1) * L * r * nb
     return t
 
 
@@ -342,7 +403,8 @@ def _intra_from_model(m: cost.CostModel, source: str) -> Params:
         raise ValueError(f"{source}: fitted on {m.nodes} nodes, its ring and tree parameters mix link types; "
                          "the intra-host parameters need a single-host fit (bench --fit on one host)")
     ln = m.links.get("intra") or {"alpha": m.alpha, "beta": m.beta}
-    intra = Link(ln["alpha"], ln["beta"], f"ping-pong in {source}")
+    x = ln.get("exchange") or {}
+    intra = Link(ln["alpha"], ln["beta"], f"ping-pong in {source}", xalpha=x.get("alpha"), xbeta=x.get("beta"))
     return Params(m.gamma, intra, Link(0.0, 0.0), m.ring, m.tree,
                   f"{source} ({m.ranks} ranks on {m.host or '?'}, {m.created or 'undated'})", m.ranks)
 
@@ -433,7 +495,18 @@ def _inter_from_file(path: Path) -> Link | None:
         if len(pts) < 2:
             raise ValueError(f"{path}: a ping-pong table needs two sizes at least")
         a, b = cost.fit_alpha_beta([n for n, _ in pts], [t for _, t in pts])
-        return Link(a, b, f"{path} (ping-pong table, {len(pts)} sizes, fitted t = alpha + n·beta)")
+        xa = xb = None
+        if d.get("exchange") is not None:
+            try:
+                xs = [(int(r["bytes"]), float(r["time_us"]) * 1e-6) for r in d["exchange"]]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: an exchange table needs exchange: [{{\"bytes\", \"time_us\"}}]") from None
+            xs = [(n, t) for n, t in xs if n > 0 and t > 0]
+            if len(xs) < 2:
+                raise ValueError(f"{path}: an exchange table needs two sizes at least")
+            xa, xb = cost.fit_alpha_beta([n for n, _ in xs], [t for _, t in xs])
+        return Link(a, b, f"{path} (ping-pong{' and exchange' if xa is not None else ''} table, "
+                          f"{len(pts)} sizes, fitted t = alpha + n·beta)", xalpha=xa, xbeta=xb)
     if isinstance(d, dict) and "ranks" in d and "ring" in d:
         try:
             m = cost.CostModel.from_dict(d)
@@ -443,15 +516,19 @@ def _inter_from_file(path: Path) -> Link | None:
             raise ValueError(f"{path}: no inter-host link in this model (fitted on {m.nodes} node(s)); "
                              "fit one with bench --fit on ranks spanning two hosts or more")
         ln = m.links["inter"]
-        return Link(ln["alpha"], ln["beta"], f"{path} (ping-pong ranks {ln['ranks'][0]}<->{ln['ranks'][1]}, "
-                                             f"{m.created or 'undated'})")
+        x = ln.get("exchange") or {}
+        what = "ping-pong and exchange" if x else "ping-pong"
+        return Link(ln["alpha"], ln["beta"], f"{path} ({what}, ranks {ln['ranks'][0]}<->{ln['ranks'][1]}, "
+                                             f"{m.created or 'undated'})", xalpha=x.get("alpha"), xbeta=x.get("beta"))
     try:
         a, b = float(d["alpha"]), float(d["beta"])
+        x = d.get("exchange")
+        xa, xb = (None, None) if x is None else (float(x["alpha"]), float(x["beta"]))
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{path}: neither a cost model, a bench JSON nor {{\"alpha\": s, \"beta\": s/B}}") from None
-    if not (math.isfinite(a) and math.isfinite(b) and a >= 0 and b >= 0):
+    if not all(math.isfinite(v) and v >= 0 for v in (a, b, *(v for v in (xa, xb) if v is not None))):
         raise ValueError(f"{path}: alpha and beta must be finite and >= 0")
-    return Link(a, b, str(path))
+    return Link(a, b, str(path), xalpha=xa, xbeta=xb)
 
 
 def load_inter(srcs, P: Params) -> Link:
@@ -497,6 +574,14 @@ def load_params(link_specs=None, from_json=None) -> Params:
         raise ValueError("--link intra= takes one cost model JSON (or default)")
     P = load_intra(intra[0] if intra else None)
     P.inter = load_inter(inter, P)
+    for kind, ln in (("inter-host", P.inter), ("intra-host", P.intra)):
+        if not ln.has_exchange and not ln.default:  # DEFAULT parameters have their own NOTE
+            P.notes.append(
+                f"{kind}: no exchange measurement in {ln.source or 'the source'} (an older file, a ping-pong "
+                "table or a literal): the exchange terms (ring steps, the check) fall back to its ping-pong"
+                + (" -- likely too low where a simultaneous exchange is slower (refit: mpirun -n P python -m "
+                   "mpitrain bench --fit on ranks spanning two hosts)" if kind == "inter-host" else
+                   " (in shared memory the two are close; refit with bench --fit to measure it)"))
     return P
 
 
@@ -536,9 +621,9 @@ def fit_inter(P: Params, docs, algorithms=("ring",)) -> Link:
             if r.get("algorithm") not in algorithms or _row_time(r) <= 0:
                 continue
             n = int(r["size"])
-            f0 = predict(P.with_inter(Link(0.0, 0.0)), r["algorithm"], n, N, L)
-            fa = predict(P.with_inter(Link(1.0, 0.0)), r["algorithm"], n, N, L) - f0
-            fb = predict(P.with_inter(Link(0.0, 1.0)), r["algorithm"], n, N, L) - f0
+            f0 = predict(P.with_inter(Link(0.0, 0.0, xalpha=0.0, xbeta=0.0)), r["algorithm"], n, N, L)
+            fa = predict(P.with_inter(Link(1.0, 0.0, xalpha=1.0, xbeta=0.0)), r["algorithm"], n, N, L) - f0
+            fb = predict(P.with_inter(Link(0.0, 1.0, xalpha=0.0, xbeta=1.0)), r["algorithm"], n, N, L) - f0
             X.append([fa, fb])
             y.append(_row_time(r))
             off.append(f0)
@@ -548,7 +633,8 @@ def fit_inter(P: Params, docs, algorithms=("ring",)) -> Link:
                          f"in {', '.join(names)}")
     a, b = cost.lsq_relative(np.array(X), np.array(y), np.array(off))
     return Link(float(a), float(b), f"fitted to the {'/'.join(algorithms)} rows of {', '.join(names)} "
-                                    f"({len(y)} rows; intra overheads fixed)")
+                                    f"({len(y)} rows; intra overheads fixed; one link for both ways)",
+                xalpha=float(a), xbeta=float(b))
 
 
 def validate(P: Params, docs, ppn: int | None = None) -> dict:
@@ -612,7 +698,7 @@ def format_params(P: Params, ppn: int | None) -> list[str]:
         "# mpitrain bench --model: predicted allreduce times "
         "(alpha-beta-gamma per link type; a model, not a measurement)",
         f"#   intra-host (shared memory): {P.source}",
-        f"#     ping-pong {P.intra.text()};  gamma {P.gamma * 1e9:.4f} ns/B",
+        f"#     {P.intra.text()};  gamma {P.gamma * 1e9:.4f} ns/B",
         f"#     ring (fitted at {P.ranks} ranks): {_regimes(P.ring)}",
         f"#     tree (fitted at {P.ranks} ranks): {_regimes(P.tree)}",
         f"#   inter-host (network): {P.inter.source}",
@@ -622,15 +708,16 @@ def format_params(P: Params, ppn: int | None) -> list[str]:
         lines.append(f"#   topology: N = H hosts x L ranks per host (--ppn {ppn}), ranks in blocks; "
                      "N <= L: one host")
     lines += [
-        "#   ring  2(N-1)·s·alpha' + 2(N-1)/N·n·beta' + (N-1)/N·n·gamma; alpha', beta' inter-host when H > 1",
+        "#   ring  2(N-1)·s·alpha' + 2(N-1)/N·n·beta' + (N-1)/N·n·gamma; alpha', beta' inter-host (exchange) "
+        "when H > 1",
         "#   tree  2Li·(alpha_t + n·beta_t) + 2Lh·(alpha_n' + n·beta_n') + (Li+Lh)·n·gamma;  "
         "Li = ceil(log2 L), Lh = ceil(log2 H)",
         "#   hier  tree within each host (2Li·(alpha_t + n·beta_t) + Li·n·gamma) "
         "+ ring across the H leaders (inter)",
-        "#   each + the agreement check's Allgather beyond the fit's: Li·alpha_s + (L-1)·r·beta_s + "
-        "Lh·alpha_n + (H-1)·L·r·beta_n - (the same at p0)",
-        "#   inter-host alpha', beta' = network ping-pong "
-        "+ the fit's software overhead above the shared-memory ping-pong",
+        "#   each + the agreement check's Allgather beyond the fit's: Li·alpha_sx + (L-1)·r·beta_sx + "
+        "Lh·alpha_nx + (H-1)·L·r·beta_nx - (the same at p0)  (x: exchange)",
+        "#   inter-host alpha', beta' = the network's link + the fit's software overhead above the shared-memory "
+        "link; ring steps and the check: exchange (both ranks send at once), tree levels: ping-pong (one way)",
         "#   native (MPI's Allreduce) is not extrapolated: its model is a table measured at one rank count on one "
         "host, and the library changes algorithm with N and topology",
     ]
@@ -875,7 +962,11 @@ def run(args, out=None) -> int:
 
 def params_dict(P: Params) -> dict:
     return {"gamma": P.gamma, "ring": P.ring, "tree": P.tree, "fitted_ranks": P.ranks, "intra_source": P.source,
-            "intra": {"alpha": P.intra.alpha, "beta": P.intra.beta, "default": P.default},
+            "intra": {"alpha": P.intra.alpha, "beta": P.intra.beta, "default": P.default,
+                      "exchange": {"alpha": P.intra.exchange()[0], "beta": P.intra.exchange()[1],
+                                   "measured": P.intra.has_exchange}},
             "inter": {"alpha": P.inter.alpha, "beta": P.inter.beta, "source": P.inter.source,
-                      "default": P.inter.default},
+                      "default": P.inter.default,
+                      "exchange": {"alpha": P.inter.exchange()[0], "beta": P.inter.exchange()[1],
+                                   "measured": P.inter.has_exchange}},
             "notes": list(P.notes)}
