@@ -203,7 +203,7 @@ class Trainer:
             self._broadcast_params()
         log0(f"mpitrain {__version__}: {self.size} rank(s), {self.model.describe()}, "
              f"{self.data.train_rows} training rows, {self.steps_per_epoch} steps/epoch of "
-             f"{t.batch_size} x {self.size}, allreduce={cfg.comm.algorithm}, backend={t.backend}")
+             f"{t.batch_size} x {self.size}, sync={strategy_name(cfg)}, backend={t.backend}")
 
     def _broadcast_params(self):
         host = backend.to_numpy(self.model.params).copy()
