@@ -156,6 +156,30 @@ def test_native_piecewise_is_monotone_and_interpolates():
     assert mid == pytest.approx(math.sqrt(20e-6 * 80e-6), rel=1e-4)  # log-log midpoint
 
 
+def test_link_table_interpolates_exactly_monotonely_and_extends_with_the_line():
+    sizes = [8, 128, 512, 8192, 1 << 20]
+    times = [10e-6, 11e-6, 21e-6, 30e-6, 900e-6]  # a protocol jump between 128 B and 512 B
+    table = cost.link_table(sizes + [512, 0], times + [25e-6, 5e-6])  # a repeat keeps its fastest; n = 0 dropped
+    assert table == [[n, t] for n, t in zip(sizes, times)]
+    assert cost.link_table([8], [1e-6]) is None and cost.link_table([], []) is None
+    beta = 0.8e-9
+    for n, t in zip(sizes, times):  # exact at every measured size
+        assert cost.table_time(table, n, beta) == t
+    for (n0, t0), (n1, t1) in zip(table, table[1:]):  # monotone between neighbours, log-log
+        xs = np.geomspace(n0, n1, 23)
+        ys = [cost.table_time(table, x, beta) for x in xs]
+        assert all(min(t0, t1) - 1e-18 <= y <= max(t0, t1) + 1e-18 for y in ys)
+        assert all(y1 >= y0 - 1e-18 for y0, y1 in zip(ys, ys[1:]))
+        assert cost.table_time(table, math.sqrt(n0 * n1), beta) == pytest.approx(math.sqrt(t0 * t1), rel=1e-9)
+    # the jump is kept (a straight line through the points would smooth it away)
+    assert cost.table_time(table, 256, beta) == pytest.approx(math.sqrt(11e-6 * 21e-6), rel=1e-9)
+    # outside the measured range: the line's slope beta, through the end point (continuous)
+    assert cost.table_time(table, 4 << 20, beta) == pytest.approx(900e-6 + (3 << 20) * beta)
+    assert cost.table_time(table, 4, beta) == pytest.approx(10e-6 - 4 * beta)
+    assert cost.table_time(table, 0.5, beta) < 10e-6
+    assert cost.table_time([[8, 1e-9], [16, 2e-9]], 0, 1.0) == 0.0  # never negative
+
+
 def test_best_is_the_fastest_prediction():
     m = make_model(4)
     for n in [8, 4096, 65536, MiB, 16 * MiB, 256 * MiB, 12345] + SIZES:

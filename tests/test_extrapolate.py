@@ -376,6 +376,93 @@ def test_ring_and_check_use_the_exchange_tree_the_ping_pong():
         assert ex.predict(P, "ring", n, 2, 2) == pytest.approx(model().predict("ring", n))
 
 
+PP_T = [[8, 40e-6], [128, 42e-6], [512, 80e-6], [32768, 110e-6], [MiB, 900e-6]]  # measured, with a jump
+XX_T = [[8, 60e-6], [128, 62e-6], [512, 150e-6], [32768, 200e-6], [MiB, 1800e-6]]
+
+
+def test_network_terms_use_the_measured_tables():
+    P, line = params_x(), params_x()
+    P.inter = ex.Link(*PP, "test", xalpha=XX[0], xbeta=XX[1], table=PP_T, xtable=XX_T)
+    for n in (8, 100, 4096, 300000, MiB, 64 * MiB):
+        # tree levels across hosts: the ping-pong table at n (whole n per level), + the same overhead
+        a, b = ex.on_link("tree", n, 2, P, True)
+        la, lb = ex.on_link("tree", n, 2, line, True)
+        assert b == lb
+        assert a + n * b == pytest.approx(cost.table_time(PP_T, n, PP[1]) + (la - PP[0]) + n * lb - n * PP[1])
+        # ring steps across hosts: the exchange table at one segment, n / (N·s)
+        for N in (2, 8):
+            s = cost.ring_segments(n, N)
+            m = n / (N * s)
+            a, b = ex.on_link("ring", n, N, P, True)
+            la, lb = ex.on_link("ring", n, N, line, True)
+            assert b == lb and a - la == pytest.approx(cost.table_time(XX_T, m, XX[1]) - m * XX[1] - XX[0], abs=1e-15)
+            # the ring's network time is s·T(m) per step: 2(N-1)·s·T(m) + the overheads, as in the line
+            assert ex.ring_time(n, N, a, b, 0.0, s) - ex.ring_time(n, N, la, lb, 0.0, s) == pytest.approx(
+                2 * (N - 1) * s * (cost.table_time(XX_T, m, XX[1]) - XX[0] - m * XX[1]), rel=1e-9, abs=1e-15)
+    # the protocol jump between 128 B and 512 B shows in the prediction, not in the line's
+    assert ex._algorithm_time(P, "tree", 512, 8, 4) - ex._algorithm_time(P, "tree", 128, 8, 4) > 70e-6
+    assert ex._algorithm_time(line, "tree", 512, 8, 4) - ex._algorithm_time(line, "tree", 128, 8, 4) < 5e-6
+    # the check: round k exchanges min(2^k, H - 2^k) hosts' rows of L·r bytes, from the table
+    from mpitrain.collectives import FUSE_MAX_RANKS, META, SMALL_BYTES
+
+    r = 8 * META + (SMALL_BYTES if 24 <= FUSE_MAX_RANKS else 0)
+    intra = ex.check_time(line.with_inter(ex.Link(0.0, 0.0, xalpha=0.0, xbeta=0.0)), 24, 8)  # the Li rounds
+    want = intra + 2 * cost.table_time(XX_T, 8 * r, XX[1])  # H = 3: rounds of 1 and 1 host's rows
+    assert ex.check_time(P, 24, 8) == pytest.approx(want, rel=1e-12)
+    assert ex.check_time(P, 40, 8) == pytest.approx(  # H = 5: rounds of 1, 2 and 1 hosts' rows
+        ex.check_time(line.with_inter(ex.Link(0.0, 0.0, xalpha=0.0, xbeta=0.0)), 40, 8)
+        + sum(cost.table_time(XX_T, k * 8 * r, XX[1]) for k in (1, 2, 1)), rel=1e-12)
+    # one host at the fit's rank count: still exactly CostModel.predict (no network term)
+    for n in SIZES:
+        for a in ("ring", "tree"):
+            assert ex.predict(P, a, n, 2, 2) == pytest.approx(model().predict(a, n), rel=1e-12)
+    # no exchange measured: the exchange terms fall back to the ping-pong, table included
+    noexch = ex.Link(*PP, "test", table=PP_T)
+    assert noexch.exchange_at(300) == noexch.pingpong_at(300) != PP
+
+
+def test_a_source_without_tables_keeps_the_line():
+    P = params_x()
+    assert P.inter.table is None and P.inter.xtable is None
+    for m in (0.5, 8, 300, MiB):
+        assert P.inter.pingpong_at(m) == PP and P.inter.exchange_at(m) == XX
+    # the numbers the straight-line model gave (the formulas written out)
+    from mpitrain.collectives import FUSE_MAX_RANKS, META, SMALL_BYTES
+
+    r = 8 * META + (SMALL_BYTES if 24 <= FUSE_MAX_RANKS else 0)
+    assert ex.check_time(P, 24, 8) == pytest.approx(3 * 3e-6 + 7 * r * 0.09e-9 + 2 * XX[0] + 2 * 8 * r * XX[1],
+                                                    rel=1e-12)
+    for n in (8, 4096, MiB):
+        a, b = ex.fitted("ring", ex.equivalent_size("ring", n, 8, P), P)
+        assert ex.on_link("ring", n, 8, P, True) == (XX[0] + max(0.0, a - 3e-6), XX[1] + max(0.0, b - 0.09e-9))
+        a, b = ex.fitted("tree", n, P)
+        assert ex.on_link("tree", n, 2, P, True) == (PP[0] + max(0.0, a - 2.5e-6), PP[1] + max(0.0, b - 0.08e-9))
+    # loaders: a literal, a small JSON and --from-json fits carry no table
+    assert ex.parse_link_literal("25us@1.17GB/s").table is None
+
+
+def test_loaders_keep_the_measured_tables(tmp_path):
+    sizes, tp, tx = [8, 512, 32768, MiB], [40e-6, 80e-6, 110e-6, 900e-6], [60e-6, 150e-6, 200e-6, 1800e-6]
+    links = {"inter": {"alpha": PP[0], "beta": PP[1], "ranks": [0, 1], "pingpong": [sizes, tp],
+                       "exchange": {"alpha": XX[0], "beta": XX[1], "times": [sizes, tx]}}}
+    cost.save(model(2, nodes=2, links=links), tmp_path / "c.json")
+    P = params_x()
+    ln = ex.load_inter([str(tmp_path / "c.json")], P)
+    assert ln.table == [[n, t] for n, t in zip(sizes, tp)] and ln.xtable == [[n, t] for n, t in zip(sizes, tx)]
+    assert "measured tables" in ln.text()
+    (tmp_path / "pp.json").write_text(json.dumps({
+        "results": [{"bytes": n, "one_way_us": t * 1e6} for n, t in zip(sizes, tp)],
+        "exchange": [{"bytes": n, "time_us": t * 1e6} for n, t in zip(sizes, tx)]}))
+    ln = ex.load_inter([str(tmp_path / "pp.json")], P)
+    assert [n for n, _ in ln.table] == sizes and [t for _, t in ln.table] == pytest.approx(tp)
+    assert ln.exchange_at(512)[0] + 512 * ln.exchange_at(512)[1] == pytest.approx(150e-6)
+    # an old file (no tables) loads as the line
+    del links["inter"]["pingpong"], links["inter"]["exchange"]["times"]
+    cost.save(model(2, nodes=2, links=links), tmp_path / "o.json")
+    ln = ex.load_inter([str(tmp_path / "o.json")], P)
+    assert ln.table is None and ln.xtable is None and ln.exchange_at(512) == XX
+
+
 def test_old_files_fall_back_to_the_ping_pong_and_say_so(tmp_path):
     links = {"inter": {"alpha": PP[0], "beta": PP[1], "ranks": [0, 1]}}
     old = model(2, nodes=2, links=links)

@@ -300,6 +300,44 @@ def piecewise_time(table, n) -> float:
     return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
 
 
+def link_table(sizes, times) -> list | None:
+    """A measured link table [[n, t], ...] (sorted by n, n > 0, t > 0; a repeated size keeps its
+    fastest time) for ``table_time``, or None with fewer than two usable sizes. The times are kept
+    as measured (no envelope): ``table_time`` is exact at every measured size."""
+    pts = {}
+    for n, t in zip(sizes or (), times or ()):
+        n, t = float(n), float(t)
+        if n > 0 and t > 0 and math.isfinite(n) and math.isfinite(t):
+            pts[int(n)] = min(t, pts.get(int(n), math.inf))
+    return [[n, pts[n]] for n in sorted(pts)] if len(pts) >= 2 else None
+
+
+def table_time(table, n, beta) -> float:
+    """Seconds of one message of ``n`` bytes (may be fractional) on a link with a measured ``table``
+    (``link_table``): log-log interpolation between the two measured sizes around n (exact at
+    them, monotone between them); outside the measured range a straight line of slope ``beta``
+    (the link's fitted alpha + n·beta) through the nearest end point, so there is no jump at
+    the edge."""
+    n0, t0 = table[0]
+    if n <= n0:
+        return max(0.0, t0 - (n0 - n) * beta)
+    n1, t1 = table[-1]
+    if n >= n1:
+        return t1 + (n - n1) * beta
+    lo, hi = 0, len(table) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if table[mid][0] <= n:
+            lo = mid
+        else:
+            hi = mid
+    (n0, t0), (n1, t1) = table[lo], table[hi]
+    if n == n0:
+        return t0
+    f = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+    return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+
+
 # --------------------------------------------------------------------------- the model
 
 

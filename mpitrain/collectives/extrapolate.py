@@ -26,6 +26,27 @@ files written before it existed, a ping-pong table, a literal ALPHA@BANDWIDTH) f
 its ping-pong for the exchange terms, and the output says so in a NOTE line -- expect
 ring predictions that are too low on networks where a simultaneous exchange is slower.
 
+Measured tables for the network. ``bench --fit`` across hosts also stores the timings it fitted
+the two lines to (sizes 8 B .. max, x4): ``links.inter.pingpong`` and ``links.inter.exchange.times``
+(a ping-pong table JSON has them as ``results`` / ``exchange``). Where the inter source has them,
+the network's time for one message of m bytes is the *table* at m instead of its line
+(cost.table_time: log-log interpolation between the two measured sizes around m -- exact at the
+measured sizes, so a protocol jump such as the one between 128 B and 512 B is kept; outside the
+measured range the straight line with the fitted beta, through the nearest end point). Written
+as an effective alpha_n(m) = T(m) - m·beta_n (beta_n the fitted slope), so the formulas below
+keep their shape. Exactly these terms use a table:
+
+    tree levels across hosts (tree's Lh levels)      ping-pong table at m = n
+    ring steps across hosts (ring when H > 1,        exchange table at m = one segment,
+      hier's ring across the H leaders)                n / (N·s(n, N)), resp. n / (H·s(n, H))
+    the check's Lh rounds across hosts               exchange table at m = the round's bytes,
+                                                       min(2^k, H - 2^k)·L·r in round k
+    (no exchange measured: the ping-pong table, like the line's fallback)
+
+Everything else -- the intra links, the overheads a - alpha_s, b - beta_s (against the intra
+*lines*), the fitted ring/tree regimes -- is as before; a source with no table (an older cost
+file, {"alpha", "beta"}, a literal, ``--from-json``) gives the lines, as before.
+
 and, from ``bench --fit`` on one host (cost.py), gamma (s per byte reduced) and ring's and
 tree's *effective* (alpha, beta) -- per size regime (knees) -- which include what a ping-pong
 does not see: Python's cost per message and per byte, memory contention. On the network an
@@ -71,6 +92,7 @@ rank. On one host at p0 ranks the fit absorbed it into alpha; at N ranks on H ho
 Python per message)
 
     check(N) = Li·alpha_sx + (L-1)·r·beta_sx + Lh·alpha_nx + (H-1)·L·r·beta_nx
+             (with an exchange table: the Lh network rounds as sum_k T_x(min(2^k, H - 2^k)·L·r))
 
 and every prediction adds check(N) - check(p0 on one host): on one host a few us, across
 hosts its Lh network latencies and (H-1)·L rows over the network.
@@ -97,7 +119,8 @@ Where the parameters come from (``--link intra=SRC,inter=SRC``, each also ``defa
     inter   a cost model JSON fitted on more than one host (its ``links.inter``, with its
             ``exchange`` when it has one); a small JSON {"alpha": s, "beta": s/B[, "exchange":
             {"alpha", "beta"}]}; a ping-pong table {"results": [{"bytes", "one_way_us"}][,
-            "exchange": [{"bytes", "time_us"}]]} (each fitted t = alpha + n·beta); a literal
+            "exchange": [{"bytes", "time_us"}]]} (each fitted t = alpha + n·beta, and kept as a table
+            for the terms listed above, like a cost model's tables); a literal
             ALPHA@BANDWIDTH (``25us@1.17GB/s``, ``100us@10gbit``: ping-pong only); or bench JSON
             files of multi-host runs (``--from-json``), whose ring rows are fitted for one
             (alpha_n, beta_n) used for both ways (an effective link), the intra overheads fixed;
@@ -158,10 +181,29 @@ class Link:
     default: bool = False
     xalpha: float | None = None
     xbeta: float | None = None
+    table: list | None = None   # the measured ping-pong [[n, one-way s], ...] (cost.link_table), None: line only
+    xtable: list | None = None  # the measured exchange [[n, s], ...]; used only with (xalpha, xbeta)
 
     @property
     def has_exchange(self) -> bool:
         return self.xalpha is not None and self.xbeta is not None
+
+    def pingpong_at(self, m: float) -> tuple[float, float]:
+        """(alpha, beta) of one one-way message of ``m`` bytes: with a measured table alpha is the
+        table's time at m less m·beta (so alpha + m·beta = the table, cost.table_time), else the
+        fitted line."""
+        if self.table is None:
+            return self.pingpong()
+        return cost.table_time(self.table, m, self.beta) - m * self.beta, self.beta
+
+    def exchange_at(self, m: float) -> tuple[float, float]:
+        """``pingpong_at`` for a simultaneous exchange of ``m`` bytes each way (falls back like
+        ``exchange()``: no exchange measured -> the ping-pong, its table included)."""
+        if not self.has_exchange:
+            return self.pingpong_at(m)
+        if self.xtable is None:
+            return self.xalpha, self.xbeta
+        return cost.table_time(self.xtable, m, self.xbeta) - m * self.xbeta, self.xbeta
 
     def exchange(self) -> tuple[float, float]:
         """(alpha, beta) of a simultaneous exchange: measured, else the ping-pong's."""
@@ -176,6 +218,12 @@ class Link:
             s += "; exchange " + _ab_text(self.xalpha, self.xbeta)
         else:
             s += "; exchange: not measured (= the ping-pong)"
+        tabs = [w for w, t in (("ping-pong", self.table), ("exchange", self.xtable if self.has_exchange else None))
+                if t is not None]
+        if tabs:
+            s += (f"; measured tables used between {_fmt_size(min(t[0][0] for t in (self.table, self.xtable) if t))}"
+                  f" and {_fmt_size(max(t[-1][0] for t in (self.table, self.xtable) if t))} "
+                  f"({' and '.join(tabs)}: log-log interpolation; the line outside)")
         return s
 
 
@@ -245,21 +293,33 @@ def fitted(kind: str, n: int, P: Params) -> tuple[float, float]:
 EXCHANGE_STEPS = ("ring",)  # algorithms whose steps are simultaneous exchanges (tree levels: one way)
 
 
-def link_params(link: Link, kind: str) -> tuple[float, float]:
+def link_params(link: Link, kind: str, m: float | None = None) -> tuple[float, float]:
     """(alpha, beta) of ``link`` the way a step of ``kind`` uses it: ring (and the check) exchange,
-    tree one way (ping-pong)."""
-    return link.exchange() if kind in EXCHANGE_STEPS else link.pingpong()
+    tree one way (ping-pong). With ``m`` (bytes per message of the step) and a measured table:
+    the table's time at m (``Link.pingpong_at`` / ``exchange_at``), else the fitted line."""
+    if m is None:
+        return link.exchange() if kind in EXCHANGE_STEPS else link.pingpong()
+    return link.exchange_at(m) if kind in EXCHANGE_STEPS else link.pingpong_at(m)
+
+
+def message_bytes(kind: str, n: int, p: int) -> float:
+    """Bytes per message of one step of ``kind`` for ``n`` bytes on ``p`` ranks: a ring step sends
+    one segment, n / (p·s(n, p)) (so s·m = n/p exactly); a tree level the whole n."""
+    if kind == "ring":
+        return int(n) / (p * ring_segments(n, p)) if p > 0 else float(n)
+    return float(n)
 
 
 def on_link(kind: str, n: int, p: int, P: Params, inter: bool) -> tuple[float, float]:
     """The (alpha, beta) ``kind`` (ring, tree) pays per message for ``n`` bytes on ``p`` ranks: on one
     host its fitted regime (``fitted``); across hosts the network's link plus the software
     overhead the fit saw above the shared-memory link -- both the exchange for ring, the
-    ping-pong for tree (``link_params``)."""
+    ping-pong for tree (``link_params``); the network's at the step's message size
+    (``message_bytes``) from its measured table when the source has one."""
     a, b = fitted(kind, equivalent_size(kind, n, p, P), P)
     if not inter:
         return a, b
-    na, nb = link_params(P.inter, kind)
+    na, nb = link_params(P.inter, kind, message_bytes(kind, n, p))
     sa, sb = link_params(P.intra, kind)
     return na + max(0.0, a - sa), nb + max(0.0, b - sb)
 
@@ -275,8 +335,16 @@ def check_time(P: Params, N: int, ppn: int) -> float:
     sa, sb = P.intra.exchange()  # every round of the Allgather sends and receives at once
     t = log2ceil(L) * sa + (L - 1) * r * sb
     if H > 1:
-        na, nb = P.inter.exchange()
-        t += log2ceil(H) * na + (H - 1) * L * r * nb
+        if (P.inter.xtable if P.inter.has_exchange else P.inter.table) is not None:
+            # from the table: round k of the recursive doubling / Bruck exchanges min(2^k, H - 2^k)
+            # hosts' rows (L·r bytes each); the rounds add up to (H-1)·L·r bytes as in the line
+            for k in range(log2ceil(H)):
+                m = min(2 ** k, H - 2 ** k) * L * r
+                na, nb = P.inter.exchange_at(m)
+                t += na + m * nb
+        else:
+            na, nb = P.inter.exchange()
+            t += log2ceil(H) * na + (H - 1) * L * r * nb
     return t
 
 
@@ -495,7 +563,7 @@ def _inter_from_file(path: Path) -> Link | None:
         if len(pts) < 2:
             raise ValueError(f"{path}: a ping-pong table needs two sizes at least")
         a, b = cost.fit_alpha_beta([n for n, _ in pts], [t for _, t in pts])
-        xa = xb = None
+        xa = xb = xt = None
         if d.get("exchange") is not None:
             try:
                 xs = [(int(r["bytes"]), float(r["time_us"]) * 1e-6) for r in d["exchange"]]
@@ -505,8 +573,10 @@ def _inter_from_file(path: Path) -> Link | None:
             if len(xs) < 2:
                 raise ValueError(f"{path}: an exchange table needs two sizes at least")
             xa, xb = cost.fit_alpha_beta([n for n, _ in xs], [t for _, t in xs])
+            xt = cost.link_table([n for n, _ in xs], [t for _, t in xs])
         return Link(a, b, f"{path} (ping-pong{' and exchange' if xa is not None else ''} table, "
-                          f"{len(pts)} sizes, fitted t = alpha + n·beta)", xalpha=xa, xbeta=xb)
+                          f"{len(pts)} sizes, fitted t = alpha + n·beta)", xalpha=xa, xbeta=xb,
+                    table=cost.link_table([n for n, _ in pts], [t for _, t in pts]), xtable=xt)
     if isinstance(d, dict) and "ranks" in d and "ring" in d:
         try:
             m = cost.CostModel.from_dict(d)
@@ -518,8 +588,10 @@ def _inter_from_file(path: Path) -> Link | None:
         ln = m.links["inter"]
         x = ln.get("exchange") or {}
         what = "ping-pong and exchange" if x else "ping-pong"
+        pp, xt = ln.get("pingpong"), x.get("times")
         return Link(ln["alpha"], ln["beta"], f"{path} ({what}, ranks {ln['ranks'][0]}<->{ln['ranks'][1]}, "
-                                             f"{m.created or 'undated'})", xalpha=x.get("alpha"), xbeta=x.get("beta"))
+                                             f"{m.created or 'undated'})", xalpha=x.get("alpha"), xbeta=x.get("beta"),
+                    table=cost.link_table(*pp) if pp else None, xtable=cost.link_table(*xt) if xt else None)
     try:
         a, b = float(d["alpha"]), float(d["beta"])
         x = d.get("exchange")
@@ -718,6 +790,9 @@ def format_params(P: Params, ppn: int | None) -> list[str]:
         "Lh·alpha_nx + (H-1)·L·r·beta_nx - (the same at p0)  (x: exchange)",
         "#   inter-host alpha', beta' = the network's link + the fit's software overhead above the shared-memory "
         "link; ring steps and the check: exchange (both ranks send at once), tree levels: ping-pong (one way)",
+        "#   the network's link per message of m bytes: its measured table at m where the source has one "
+        "(log-log between measured sizes, the line outside; ring: m = one segment, tree: m = n, check: a round's "
+        "rows), else alpha + m·beta",
         "#   native (MPI's Allreduce) is not extrapolated: its model is a table measured at one rank count on one "
         "host, and the library changes algorithm with N and topology",
     ]
@@ -968,5 +1043,7 @@ def params_dict(P: Params) -> dict:
             "inter": {"alpha": P.inter.alpha, "beta": P.inter.beta, "source": P.inter.source,
                       "default": P.inter.default,
                       "exchange": {"alpha": P.inter.exchange()[0], "beta": P.inter.exchange()[1],
-                                   "measured": P.inter.has_exchange}},
+                                   "measured": P.inter.has_exchange},
+                      "tables": {"pingpong": P.inter.table,
+                                 "exchange": P.inter.xtable if P.inter.has_exchange else None}},
             "notes": list(P.notes)}
