@@ -960,7 +960,8 @@ def plot_model(path, P: Params, Ns, sizes, ppn: int) -> None:
 
     fig.suptitle(f"allreduce cost model extrapolated ({ppn} ranks per host)\n"
                  f"intra: {shorten(P.source, 110, placeholder=' ...')}\n"
-                 f"inter: {P.inter.text()} -- {shorten(P.inter.source, 90, placeholder=' ...')}", fontsize=8)
+                 f"inter: {shorten(P.inter.text(), 110, placeholder=' ...')}\n"
+                 f"        {shorten(P.inter.source, 110, placeholder=' ...')}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
