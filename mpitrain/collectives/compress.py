@@ -135,7 +135,8 @@ class Compressor:
         self.segments = _segments(self.n, segments)
         self.error_feedback = bool(error_feedback)
         self.residual = None  # the error-feedback memory, made on first use in the gradient's module
-        self._checked = set()  # id() of the library states (one per communicator) where the ranks agreed
+        self._checked = []  # the library states (one per communicator) where the ranks agreed; held, so an id
+                            # is never reused (a different answer on different ranks would skip a collective)
 
     # ---------------------------------------------------------------- local
     def _check_grads(self, grads):
@@ -161,7 +162,7 @@ class Compressor:
         return ()
 
     def _agree(self, st):
-        if id(st) in self._checked:
+        if any(s is st for s in self._checked):
             return
         sigs = st.comm.allgather(self.signature()) if st.size > 1 else [self.signature()]
         if len(set(sigs)) > 1:
@@ -169,7 +170,7 @@ class Compressor:
                              f"tensors or parameters differ; this rank: n={self.n}, {self.dtype}, "
                              f"{len(self.segments)} tensors, {self._params()}); every rank must compress the "
                              "same gradient buffer with the same settings")
-        self._checked.add(id(st))
+        self._checked.append(st)
 
     def _after(self, grads):
         """A non-finite average means a bad step: forget the residual so it does not carry over."""
