@@ -6,22 +6,12 @@ import numpy as np
 import pytest
 
 from mpitrain import config
-from mpitrain.model import MLP
-from mpitrain.optim import LRSchedule, make_optimizer
-from mpitrain.train import Trainer
 from test_train import _job, _run
+from test_train import _trainer as train_trainer
 
 
-def _trainer(comm, sync_every, optimizer="sgd"):
-    cfg = config.JobConfig()
-    cfg.train.sync_every = sync_every
-    cfg.train.optimizer = optimizer
-    tr = Trainer(cfg, comm)
-    tr.xp = np
-    tr.model = MLP(12, [9, 7], 5, xp=np, dtype=np.float64, seed=3)
-    tr.opt = make_optimizer(optimizer, tr.model.params, lr=0.1, momentum=0.9, weight_decay=1e-3)
-    tr.schedule = LRSchedule("constant", 0.1)
-    return tr
+def _trainer(comm, sync_every):
+    return train_trainer(comm, sync_every=sync_every)
 
 
 def _data(comm, steps, b=6):

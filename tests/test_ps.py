@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import MPIRUN
+from test_faults import _env
+from test_faults import Job as FaultsJob
 from mpitrain import checkpoint
 from mpitrain.ps import Clocks, bytes_per_step
 
@@ -30,7 +31,6 @@ PY = sys.executable
 BOUND = 20.0   # a failing job must end within this many seconds (launch included)
 LIMIT = 90     # hard subprocess timeout: a hang fails the test, never the suite
 PS = ["--set", 'comm.mode="ps"']
-ERROR = re.compile(r"^\[rank (\d+)@[^\]]+\] error: (.*)$")
 SPE = {1: 44, 2: 22, 3: 11}  # digits (1438 rows, 4 shards), batch 32: steps per epoch per worker, by workers
 N_PARAMS = 64 * 128 + 128 + 128 * 10 + 10  # the default MLP 64-128-10
 SYNC_KEYS = {"test_accuracy", "test_loss", "epochs", "steps", "ranks", "samples_per_s", "comm_fraction", "wall_s",
@@ -39,27 +39,8 @@ SYNC_KEYS = {"test_accuracy", "test_loss", "epochs", "steps", "ranks", "samples_
 
 
 @dataclass
-class Job:
-    rc: int
-    out: str
-    err: str
-    wall: float
-    metrics: dict | None
-
-    @property
-    def errors(self) -> list[str]:
-        return [ln for ln in self.err.splitlines() if ERROR.match(ln)]
-
-    def __str__(self):
-        return f"rc={self.rc} wall={self.wall:.1f}s\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
-
-
-def _env(fault=None, **extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", **extra)
-    env.pop("MPITRAIN_FAULT", None)
-    if fault:
-        env["MPITRAIN_FAULT"] = fault
-    return env
+class Job(FaultsJob):
+    metrics: dict | None = None
 
 
 def ps(n, tmp: Path, data, *extra, fault=None, env=None, epochs=2, ckpt="c") -> Job:

@@ -17,10 +17,13 @@ from mpitrain.optim import LRSchedule, make_optimizer
 from mpitrain.train import Trainer
 
 
-def _trainer(comm, algorithm, optimizer="sgd"):
+def _trainer(comm, algorithm="ring", optimizer="sgd", **train):
+    """A Trainer on a small float64 MLP (no data set); ``train`` sets [train] keys before it is made."""
     cfg = config.JobConfig()
     cfg.comm.algorithm = algorithm
     cfg.train.optimizer = optimizer
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
     tr = Trainer(cfg, comm)
     tr.xp = np
     tr.model = MLP(12, [9, 7], 5, xp=np, dtype=np.float64, seed=3)

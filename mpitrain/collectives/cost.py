@@ -288,6 +288,11 @@ def piecewise_time(table, n) -> float:
         return table[0][1]
     if n >= table[-1][0]:
         return table[-1][1] * n / table[-1][0]
+    return _loglog(table, n)
+
+
+def _loglog(table, n) -> float:
+    """Log-log interpolation between the two rows of ``table`` around n (table[0][0] < n < table[-1][0])."""
     lo, hi = 0, len(table) - 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -296,6 +301,8 @@ def piecewise_time(table, n) -> float:
         else:
             hi = mid
     (n0, t0), (n1, t1) = table[lo], table[hi]
+    if n == n0:
+        return t0
     f = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
     return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
 
@@ -324,18 +331,7 @@ def table_time(table, n, beta) -> float:
     n1, t1 = table[-1]
     if n >= n1:
         return t1 + (n - n1) * beta
-    lo, hi = 0, len(table) - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if table[mid][0] <= n:
-            lo = mid
-        else:
-            hi = mid
-    (n0, t0), (n1, t1) = table[lo], table[hi]
-    if n == n0:
-        return t0
-    f = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
-    return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+    return _loglog(table, n)
 
 
 # --------------------------------------------------------------------------- the model
