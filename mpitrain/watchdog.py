@@ -232,6 +232,8 @@ class _Guard:
 # ---------------------------------------------------------------------------- SIGTERM grace
 
 TERM_GRACE_S = 20.0  # MPITRAIN_TERM_GRACE_S overrides (tests); SLURM's KillWait is 30 s by default
+TERM_DUPLICATE_S = 1.0  # SIGTERMs this close to the first are one kill delivered twice (srun + the batch
+                        # script's trap, hydra forwarding): only a later one means "end now"
 
 
 class TermGrace:
@@ -242,7 +244,8 @@ class TermGrace:
     handler, and mpirun (hydra) forwards SIGTERM without ever escalating, so a job
     with a stuck rank would ignore ``kill``/``timeout`` for ever. Python's C-level
     handler still writes the signal number to the wakeup fd; this thread reads it
-    and, ``grace_s`` later (or at a second SIGTERM), reports and aborts the job.
+    and, ``grace_s`` later (or at a second SIGTERM at least TERM_DUPLICATE_S after the
+    first), reports and aborts the job.
     """
 
     def __init__(self, grace_s: float | None = None, abort=None):
@@ -287,12 +290,11 @@ class TermGrace:
             if ready and not data:
                 return  # closed by restore()
             terms = data.count(bytes([signal.SIGTERM]))
-            if terms and since is not None:
-                return self._fire(f"a second SIGTERM {time.monotonic() - since:.1f} s after the first")
-            if terms > 1:
-                return self._fire("SIGTERM twice")
-            if terms:
-                since = time.monotonic()
+            now = time.monotonic()
+            if terms and since is not None and now - since >= TERM_DUPLICATE_S:
+                return self._fire(f"a second SIGTERM {now - since:.1f} s after the first")
+            if terms and since is None:  # several at once are one kill delivered twice (launcher + script)
+                since = now
             elif since is not None and time.monotonic() >= since + self.grace_s:
                 return self._fire(f"SIGTERM {self.grace_s:g} s ago")
 

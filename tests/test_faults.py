@@ -499,3 +499,28 @@ def test_resume_on_a_different_number_of_ranks(digits, tmp_path):
     m = json.loads(metrics.read_text())
     assert m["ranks"] == 3 and m["epochs"] == 2 and m["steps"] > 31, m
     assert checkpoint.latest(tmp_path / "c")["ranks"] == 3
+
+
+def test_sigterm_delivered_twice_at_once_is_one_kill_but_a_later_one_ends_the_rank(monkeypatch):
+    """srun and the batch script's trap may both forward one scancel: that must not skip the checkpoint."""
+    from mpitrain import watchdog
+
+    monkeypatch.setattr(watchdog.TermGrace, "_fire", lambda self, what: fired.append(what))
+    fired = []
+    old = signal.signal(signal.SIGTERM, lambda *a: None)  # the trainer's stop flag stands in here
+    grace = watchdog.TermGrace(grace_s=60)
+    try:
+        assert grace.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the same kill, forwarded a second time
+        time.sleep(0.3)
+        assert fired == [], fired
+        time.sleep(watchdog.TERM_DUPLICATE_S)
+        os.kill(os.getpid(), signal.SIGTERM)  # the user insists
+        deadline = time.monotonic() + 5
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fired and fired[0].startswith("a second SIGTERM"), fired
+    finally:
+        grace.restore()
+        signal.signal(signal.SIGTERM, old)
