@@ -105,7 +105,7 @@ def _agree_config(comm, cfg) -> None:
 
 
 def strategy_name(cfg) -> str:
-    """A short label of how the ranks agree, e.g. ``ring``, ``ring+topk(0.01)``, ``local-sgd(T=4)``, ``ps(1)``."""
+    """A short label of how the ranks agree: ``ring``, ``topk(0.01)``, ``local-sgd(T=4)``, ``ps(servers=1,staleness=4)``."""
     c = cfg.comm
     if c.mode == "ps":
         return f"ps(servers={c.servers},staleness={c.max_staleness})"
@@ -444,6 +444,7 @@ class Trainer:
         t = cfg.train
         bar = ProgressBar(self.steps_per_epoch, epochs=t.epochs, comm=comm)
         t_start = time.perf_counter()
+        first_step = self.step  # after a resume: the steps of this run are the ones its bytes count
         samples = 0
         test_loss = test_acc = float("nan")
         stopped = False
@@ -514,7 +515,8 @@ class Trainer:
                    "timers_s": self.timers.totals(), "nonfinite_skipped": self.nonfinite_skipped,
                    "algorithm": cfg.comm.algorithm, "backend": cfg.train.backend, "stopped_early": stopped,
                    "strategy": strategy_name(cfg), "comm_bytes": getattr(self, "total_bytes", 0.0),
-                   "bytes_per_step": getattr(self, "total_bytes", 0.0) / max(self.size, 1) / max(self.step, 1),
+                   "bytes_per_step": getattr(self, "total_bytes", 0.0) / max(self.size, 1)
+                   / max(self.step - first_step, 1),
                    "history": self.history}
         if self.trace is not None:
             self.trace.write(trace, comm)
