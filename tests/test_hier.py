@@ -9,9 +9,9 @@ from mpi4py import MPI
 from mpitrain.collectives import DTYPES, OPS, allreduce, hier, ring, state_for
 from mpitrain.collectives.nonblocking import iallreduce
 from mpitrain.collectives.partition import partition
+from test_collectives import check_formula_and_native, rank_data
 
 pytestmark = pytest.mark.mpi
-LENGTHS = [0, 1, 2, 3, 5, 7, 17, 100, 1001]
 # None: the real hosts (Split_type); the others emulate hosts with MPITRAIN_HOSTS
 SPECS = [None, "block:2", "block:3", "cyclic:2"]
 
@@ -41,13 +41,6 @@ def hosts(comm, monkeypatch):
     hier.reset(st)  # later tests see the real hosts
 
 
-def rank_data(n, r, dtype, op):
-    i = np.arange(n)
-    if op == "prod":  # keep products small enough for float16 and int32
-        return ((i + r) % 2 + 1).astype(dtype)
-    return ((i * 7 + r * 3) % 11 - 3 + r).astype(dtype)
-
-
 def expected_hosts(spec, p):
     """The host of every rank for an emulated spec, computed here independently of hier.py."""
     kind, k = spec.split(":")
@@ -61,23 +54,7 @@ def expected_hosts(spec, p):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_native(comm, hosts, spec, dtype):
     hosts(spec)
-    r, p = comm.Get_rank(), comm.Get_size()
-    for op in OPS:
-        for n in LENGTHS:
-            big = np.full(n + 6, 99, dtype=dtype)  # guard elements around the buffer
-            buf = big[3:3 + n]
-            buf[...] = rank_data(n, r, dtype, op)
-            out = allreduce(buf, comm, op=op, algorithm="hier")
-            assert out is buf
-            ref = allreduce(rank_data(n, r, dtype, op), comm, op=op, algorithm="native")
-            where = f"hier {spec} {op} n={n} {dtype} p={p} rank={r}"
-            if np.dtype(dtype).kind == "f":
-                tol = 1e-3 if dtype == "float16" else 1e-6
-                np.testing.assert_allclose(buf.astype(np.float64), ref.astype(np.float64), rtol=tol,
-                                           atol=tol, err_msg=where)
-            else:
-                np.testing.assert_array_equal(buf, ref, err_msg=where)
-            assert (big[:3] == 99).all() and (big[3 + n:] == 99).all(), f"wrote outside the buffer: {where}"
+    check_formula_and_native(comm, "hier", dtype, label=f" {spec}")
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -145,17 +146,22 @@ def test_run_and_stop_leave_nothing_behind(can_run):
     assert p.returncode == 3, p.stdout + p.stderr
     assert not _ours(), f"run left {_ours()}"
     # Ctrl-C while the command runs: run removes the hosts and exits 130
-    proc = subprocess.Popen([str(HOSTS_SH), "run", "2", "--", "sleep", "60"], env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([str(HOSTS_SH), "run", "2", "--", "sh", "-c", "echo COMMAND-RUNNING; exec sleep 60"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        for _ in range(100):
-            if (STATE / "hosts").exists():
+        # the command itself says when it runs (the hosts are up and run's traps are set by then)
+        seen, deadline = b"", time.monotonic() + 30
+        while b"COMMAND-RUNNING" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+            chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+            if not chunk:
                 break
-            time.sleep(0.1)
-        assert (STATE / "hosts").exists(), "the hosts did not come up"
-        time.sleep(0.3)
+            seen += chunk
+        assert b"COMMAND-RUNNING" in seen, "the command did not start:\n" + seen.decode(errors="replace")
+        assert (STATE / "hosts").exists(), "the hosts are not up while the command runs"
         os.killpg(proc.pid, signal.SIGINT)       # what the terminal does on Ctrl-C
         out, _ = proc.communicate(timeout=30)
+        out = (seen + out).decode(errors="replace")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
