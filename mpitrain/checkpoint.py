@@ -72,8 +72,12 @@ def _fsync_dir(d: Path) -> None:
 
 def save(directory, *, params, optimizer: dict, step: int, epoch: int, step_in_epoch: int,
          config: dict, ranks: int, keep: int = 3, extra: dict | None = None,
-         before_rename=None) -> Path:
-    """Write one checkpoint atomically (call on one rank only) and prune old ones."""
+         before_rename=None, state: dict | None = None) -> Path:
+    """Write one checkpoint atomically (call on one rank only) and prune old ones.
+
+    ``state``: a synchronization strategy's own state (name -> array or JSON scalar), returned
+    by ``load`` as ``ck["strategy"]``.
+    """
     d = Path(directory)
     final = d / f"ckpt-{step:08d}.h5"
     tmp = d / f".ckpt-{step:08d}.h5.tmp"
@@ -84,8 +88,15 @@ def save(directory, *, params, optimizer: dict, step: int, epoch: int, step_in_e
             arrays[f"optimizer/{k}"] = v
         else:
             scalars[k] = v
+    strategy_scalars = {}
+    for k, v in (state or {}).items():
+        if isinstance(v, np.ndarray):
+            arrays[f"strategy/{k}"] = v
+        else:
+            strategy_scalars[k] = v
     meta = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "ranks": ranks,
-            "version": __version__, "config": config, "optimizer_scalars": scalars, **(extra or {})}
+            "version": __version__, "config": config, "optimizer_scalars": scalars,
+            "strategy_scalars": strategy_scalars, **(extra or {})}
     failed = None
     with _quiet_h5py_cleanup():
         try:
@@ -193,7 +204,9 @@ def load(path) -> dict:
         raise ValueError(f"{path}: no params")
     opt = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
     opt.update(meta.pop("optimizer_scalars", {}))
-    return {"params": arrays["params"], "optimizer": opt, "path": str(path), **meta}
+    strategy = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("strategy/")}
+    strategy.update(meta.pop("strategy_scalars", {}))
+    return {"params": arrays["params"], "optimizer": opt, "strategy": strategy, "path": str(path), **meta}
 
 
 def latest(directory) -> dict | None:

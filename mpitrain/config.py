@@ -30,6 +30,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    kind: str = "mlp"                # models/ registry: mlp
     hidden: list[int] = field(default_factory=lambda: [128])  # MLP widths
     activation: str = "relu"         # relu | tanh
 
@@ -104,6 +105,7 @@ class JobConfig:
 
 SECTIONS = {f.name: f.type for f in fields(JobConfig) if f.name != "source"}
 CHOICES = {
+    ("model", "kind"): ("mlp",),
     ("model", "activation"): ("relu", "tanh"),
     ("train", "optimizer"): ("sgd", "adam"),
     ("train", "schedule"): ("constant", "step", "cosine"),

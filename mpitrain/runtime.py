@@ -8,6 +8,7 @@ defaults to it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -15,6 +16,8 @@ import time
 from mpi4py import MPI
 
 _COMM = None
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, a checkpoint was written, --resume continues
 
 
 class UserError(Exception):
@@ -117,3 +120,35 @@ def check_launch(comm=None) -> None:
             "`srun --mpi=pmi2 python -m mpitrain ...` (the pip MPICH wheel), "
             "the --mpi plug-in your site's MPI needs (see `srun --mpi=list`), or run `mpirun -n "
             f"{ntasks} python -m mpitrain ...` inside the allocation")
+
+
+def agree(comm, value, what: str, hint: str) -> None:
+    """Every rank must hold the same ``value``; otherwise a UserError naming the odd ranks, on every rank."""
+    values = comm.allgather(value)
+    if len(set(values)) > 1:
+        groups = {}
+        for r, v in enumerate(values):
+            groups.setdefault(v, []).append(r)
+        desc = "; ".join(f"ranks {rs}: {v}" for v, rs in groups.items())
+        raise UserError(f"{what} differs across ranks ({desc}); {hint}")
+
+
+def agree_config(comm, cfg) -> None:
+    """Every rank must run the same job (``cfg.digest()``); otherwise a UserError naming the keys that differ."""
+    if len(set(comm.allgather(cfg.digest()))) == 1:
+        return
+    flat = comm.allgather({f"{s}.{k}": repr(v) for s, sec in cfg.to_dict().items() for k, v in sec.items()})
+    diffs = []
+    for key in sorted({k for f in flat for k in f}):
+        groups = {}
+        for r, f in enumerate(flat):
+            groups.setdefault(f.get(key, "<missing>"), []).append(r)
+        if len(groups) > 1:
+            diffs.append(f"{key} is " + ", ".join(f"{v} on ranks {rs}" for v, rs in groups.items()))
+    raise UserError(f"the job configuration differs across ranks: {'; '.join(diffs) or 'unknown keys'}; "
+                    "start every rank with the same job file and --set options")
+
+
+def signal_name(signum: int) -> str:
+    """``SIGUSR1`` for 10; the number itself for anything that is not a signal."""
+    return signal.Signals(signum).name if signum in iter(signal.Signals) else str(signum)

@@ -347,9 +347,10 @@ def test_each_scheme_trains_the_default_job(comm, digits_dir, scheme, extra, thr
     acc = tr.history[-1]["test_accuracy"]
     print(f"{scheme} {extra} at {p} rank(s): test accuracy {acc:.4f}")
     assert acc >= threshold, f"{scheme} {extra}: {acc:.4f} < {threshold} at {p} rank(s)"
-    comp = tr.compressor
-    assert len(comp.segments) == 2 * len(tr.model.layers), "one tensor per W and per b"
-    n = tr.model.grads.size
+    run = tr.session
+    comp = run.strategy.compressor
+    assert len(comp.segments) == 2 * len(run.model.layers), "one tensor per W and per b"
+    n = run.model.grads.size
     if p == 1:
         per_step = 0
     elif scheme == "fp16":
@@ -357,5 +358,5 @@ def test_each_scheme_trains_the_default_job(comm, digits_dir, scheme, extra, thr
         per_step = 2 * (n - (hi - lo)) + 2 * (p - 1) * (hi - lo)
     else:
         per_step = (p - 1) * comp.message_nbytes()
-    assert tr.sent_bytes == tr.step * per_step
-    assert len(set(comm.allgather(_digest(tr.model.params)))) == 1
+    assert run.strategy.sent_bytes == run.step * per_step
+    assert len(set(comm.allgather(_digest(run.model.params)))) == 1

@@ -659,7 +659,7 @@ def test_gpu_waits_for_the_callers_stream(comm, cp):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_model_and_optimizers_match_numpy(cp):
-    from mpitrain.model import MLP
+    from mpitrain.models import MLP
     from mpitrain.optim import clip_by_global_norm, make_optimizer
 
     rng = np.random.default_rng(0)
@@ -671,8 +671,8 @@ def test_gpu_model_and_optimizers_match_numpy(cp):
         o_np = make_optimizer(name, m_np.params, lr=0.05, momentum=0.9, weight_decay=1e-3)
         o_cp = make_optimizer(name, m_cp.params, lr=0.05, momentum=0.9, weight_decay=1e-3)
         for _ in range(5):
-            l1, c1 = m_np.loss_and_grad(X, Y)
-            l2, c2 = m_cp.loss_and_grad(cp.asarray(X), cp.asarray(Y))
+            l1, c1 = m_np.loss_and_grad((X, Y))
+            l2, c2 = m_cp.loss_and_grad((cp.asarray(X), cp.asarray(Y)))
             assert abs(l1 - l2) < 1e-9 and c1 == c2
             np.testing.assert_allclose(cp.asnumpy(m_cp.grads), m_np.grads, rtol=1e-9, atol=1e-12)
             n1, n2 = clip_by_global_norm(m_np.grads, 0.5), clip_by_global_norm(m_cp.grads, 0.5)

@@ -6,12 +6,23 @@ import numpy as np
 import pytest
 
 from mpitrain import config
+from mpitrain.sync import LocalSGD
 from test_train import _job, _run
 from test_train import _trainer as train_trainer
 
 
-def _trainer(comm, sync_every):
-    return train_trainer(comm, sync_every=sync_every)
+def _trainer(comm, sync_every, force_local=False):
+    """The loop and its local-SGD strategy; ``force_local``: LocalSGD even at T = 1 (the job keys
+    select the synchronous all-reduce for T = 1)."""
+    loop = train_trainer(comm, sync_every=sync_every, strategy=LocalSGD if force_local or sync_every > 1 else None)
+    return loop, loop.run.strategy
+
+
+def _step(loop, strategy, x, y, k):
+    out = loop.train_step((x, y))
+    loop.run.step = k + 1
+    strategy.after_step(k + 1)
+    return out
 
 
 def _data(comm, steps, b=6):
@@ -29,62 +40,57 @@ def test_local_sgd_with_t_1_equals_synchronous_training(comm):
     """Averaging parameters after every step == averaging gradients, for SGD with momentum (linear)."""
     steps = 6
     X, Y = _data(comm, steps)
-    sync, local = _trainer(comm, 1), _trainer(comm, 1)
-    local.local_sgd = True  # the local-SGD code path, forced at T = 1 (the job key uses sync for T = 1)
+    (sync, ss), (local, ls) = _trainer(comm, 1), _trainer(comm, 1, force_local=True)
+    assert type(ss).__name__ == "AllReduce" and isinstance(ls, LocalSGD)
     for k in range(steps):
-        sync.train_step(X[k], Y[k])
-        local.train_step(X[k], Y[k])
-        sync.step = local.step = k + 1
-        sync.after_step()
-        local.after_step()
-        assert local.local_steps == 0, "T = 1 must synchronize after every step"
-    np.testing.assert_allclose(local.model.params, sync.model.params, rtol=1e-10, atol=1e-13)
-    assert _same_everywhere(comm, local.model.params)
+        _step(sync, ss, X[k], Y[k], k)
+        _step(local, ls, X[k], Y[k], k)
+        assert ls.local_steps == 0, "T = 1 must synchronize after every step"
+    np.testing.assert_allclose(local.run.model.params, sync.run.model.params, rtol=1e-10, atol=1e-13)
+    assert _same_everywhere(comm, local.run.model.params)
     p = comm.Get_size()
-    assert local.sent_bytes == pytest.approx(steps * 2 * (p - 1) / p * local.model.params.nbytes)
+    assert ls.sent_bytes == pytest.approx(steps * 2 * (p - 1) / p * local.run.model.params.nbytes)
 
 
 @pytest.mark.mpi
 def test_local_sgd_averages_parameters_every_t_steps(comm):
     T, steps = 3, 7
     X, Y = _data(comm, steps)
-    tr = _trainer(comm, T)
+    tr, st = _trainer(comm, T)
+    params = tr.run.model.params
     for k in range(steps):
-        tr.train_step(X[k], Y[k])
-        tr.step = k + 1
+        tr.train_step((X[k], Y[k]))
+        tr.run.step = k + 1
         due = (k + 1) % T == 0
-        before = comm.allgather(tr.model.params.copy())
-        tr.after_step()
+        before = comm.allgather(params.copy())
+        st.after_step(k + 1)
         if due:
             expect = np.mean(before, axis=0)  # the average of what the ranks held
-            np.testing.assert_allclose(tr.model.params, expect, rtol=1e-12, atol=1e-14)
-            assert _same_everywhere(comm, tr.model.params)
+            np.testing.assert_allclose(params, expect, rtol=1e-12, atol=1e-14)
+            assert _same_everywhere(comm, params) and st.synced()
         elif comm.Get_size() > 1:
-            assert not _same_everywhere(comm, tr.model.params), "ranks must train locally between syncs"
-    assert tr.local_steps == steps % T
+            assert not _same_everywhere(comm, params), "ranks must train locally between syncs"
+    assert st.local_steps == steps % T
     p = comm.Get_size()
-    assert tr.sent_bytes == pytest.approx((steps // T) * 2 * (p - 1) / p * tr.model.params.nbytes)
+    assert st.sent_bytes == pytest.approx((steps // T) * 2 * (p - 1) / p * params.nbytes)
 
 
 @pytest.mark.mpi
 def test_local_sgd_nonfinite_local_gradient_skips_only_that_rank(comm):
     """No collective on a local NaN: the rank skips its own step; the next average heals it."""
-    tr = _trainer(comm, 2)
+    tr, st = _trainer(comm, 2)
     tr.cfg.train.nonfinite = "skip"
     X, Y = _data(comm, 2)
     if comm.Get_rank() == 0:
         X[0][0, 0] = np.nan
-    before = tr.model.params.copy()
-    loss, _ = tr.train_step(X[0], Y[0])
+    params = tr.run.model.params
+    before = params.copy()
+    loss, _ = _step(tr, st, X[0], Y[0], 0)
     if comm.Get_rank() == 0:
-        assert np.isnan(loss) and tr.nonfinite_skipped == 1
-        np.testing.assert_array_equal(tr.model.params, before)
-    tr.step = 1
-    tr.after_step()
-    tr.train_step(X[1], Y[1])
-    tr.step = 2
-    tr.after_step()
-    assert np.isfinite(tr.model.params).all() and _same_everywhere(comm, tr.model.params)
+        assert np.isnan(loss) and tr.run.policy.skipped == 1
+        np.testing.assert_array_equal(params, before)
+    _step(tr, st, X[1], Y[1], 1)
+    assert np.isfinite(params).all() and _same_everywhere(comm, params)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])

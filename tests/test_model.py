@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpitrain.model import MLP
+from mpitrain.models import MLP
 from mpitrain.optim import make_optimizer
 
 
@@ -22,9 +22,9 @@ def _numeric_grad(model, x, y, h=1e-6):
     for k in range(p.size):
         old = p[k]
         p[k] = old + h
-        fp = model.evaluate(x, y)[0] / n
+        fp = model.evaluate((x, y))[0] / n
         p[k] = old - h
-        fm = model.evaluate(x, y)[0] / n
+        fm = model.evaluate((x, y))[0] / n
         p[k] = old
         num[k] = (fp - fm) / (2 * h)
     return num
@@ -36,10 +36,10 @@ def test_gradient_matches_finite_differences(activation, hidden):
     model = MLP(5, hidden, 4, activation, dtype=np.float64, seed=3)
     model.params += 0.01  # non-zero biases too
     x, y = _batch(5, 4, 8)
-    loss, _ = model.loss_and_grad(x, y)
+    loss, _ = model.loss_and_grad((x, y))
     ana = model.grads.copy()
     num = _numeric_grad(model, x, y)
-    assert loss == pytest.approx(model.evaluate(x, y)[0] / 8, rel=1e-12)
+    assert loss == pytest.approx(model.evaluate((x, y))[0] / 8, rel=1e-12)
     rel = np.abs(ana - num).max() / np.abs(num).max()
     assert rel < 1e-6, rel
     # every parameter gets a gradient (no block silently left at zero)
@@ -53,12 +53,12 @@ def test_loss_and_accuracy_values():
     model.layers[0].b[...] = [0.0, np.log(2.0), 0.0]  # p = (1/4, 1/2, 1/4) for every row
     x = np.ones((4, 3))
     y = np.array([0, 1, 1, 2])
-    loss, correct = model.loss_and_grad(x, y)
+    loss, correct = model.loss_and_grad((x, y))
     assert loss == pytest.approx((2 * np.log(4) + 2 * np.log(2)) / 4)
     assert correct == 2
     # d loss / d b = mean(p - onehot)
     assert model.layers[0].db == pytest.approx([(4 * 0.25 - 1) / 4, (4 * 0.5 - 2) / 4, (4 * 0.25 - 1) / 4])
-    loss_sum, correct = model.evaluate(x, y, batch_size=3)  # chunked
+    loss_sum, correct = model.evaluate((x, y), batch_size=3)  # chunked
     assert loss_sum == pytest.approx(loss * 4)
     assert correct == 2
 
@@ -68,7 +68,7 @@ def test_loss_is_stable_for_huge_logits():
     model.params[...] = 0.0
     model.layers[0].W[...] = [[1000.0, -1000.0, 0.0], [0.0, 0.0, 0.0]]
     x = np.array([[1.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
-    loss, correct = model.loss_and_grad(x, np.array([0, 2]))
+    loss, correct = model.loss_and_grad((x, np.array([0, 2])))
     assert np.isfinite(loss) and np.all(np.isfinite(model.grads))
     assert loss == pytest.approx(1000.0 / 2, rel=1e-5)  # first row: 0, second row: 1000
     assert correct == 1
@@ -99,7 +99,7 @@ def test_layout_last_layer_first_and_ready_prefixes():
         # the prefix is final: it already equals what a full backward gives
         seen.append((hi, model.grads[:hi].copy()))
 
-    model.loss_and_grad(x, y, on_grad_ready=ready)
+    model.loss_and_grad((x, y), on_grad_ready=ready)
     final = model.grads.copy()
     his = [hi for hi, _ in seen]
     assert his == [sizes[2], sizes[2] + sizes[1], sum(sizes)]
@@ -112,12 +112,12 @@ def test_grads_overwritten_not_accumulated_and_buffers_reused():
     model = MLP(4, [8], 3, seed=1)
     x, y = _batch(4, 3, 16)
     model.grads[...] = 123.0
-    model.loss_and_grad(x, y)
+    model.loss_and_grad((x, y))
     g1 = model.grads.copy()
     # a different batch size in between must not disturb the cached buffers
     x2, y2 = _batch(4, 3, 5, seed=9)
-    model.loss_and_grad(x2, y2)
-    model.loss_and_grad(x, y)
+    model.loss_and_grad((x2, y2))
+    model.loss_and_grad((x, y))
     np.testing.assert_array_equal(model.grads, g1)
     assert 16 in model._cache and 5 in model._cache
 
@@ -125,12 +125,12 @@ def test_grads_overwritten_not_accumulated_and_buffers_reused():
 def test_evaluate_leaves_grads_and_params_alone():
     model = MLP(4, [8], 3)
     x, y = _batch(4, 3, 20)
-    model.loss_and_grad(x, y)
+    model.loss_and_grad((x, y))
     g, p = model.grads.copy(), model.params.copy()
-    model.evaluate(x, y, batch_size=7)
+    model.evaluate((x, y), batch_size=7)
     np.testing.assert_array_equal(model.grads, g)
     np.testing.assert_array_equal(model.params, p)
-    assert model.evaluate(x[:0], y[:0]) == (0.0, 0)
+    assert model.evaluate((x[:0], y[:0])) == (0.0, 0)
 
 
 def test_seeded_init():
@@ -167,9 +167,9 @@ def test_bad_arguments():
         MLP(4, [0], 3)
     model = MLP(4, [], 3)
     with pytest.raises(ValueError, match=r"\(batch, 4\)"):
-        model.loss_and_grad(np.zeros((2, 5)), np.zeros(2, dtype=int))
+        model.loss_and_grad((np.zeros((2, 5)), np.zeros(2, dtype=int)))
     with pytest.raises(ValueError):
-        model.loss_and_grad(np.zeros((2, 4)), np.zeros(3, dtype=int))
+        model.loss_and_grad((np.zeros((2, 4)), np.zeros(3, dtype=int)))
     with pytest.raises(ValueError):
         model.set_params(np.zeros(model.n_params + 1))
 
@@ -197,10 +197,10 @@ def test_tiny_model_trains(opt, lr, activation):
     x, y = _blobs()
     model = MLP(4, [16], 3, activation, seed=0)
     optimizer = make_optimizer(opt, model.params, lr=lr, momentum=0.9)
-    first, _ = model.loss_and_grad(x, y)
+    first, _ = model.loss_and_grad((x, y))
     for _ in range(60):
-        loss, correct = model.loss_and_grad(x, y)
+        loss, correct = model.loss_and_grad((x, y))
         optimizer.step(model.grads)
-    loss, correct = model.loss_and_grad(x, y)
+    loss, correct = model.loss_and_grad((x, y))
     assert loss < 0.1 * first, (first, loss)
     assert correct == len(y)

@@ -1,4 +1,4 @@
-"""The asynchronous parameter server (``comm.mode = "ps"``, mpitrain/ps.py).
+"""The asynchronous parameter server (``comm.mode = "ps"``, mpitrain/sync/ps/).
 
 Serial tests launch ``mpirun`` themselves under a timeout (like test_faults.py): training to a
 stated accuracy at 2, 3, 4 ranks and with 2 servers, the staleness bound (and lock-step at 0),
@@ -25,7 +25,7 @@ from conftest import MPIRUN
 from test_faults import _env
 from test_faults import Job as FaultsJob
 from mpitrain import checkpoint
-from mpitrain.ps import Clocks, bytes_per_step
+from mpitrain.sync.ps import Clocks, bytes_per_step
 
 PY = sys.executable
 BOUND = 20.0   # a failing job must end within this many seconds (launch included)
@@ -233,7 +233,7 @@ def test_watchdog_names_a_stuck_worker(digits, tmp_path):
 @pytest.mark.mpi
 def test_ps_trainer_in_process(comm, shared_tmp):
     from mpitrain import config
-    from mpitrain.ps import PSTrainer
+    from mpitrain.train import Trainer
 
     n = comm.Get_size()
     if n < 2:
@@ -243,7 +243,7 @@ def test_ps_trainer_in_process(comm, shared_tmp):
                              'comm.mode="ps"', f"comm.servers={servers}", "train.epochs=2", "model.hidden=[16]",
                              "checkpoint.every=0", "comm.max_staleness=1"])
     out = shared_tmp / "m.json"
-    code = PSTrainer(cfg, comm).run(metrics_out=str(out))
+    code = Trainer(cfg, comm).run(metrics_out=str(out))
     assert code == 0
     if comm.Get_rank() == 0:
         m = json.loads(out.read_text())

@@ -11,25 +11,32 @@ import numpy as np
 import pytest
 
 from conftest import MPIRUN
-from mpitrain import checkpoint, config
-from mpitrain.model import MLP
+from mpitrain import checkpoint, config, sync
+from mpitrain.models import MLP
 from mpitrain.optim import LRSchedule, make_optimizer
-from mpitrain.train import Trainer
+from mpitrain.train import Loop, Run
 
 
-def _trainer(comm, algorithm="ring", optimizer="sgd", **train):
-    """A Trainer on a small float64 MLP (no data set); ``train`` sets [train] keys before it is made."""
+def _trainer(comm, algorithm="ring", optimizer="sgd", strategy=None, comm_keys=None, **train):
+    """The loop of a run on a small float64 MLP (no data set): ``train_step((x, y))`` and its ``run``
+    (model, strategy, opt, step). ``train`` sets [train] keys, ``comm_keys`` [comm] keys, before it
+    is made; ``strategy`` (a sync class) replaces the one the keys select."""
     cfg = config.JobConfig()
     cfg.comm.algorithm = algorithm
     cfg.train.optimizer = optimizer
     for k, v in train.items():
         setattr(cfg.train, k, v)
-    tr = Trainer(cfg, comm)
-    tr.xp = np
-    tr.model = MLP(12, [9, 7], 5, xp=np, dtype=np.float64, seed=3)
-    tr.opt = make_optimizer(optimizer, tr.model.params, lr=0.1, momentum=0.9, weight_decay=1e-3)
-    tr.schedule = LRSchedule("constant", 0.1)
-    return tr
+    for k, v in (comm_keys or {}).items():
+        setattr(cfg.comm, k, v)
+    run = Run(cfg, comm)
+    run.xp = np
+    run.model = MLP(12, [9, 7], 5, xp=np, dtype=np.float64, seed=3)
+    run.steps_per_epoch = run.total_steps = 1
+    run.strategy = (strategy or sync.select(cfg))(cfg, comm)
+    run.strategy.bind(run)
+    run.opt = make_optimizer(optimizer, run.model.params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    run.schedule = LRSchedule("constant", 0.1)
+    return Loop(run)
 
 
 @pytest.mark.mpi
@@ -42,13 +49,13 @@ def test_n_ranks_match_one_rank_with_n_times_the_batch(comm, algorithm, optimize
     Y = rng.integers(0, 5, size=(steps, p * b))
     dist, ref = _trainer(comm, algorithm, optimizer), _trainer(comm, algorithm, optimizer)
     for k in range(steps):
-        dist.train_step(X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b])
-        ref.model.loss_and_grad(X[k], Y[k])  # one process, batch p*b, no communication
-        ref.opt.step(ref.model.grads, 0.1)
-        dist.step = ref.step = k + 1
-    np.testing.assert_allclose(dist.model.params, ref.model.params, rtol=1e-10, atol=1e-12)
-    assert not np.allclose(dist.model.params, _trainer(comm, algorithm).model.params), "nothing trained"
-    digests = comm.allgather(dist.model.params.tobytes())
+        dist.train_step((X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b]))
+        ref.run.model.loss_and_grad((X[k], Y[k]))  # one process, batch p*b, no communication
+        ref.run.opt.step(ref.run.model.grads, 0.1)
+        dist.run.step = ref.run.step = k + 1
+    np.testing.assert_allclose(dist.run.model.params, ref.run.model.params, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(dist.run.model.params, _trainer(comm, algorithm).run.model.params), "nothing trained"
+    digests = comm.allgather(dist.run.model.params.tobytes())
     assert all(d == digests[0] for d in digests), "replicas differ"
 
 
@@ -93,10 +100,19 @@ def _final_params(d):
     return ck["params"], ck["step"]
 
 
-@pytest.mark.parametrize("stop", ["kill", "usr1"])
-def test_resumed_run_is_bitwise_identical(tmp_path, stop):
-    """Uninterrupted vs. stopped mid-epoch-3 (killed, or SIGUSR1 -> checkpoint) and resumed."""
+STRATEGY_KEYS = {"sync": [], "fp16": ["comm.compress=\"fp16\""],
+                 "topk": ["comm.compress=\"topk\"", "comm.topk_ratio=0.05"],
+                 "sign": ["comm.compress=\"sign\""], "local4": ["train.sync_every=4"]}
+
+
+@pytest.mark.parametrize("strategy,stop", [("sync", "kill"), ("sync", "usr1"), ("fp16", "usr1"), ("topk", "usr1"),
+                                           ("topk", "kill"), ("sign", "usr1"), ("local4", "usr1")])
+def test_resumed_run_is_bitwise_identical(tmp_path, strategy, stop):
+    """Uninterrupted vs. stopped mid-epoch-3 (killed, or SIGUSR1 -> checkpoint) and resumed, for every
+    strategy: its own state (error-feedback residuals of every rank, local steps) is in the checkpoint."""
     common = ["--set", "train.epochs=4", "--set", "model.hidden=[32]", "--set", f"data.path={tmp_path / 'd'}"]
+    for k in STRATEGY_KEYS[strategy]:
+        common += ["--set", k]
     a, _ = _run(2, [*common, "--set", f"checkpoint.dir={tmp_path / 'a'}"], tmp_path)
     assert a.returncode == 0, a.stderr
     b, _ = _run(2, [*common, "--set", f"checkpoint.dir={tmp_path / 'b'}"], tmp_path,
@@ -106,13 +122,17 @@ def test_resumed_run_is_bitwise_identical(tmp_path, stop):
     else:
         assert b.returncode == 75, b.stdout + b.stderr
         assert "stopped by signal SIGUSR1" in b.stdout
+    if strategy in ("topk", "sign"):
+        ck = checkpoint.latest(tmp_path / "b")
+        res = ck["strategy"]["residual"]
+        assert res.shape == (2, ck["params"].size) and np.abs(res).sum() > 0, "every rank's residual is saved"
     c, _ = _run(2, [*common, "--set", f"checkpoint.dir={tmp_path / 'b'}", "--resume"], tmp_path)
     assert c.returncode == 0, c.stdout + c.stderr
     assert "resumed from" in c.stdout
     pa, sa = _final_params(tmp_path / "a")
     pb, sb = _final_params(tmp_path / "b")
     assert sa == sb
-    assert pa.tobytes() == pb.tobytes(), "resumed run differs from the uninterrupted one"
+    assert pa.tobytes() == pb.tobytes(), f"{strategy}: resumed run differs from the uninterrupted one"
 
 
 def test_checkpoint_roundtrip_and_corruption(tmp_path):
@@ -147,15 +167,30 @@ def test_bucketed_overlap_matches_one_allreduce(comm, algorithm, overlap):
     r, p, b = comm.Get_rank(), comm.Get_size(), 4
     rng = np.random.default_rng(7)
     X, Y = rng.standard_normal((4, p * b, 12)), rng.integers(0, 5, size=(4, p * b))
-    plain, buck = _trainer(comm, algorithm), _trainer(comm, algorithm)
-    buck.cfg.comm.bucket_bytes = 8 * 40  # several buckets per step, cut inside layers' ranges
-    buck.cfg.comm.overlap = overlap
+    plain = _trainer(comm, algorithm)
+    # several buckets per step, cut inside layers' ranges
+    buck = _trainer(comm, algorithm, comm_keys={"bucket_bytes": 8 * 40, "overlap": overlap})
     try:
         for k in range(4):
-            plain.train_step(X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b])
-            buck.train_step(X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b])
+            plain.train_step((X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b]))
+            buck.train_step((X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b]))
+            buck.run.step = plain.run.step = k + 1
     finally:
-        if getattr(buck, "_thread", None) is not None:
-            buck._thread.close()
-    np.testing.assert_allclose(buck.model.params, plain.model.params, rtol=1e-12, atol=1e-12)
-    assert len(set(comm.allgather(buck.model.params.tobytes()))) == 1
+        buck.run.strategy.close()
+    np.testing.assert_allclose(buck.run.model.params, plain.run.model.params, rtol=1e-12, atol=1e-12)
+    assert len(set(comm.allgather(buck.run.model.params.tobytes()))) == 1
+    assert buck.run.strategy.sent_bytes == plain.run.strategy.sent_bytes > (0 if comm.Get_size() > 1 else -1)
+
+
+@pytest.mark.parametrize("mode", ["sync", "ps"])
+def test_resuming_a_finished_run_reports_it_and_its_final_metrics(tmp_path, mode):
+    job = _job(tmp_path, "--set", "train.epochs=2", "--set", "model.hidden=[16]")
+    if mode == "ps":
+        job += ["--set", 'comm.mode="ps"']
+    a, _ = _run(2, [*job, "--metrics-out", "a.json"], tmp_path)
+    assert a.returncode == 0, a.stdout + a.stderr
+    b, _ = _run(2, [*job, "--resume", "--metrics-out", "b.json"], tmp_path)
+    assert b.returncode == 0, b.stdout + b.stderr
+    assert "is already complete" in b.stdout and "nan" not in b.stdout and "epoch " not in b.stdout, b.stdout
+    ma, mb = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))  # valid JSON (no NaN)
+    assert mb["test_accuracy"] == pytest.approx(ma["test_accuracy"]) and mb["steps"] == ma["steps"]

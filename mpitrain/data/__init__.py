@@ -5,7 +5,7 @@
 Public API:
   open_dataset(path, comm=None, *, batch_size, seed=0, verify=True) -> Reader
       collective; rank r reads only its shards (round-robin) or its row range
-      (when shards < ranks). Reader: features, classes, train_rows, rows_local,
+      (when shards < ranks). Reader: features, classes, spec (a DataSpec), train_rows, rows_local,
       steps_per_epoch, batches(epoch, start=0), test_batches(batch_size), close().
   ensure_dataset(path, dataset, comm=None, *, shards=None, seed=0) -> Path
       makes a built-in set ("digits", "synthetic") on rank 0 if path has none.
@@ -24,6 +24,7 @@ Data knows nothing of models.
 from .check import CheckReport, check_dataset
 from .make import import_file, make_digits, make_synthetic
 from .reader import Reader, ensure_dataset, open_dataset
+from .spec import DataSpec
 
 __all__ = ["open_dataset", "ensure_dataset", "make_digits", "make_synthetic", "import_file",
-           "check_dataset", "Reader", "CheckReport"]
+           "check_dataset", "Reader", "CheckReport", "DataSpec"]

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import UserError, get_comm, log0, tag
+from .spec import spec_of
 from .shards import (DataProblem, MANIFEST, block_rows_for, open_checked, read_manifest, scan,
                      split_bounds)
 
@@ -136,6 +137,7 @@ class Reader:
         self.manifest = manifest
         self.features = int(manifest["features"])
         self.classes = int(manifest["classes"])
+        self.spec = spec_of(manifest)  # what a batch is (spec.py): the model checks it fits
         self.train_rows = int(manifest["train_rows"])
         self.test_rows = int(manifest["test"]["rows"])
         self.num_shards = len(manifest["shards"])

@@ -14,7 +14,7 @@ gradients in another of the same size, ``model.grads``. Each layer's ``W``,
                   backprop finishes the blocks in this order
 
 Backprop runs from the last layer to the first, so the finished gradients
-always form a growing prefix ``grads[0:hi]``. ``loss_and_grad(x, y,
+always form a growing prefix ``grads[0:hi]``. ``loss_and_grad((x, y),
 on_grad_ready=cb)`` calls ``cb(hi)`` as each layer completes; the training
 loop can start averaging that prefix while earlier layers still compute.
 
@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .base import Model
 
 ACTIVATIONS = ("relu", "tanh")
 
@@ -54,12 +56,21 @@ class Layer:
         return f"Layer({self.name}: {self.fan_in}->{self.fan_out}, params[{self.lo}:{self.hi}])"
 
 
-class MLP:
+class MLP(Model):
     """``features -> hidden[0] -> ... -> hidden[-1] -> classes`` with softmax cross-entropy.
 
     ``hidden=[]`` is softmax regression. ``xp`` is the array module (numpy or
     cupy); ``dtype`` the floating type of parameters and activations.
     """
+
+    kind = "mlp"
+    consumes = ("features+labels",)
+    options_keys = ("hidden", "activation")
+
+    @classmethod
+    def from_spec(cls, spec, options, *, xp=np, seed=0, dtype=np.float32):
+        return cls(spec.features, options["hidden"], spec.classes, options["activation"], xp=xp, dtype=dtype,
+                   seed=seed)
 
     _MAX_CACHED_BATCH_SIZES = 8  # train, last partial batch, eval chunks, ...
 
@@ -93,10 +104,10 @@ class MLP:
         for i in reversed(range(L)):
             lo[i] = off
             off += sizes[i]
-        self.n_params = off
+        self._n = off
 
-        self.params = xp.zeros(self.n_params, dtype=dtype)
-        self.grads = xp.zeros(self.n_params, dtype=dtype)
+        self.params = xp.zeros(self._n, dtype=dtype)
+        self.grads = xp.zeros(self._n, dtype=dtype)
         self.layers = []
         for i in range(L):
             fi, fo = self.widths[i], self.widths[i + 1]
@@ -136,6 +147,14 @@ class MLP:
             raise ValueError(f"parameter vector has {flat.size} elements, model has {self.n_params}")
         self.params[...] = self.xp.asarray(flat, dtype=self.dtype).reshape(-1)
 
+    def tensors(self):
+        """``[(name, offset, shape), ...]`` in buffer order: each layer's W, then its b."""
+        out = []
+        for l in reversed(self.layers):
+            out += [(f"{l.name}.W", l.lo, (l.fan_in, l.fan_out)), (f"{l.name}.b", l.lo + l.fan_in * l.fan_out,
+                                                                     (l.fan_out,))]
+        return out
+
     def layer_slices(self):
         """``[(name, lo, hi), ...]`` in buffer order (= the order backprop completes them)."""
         return [(l.name, l.lo, l.hi) for l in reversed(self.layers)]
@@ -150,9 +169,6 @@ class MLP:
         widths = "-".join(str(w) for w in self.widths)
         return (f"MLP {widths} {self.activation}, {self.n_params:,} params "
                 f"({self.dtype.name}, {self.xp.__name__})")
-
-    def __repr__(self):
-        return f"<{self.describe()}>"
 
     # ---------------------------------------------------------------- compute
 
@@ -213,8 +229,8 @@ class MLP:
         z /= s
         return loss_sum, correct
 
-    def loss_and_grad(self, x, y, on_grad_ready=None):
-        """Forward and backward on one batch; overwrite ``grads``.
+    def loss_and_grad(self, batch, on_grad_ready=None):
+        """Forward and backward on one batch ``(x, y)``; overwrite ``grads``.
 
         Returns ``(mean loss, number correct)``. With ``on_grad_ready``, calls
         ``on_grad_ready(hi)`` as soon as each layer's gradient is final, where
@@ -223,7 +239,7 @@ class MLP:
         it is called: synchronize before handing the prefix to MPI.
         """
         xp = self.xp
-        x, y = self._prepare(x, y)
+        x, y = self._prepare(*batch)
         batch = x.shape[0]
         if batch == 0:
             raise ValueError("loss_and_grad needs a non-empty batch")
@@ -258,12 +274,12 @@ class MLP:
 
         return float(loss_sum) / batch, int(correct)
 
-    def evaluate(self, x, y, batch_size=1024):
-        """``(sum of per-sample losses, number correct)`` over ``x``; leaves ``grads`` alone.
+    def evaluate(self, batch, batch_size=1024):
+        """``(sum of per-sample losses, number correct)`` over ``batch = (x, y)``; leaves ``grads`` alone.
 
         Sums, not means, so ranks can add their results up.
         """
-        x, y = self._prepare(x, y)
+        x, y = self._prepare(*batch)
         n = x.shape[0]
         loss_total, correct_total = 0.0, 0
         for start in range(0, n, max(1, int(batch_size))):

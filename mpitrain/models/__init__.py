@@ -1,0 +1,33 @@
+"""Models: one interface (base.Model) and a registry keyed by ``model.kind``.
+
+    KINDS = {"mlp": MLP}           build(kind, options, spec, xp=, seed=) -> Model
+
+Adding a model (docs/architecture.md): write a Model subclass in its own module, list it in
+KINDS, add its keys to config.ModelConfig. The data set's spec (data/spec.py) must be one of
+the kinds it ``consumes``; otherwise ``build`` raises a UserError naming both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime import UserError
+from .base import Model
+from .mlp import MLP
+
+KINDS: dict[str, type[Model]] = {"mlp": MLP}
+
+
+def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.float32) -> Model:
+    """The model of ``kind`` for a data set described by ``spec`` (a data.spec.DataSpec)."""
+    cls = KINDS.get(kind)
+    if cls is None:
+        raise UserError(f"model.kind = {kind!r} is not a model; known: {', '.join(map(repr, KINDS))}")
+    if spec.kind not in cls.consumes:
+        raise UserError(f"model.kind = {kind!r} trains on {' or '.join(cls.consumes)} data, but the data set "
+                        f"yields {spec.describe()}; choose a data set of that kind (data.path / data.dataset) "
+                        "or a model that consumes this one")
+    return cls.from_spec(spec, {k: options[k] for k in cls.options_keys}, xp=xp, seed=seed, dtype=dtype)
+
+
+__all__ = ["Model", "MLP", "KINDS", "build"]

@@ -1,0 +1,64 @@
+"""The interface every model implements, so that strategies and the loop never look inside one.
+
+    params  | block that backprop finishes first | ... | block finished last |   one flat buffer
+    grads   | same layout                         | ... |                     |   one flat buffer
+              '--- grads[0:hi] is final once on_grad_ready(hi) was called ---'
+
+- ``params`` / ``grads``: one contiguous 1-D buffer each (NumPy or CuPy, the model's ``xp``),
+  every tensor a view into them; backprop finishes a growing prefix, so buckets overlap with it.
+- ``tensors()``: ``[(name, offset, shape), ...]`` in buffer order (compression scales per tensor).
+- ``loss_and_grad(batch, on_grad_ready=None)`` -> ``(mean loss, correct)``; overwrites ``grads``.
+- ``evaluate(batch)`` -> ``(loss sum, correct)`` (sums, so ranks can add them up).
+- ``count(batch)``: how many items the loss averages over (rows, tokens, graphs).
+- ``describe()``: one line for the start-up log.
+- ``from_spec(spec, options, xp=, seed=, dtype=)``: build for a data set (``data.spec.DataSpec``)
+  and the ``[model]`` keys listed in ``options_keys``.
+
+Initial values are drawn on the host from the seed, so NumPy and CuPy models start bitwise equal.
+A model knows nothing of MPI.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class Model:
+    kind = "?"
+    consumes: tuple[str, ...] = ()     # DataSpec kinds this model trains on
+    options_keys: tuple[str, ...] = ()  # the [model] keys it reads (besides kind)
+
+    params = grads = None
+    xp = np
+
+    @classmethod
+    def from_spec(cls, spec, options: dict, *, xp=np, seed: int = 0, dtype=np.float32) -> "Model":
+        raise NotImplementedError
+
+    def tensors(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def segments(self) -> list[tuple[int, int]]:
+        """``[(lo, hi), ...]`` of every tensor in buffer order (they tile ``[0, n_params)``)."""
+        return [(off, off + math.prod(shape)) for _name, off, shape in sorted(self.tensors(), key=lambda t: t[1])]
+
+    @property
+    def n_params(self) -> int:
+        return int(self.params.size)
+
+    def loss_and_grad(self, batch, on_grad_ready=None):
+        raise NotImplementedError
+
+    def evaluate(self, batch):
+        raise NotImplementedError
+
+    def count(self, batch) -> int:
+        return len(batch[-1])
+
+    def describe(self) -> str:
+        return self.kind
+
+    def __repr__(self):
+        return f"<{self.describe()}>"

@@ -1,0 +1,91 @@
+"""Synchronous data parallelism: every step, every rank's gradients are replaced by their average.
+
+    rank r:  batch_r --backward--> grads_r --allreduce(avg)--> g (identical everywhere) --step-->
+
+One all-reduce per step (``comm.algorithm``), or, with ``comm.bucket_bytes > 0``, buckets that
+leave while backprop still runs (like DDP):
+
+    grads:  | last layer | ... | first layer |      backprop fills it from offset 0
+            |--bucket 0--|--bucket 1--| ... |      each time the finished prefix has grown by
+                  iallreduce   iallreduce          bucket_bytes it goes to a non-blocking all-reduce,
+                                                   progressed after every layer ("progress") or by
+                                                   a communication thread ("thread")
+
+Bytes per rank and step: 2(p-1)/p · n · itemsize (``allreduce_bytes``).
+"""
+
+from __future__ import annotations
+
+from .. import backend
+from ..collectives import allreduce
+from ..collectives.nonblocking import CommThread, iallreduce
+from ..runtime import UserError
+from .base import Strategy, allreduce_bytes
+
+
+class AllReduce(Strategy):
+    @staticmethod
+    def label_for(cfg) -> str:
+        c = cfg.comm
+        return c.algorithm + (f"+buckets({c.bucket_bytes})" if c.bucket_bytes > 0 else "")
+
+    def __init__(self, cfg, comm):
+        super().__init__(cfg, comm)
+        c = cfg.comm
+        self.algorithm, self.bucket_bytes, self.overlap = c.algorithm, c.bucket_bytes, c.overlap
+        self.label = self.label_for(cfg)
+        self._handles, self._thread = [], None
+
+    def bind(self, run) -> None:
+        super().bind(run)
+        if self.bucket_bytes > 0 and self.cfg.train.backend == "cupy" and not backend.cuda_aware_mpi():
+            raise UserError("comm.bucket_bytes > 0 with train.backend='cupy' needs a CUDA-aware MPI "
+                            f"({backend.cuda_aware_info()[1]}); set comm.bucket_bytes=0")
+
+    def grad_hook(self, step):
+        if self.bucket_bytes <= 0:
+            return None
+        run, grads = self.run, self.run.model.grads
+        limit = max(1, self.bucket_bytes // grads.itemsize)
+        if self.overlap == "thread" and self._thread is None:
+            self._thread = CommThread()
+        sent, first = 0, True
+
+        def ready(hi):
+            nonlocal sent, first
+            if first:  # before the first bucket leaves: what the faults and the watchdog see as "the step"
+                first = False
+                run.faults.at(step, grads[:hi])
+                run.watchdog.arrive(step)
+            if hi - sent >= limit or hi == grads.size:
+                backend.synchronize(grads)
+                h = iallreduce(grads[sent:hi], self.comm, op="avg", algorithm=self.algorithm)
+                if self._thread is not None:
+                    self._thread.submit(h)
+                else:
+                    self._handles.append(h)
+                sent = hi
+            for h in self._handles:
+                h.progress()
+
+        return ready
+
+    def after_backward(self, step):
+        run, grads = self.run, self.run.model.grads
+        if self.bucket_bytes > 0:  # only what backprop did not hide
+            with run.timers("comm"), run.watchdog.guard("the gradient all-reduce", step):
+                if self._thread is not None:
+                    self._thread.drain()
+                for h in self._handles:
+                    h.wait()
+                self._handles.clear()
+        else:
+            run.faults.at(step, grads)
+            with run.timers("comm"), run.watchdog.collective(step):
+                allreduce(grads, self.comm, op="avg", algorithm=self.algorithm)
+        self.sent_bytes += allreduce_bytes(grads.nbytes, self.size)
+
+    def close(self):
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None

@@ -1,0 +1,80 @@
+"""What the loop does when something is off: signals, non-finite gradients, clipping.
+
+    SIGUSR1 / SIGTERM  -> StopFlag.signum; the ranks agree on it at the next step boundary
+                          (one MAX all-reduce), write a checkpoint and exit 75
+    non-finite grads   -> train.nonfinite = "error": a UserError naming the ranks whose loss was
+                          non-finite; "skip": the step is skipped and counted
+    clipping           -> train.clip_value, then train.clip_norm (after the gradients agree,
+                          so every rank scales alike)
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+
+from .. import watchdog
+from ..optim import clip_by_global_norm, clip_by_value
+from ..runtime import UserError, log0
+
+_HINT = ("Lower train.lr, set train.clip_norm, check the data (python -m mpitrain data check), or set "
+         "train.nonfinite=\"skip\"")
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; ranks agree on it at the next step boundary."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+        self._grace = watchdog.TermGrace()  # a rank stuck in MPI cannot stop: end it 20 s after SIGTERM
+
+    def install(self):
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        self._grace.install()
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        self._grace.restore()
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
+class GradPolicy:
+    """The non-finite policy and clipping of ``[train]``, the same for every strategy."""
+
+    def __init__(self, train_cfg, comm):
+        self.t, self.comm = train_cfg, comm
+        self.skipped = 0
+
+    def clip(self, grads) -> None:
+        if self.t.clip_value > 0:
+            clip_by_value(grads, self.t.clip_value)
+        if self.t.clip_norm > 0:
+            clip_by_global_norm(grads, self.t.clip_norm)
+
+    def nonfinite(self, loss: float, step: int, epoch: int, collective: bool, where: str = "") -> None:
+        """A non-finite gradient: count a skip, or raise. ``collective``: every rank sees the same
+        gradients and calls this alike (one allgather says whose loss was non-finite)."""
+        if collective:
+            bad = self.comm.allgather(not math.isfinite(loss))
+            who = [r for r, b in enumerate(bad) if b]
+            what = (f"local loss non-finite on rank(s) {who}" if who else
+                    "every rank's loss was finite: it arose in the backward pass")
+        else:
+            what = f"{where or 'this rank'}'s own gradient; local loss {loss}"
+        if self.t.nonfinite == "skip":
+            self.skipped += 1
+            if collective:
+                log0(f"step {step}: non-finite gradient ({what}); step skipped ({self.skipped} so far)")
+            return
+        err = UserError(f"non-finite gradient at step {step} (epoch {epoch + 1}; {what}). {_HINT}")
+        err.rank_local = not collective  # only this rank knows: report at once (runtime.defer_to_rank0)
+        raise err

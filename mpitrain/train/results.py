@@ -1,0 +1,89 @@
+"""The one results schema: the epoch line, the per-epoch history, the ``--metrics-out`` dict, the done line.
+
+Every strategy reports through here (the parameter server too), so a run's JSON always holds:
+
+    test_accuracy test_loss epochs steps ranks samples_per_s comm_fraction wall_s timers_s
+    nonfinite_skipped algorithm backend stopped_early strategy comm_bytes bytes_per_step
+    optimizer_bytes_per_rank history [+ strategy-specific sections, e.g. "ps"]
+
+``history`` has one entry per epoch: epoch, step, wall_s, comm_bytes (sent by all ranks so far),
+test_accuracy, test_loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ..runtime import UserError, log0
+
+
+def check_writable(path, what: str) -> None:
+    """Fail before training, not after it, when an output file cannot be written."""
+    if not path:
+        return
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        existed = p.exists()
+        with open(p, "a"):
+            pass
+        if not existed:
+            p.unlink()
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write there ({e.strerror or e}); choose another path") from None
+
+
+class Results:
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.history: list[dict] = []
+        self.t_start = time.perf_counter()
+
+    def start(self) -> None:
+        """The clock of samples/s and wall_s starts here (after set-up)."""
+        self.t_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def epoch(self, epoch: int, step: int, comm_bytes: float, train: tuple, test: tuple, samples: int,
+              comm_fraction: float) -> None:
+        """One history entry and the epoch line (rank 0 prints). ``train`` = (loss sum, correct, seen)."""
+        elapsed = self.elapsed()
+        test_loss, test_acc = test
+        self.history.append({"epoch": epoch, "step": step, "wall_s": elapsed, "comm_bytes": comm_bytes,
+                             "test_accuracy": float(test_acc), "test_loss": float(test_loss)})
+        loss, correct, seen = train
+        log0(f"epoch {epoch:>3}/{self.epochs}  loss {loss / max(seen, 1):.4f}  train acc "
+             f"{correct / max(seen, 1):.4f}  test loss {test_loss:.4f}  test acc {test_acc:.4f}  "
+             f"{samples / max(elapsed, 1e-9):,.0f} samples/s  comm {100 * comm_fraction:.0f}%")
+
+    def metrics(self, *, test, epochs, steps, ranks, samples, comm_fraction, timers, skipped, algorithm,
+                backend, stopped, strategy, comm_bytes, steps_done, bytes_divisor, optimizer_bytes, **extra):
+        elapsed = self.elapsed()
+        test_loss, test_acc = test
+        m = {"test_accuracy": float(test_acc), "test_loss": float(test_loss), "epochs": epochs, "steps": steps,
+             "ranks": ranks, "samples_per_s": samples / max(elapsed, 1e-9), "comm_fraction": comm_fraction,
+             "wall_s": elapsed, "timers_s": timers, "nonfinite_skipped": skipped, "algorithm": algorithm,
+             "backend": backend, "stopped_early": bool(stopped), "strategy": strategy, "comm_bytes": comm_bytes,
+             "bytes_per_step": comm_bytes / max(bytes_divisor, 1) / max(steps_done, 1),
+             "optimizer_bytes_per_rank": int(optimizer_bytes), "history": self.history}
+        m.update(extra)
+        return m
+
+    @staticmethod
+    def write(path, metrics: dict) -> None:
+        """Rank 0 only. NaN (nothing measured) is written as null: the file stays valid JSON."""
+        if not path:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(clean, indent=2) + "\n")
+
+
+def optimizer_bytes(opt) -> int:
+    """Bytes of optimizer state this rank holds (momentum, Adam's m and v)."""
+    return sum(getattr(v, "nbytes", 0) for v in opt.state_dict().values())

@@ -1,0 +1,223 @@
+"""Set-up and resume, shared by every strategy: from a job config to a ready ``Run``.
+
+    agree on the job --> strategy (sync.make) --> backend, device --> data set (made on first use,
+    opened over the strategy's data communicator) --> spec --> model (models.build) -->
+    strategy.bind: optimizer + schedule --> checkpoint dir probed --> resume or broadcast --> start-up line
+
+A ``Run`` is what strategies and the loop see: cfg, comm, rank/size, xp, model, opt, schedule,
+data, timers, watchdog, faults, stop, policy, results, the step counters, and the helpers
+``make_optimizer``, ``make_schedule``, ``evaluate`` and ``save``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+
+import numpy as np
+
+from .. import __version__, backend, checkpoint, models, sync, watchdog
+from ..faults import Faults
+from ..metrics import Timers
+from ..optim import LRSchedule, make_optimizer
+from ..runtime import UserError, agree, agree_config, log0
+from .control import GradPolicy, StopFlag
+from .results import Results, optimizer_bytes
+
+
+def params_digest(params) -> str:
+    return hashlib.sha1(backend.to_numpy(params).tobytes()).hexdigest()[:12]
+
+
+class Run:
+    def __init__(self, cfg, comm):
+        self.cfg, self.comm = cfg, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.faults = Faults(self.rank)
+        self.watchdog = watchdog.OFF
+        self.timers = Timers()
+        self.trace = None
+        self.stop = StopFlag()
+        self.policy = GradPolicy(cfg.train, comm)
+        self.results = Results(cfg.train.epochs)
+        self.step = self.epoch = self.start_in_epoch = 0
+        self.first_step = 0
+        self.data = self.model = self.opt = self.schedule = None
+        self.strategy = None
+        self.total_bytes = 0.0
+        self.last_test = (float("nan"), float("nan"))  # the newest evaluation (also read back on resume)
+        self.xp = np
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, resume: bool) -> None:
+        from ..data import ensure_dataset, open_dataset
+
+        cfg, comm, t = self.cfg, self.comm, self.cfg.train
+        self.strategy = sync.make(cfg, comm)  # checks what every rank can check alone (e.g. rank counts)
+        agree_config(comm, cfg)
+        if self.strategy.uses_watchdog:
+            self.watchdog = watchdog.start(comm, cfg.comm.timeout_s, hint=self.resume_hint())
+        dcomm = self.strategy.data_comm()
+        self.backend = self.strategy.backend(t.backend)
+        self.xp = backend.get_xp(self.backend)
+        if self.backend == "cupy":
+            backend.select_device(dcomm, share=t.share_gpu)
+            self.timers = Timers(sync=backend.synchronize)
+        d = cfg.data
+        ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=t.seed,
+                       rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+        if dcomm is not None:
+            self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed)
+        self._data_info()
+        self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed)
+        self.strategy.bind(self)
+        if cfg.checkpoint.every > 0 or resume:
+            ok = checkpoint.probe(cfg.checkpoint.dir) if self.rank == 0 else None
+            comm.bcast(ok, root=0)
+        ck = self.read_checkpoint() if resume else None
+        if ck is None:
+            self.strategy.fresh_start()
+        else:
+            self.strategy.restore(ck)
+        self.first_step = self.step
+        log0(f"mpitrain {__version__}: {self.strategy.describe_ranks()}, {self.model.describe()}, "
+             f"{self.train_rows} training rows, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
+             f"{self.data_ranks}, sync={self.strategy.label}, backend={t.backend}")
+
+    def _data_info(self) -> None:
+        """Every rank learns the data set's spec and sizes from a rank that reads training data."""
+        info = None
+        if self.data is not None:
+            info = {"spec": self.data.spec, "train_rows": self.data.train_rows,
+                    "steps_per_epoch": self.data.steps_per_epoch, "ranks": self.data.size}
+        info = self.comm.bcast(info, root=self.strategy.info_root())
+        self.spec, self.train_rows = info["spec"], info["train_rows"]
+        self.steps_per_epoch, self.data_ranks = info["steps_per_epoch"], info["ranks"]
+        self.total_steps = self.cfg.train.epochs * self.steps_per_epoch
+
+    def make_optimizer(self, params, xp=None):
+        t = self.cfg.train
+        return make_optimizer(t.optimizer, params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                              betas=(t.beta1, t.beta2), xp=xp or self.xp)
+
+    def make_schedule(self, total_steps: int, epoch_steps: int, scale: float = 1.0) -> LRSchedule:
+        """train.lr's schedule over ``total_steps`` (``epoch_steps`` per epoch), its rates times ``scale``."""
+        t = self.cfg.train
+        return LRSchedule(t.schedule, t.lr * scale, total_steps=total_steps, warmup_steps=t.warmup_steps,
+                          step_size=t.step_epochs * epoch_steps, gamma=t.gamma, min_lr=t.min_lr * scale)
+
+    def resume_hint(self) -> str:
+        return (f"; resume from the last checkpoint in {self.cfg.checkpoint.dir} with --resume"
+                if self.cfg.checkpoint.every > 0 else "")
+
+    def optimizer_bytes(self) -> int:
+        return optimizer_bytes(self.opt) if self.opt is not None else 0
+
+    # ------------------------------------------------------------------ resume
+    def broadcast_params(self) -> None:
+        host = backend.to_numpy(self.model.params).copy()
+        self.comm.Bcast(host, root=0)
+        self.model.params[...] = self.xp.asarray(host)
+        self.check_replicas("initial parameters (hash)", "this is a bug: please report it")
+
+    def check_replicas(self, what=None, hint=None) -> None:
+        agree(self.comm, params_digest(self.model.params), what or f"parameters at step {self.step} (hash)",
+              hint or "the replicas diverged: check that every rank runs the same code and MPI library")
+
+    def read_checkpoint(self):
+        """Rank 0 reads the newest valid checkpoint; every rank gets it (None: there is none)."""
+        ck = checkpoint.latest(self.cfg.checkpoint.dir) if self.rank == 0 else None
+        ck = self.comm.bcast(ck, root=0)
+        if ck is None:
+            log0(f"--resume: no checkpoint in {self.cfg.checkpoint.dir}; starting from scratch")
+            return None
+        if ck["params"].size != self.model.params.size:
+            raise UserError(f"{ck['path']}: holds {ck['params'].size} parameters but the model has "
+                            f"{self.model.params.size}; the job's model section changed since it was written")
+        return ck
+
+    def restore_replicated(self, ck) -> None:
+        """Resume a run whose parameters and optimizer state are replicated on every rank."""
+        self.model.params[...] = self.xp.asarray(ck["params"])
+        self.load_optimizer(self.opt, ck)
+        self.strategy.load_state_dict(ck.get("strategy", {}), ck["ranks"])
+        self.step, self.epoch, self.start_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
+        self.last_test = tuple(ck.get("last_test") or self.last_test)
+        if ck["ranks"] != self.size:  # a new data layout: the partly done epoch starts over on it
+            self.start_in_epoch = 0
+        if self.start_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.start_in_epoch = self.epoch + 1, 0
+        note = "" if ck["ranks"] == self.size else (
+            f" (written by {ck['ranks']} rank(s), now {self.size}: the data is re-partitioned, "
+            "so batches differ from an uninterrupted run)")
+        log0(f"resumed from {ck['path']}: epoch {self.epoch + 1}, step {self.step}{note}")
+        self.check_replicas("resumed parameters (hash)", "this is a bug: please report it")
+
+    def complete(self, done: int, total: int, unit: str) -> bool:
+        """True (and says so) when a resumed run has nothing left to do: ``done`` of ``total`` ``unit``."""
+        if done < total:
+            return False
+        loss, acc = self.last_test
+        log0(f"the run in {self.cfg.checkpoint.dir} is already complete ({done}/{total} {unit}); nothing to "
+             f"train. Its final test accuracy {acc:.4f}, test loss {loss:.4f}. Raise train.epochs to train "
+             "further, or start a new run in another checkpoint.dir")
+        return True
+
+    def load_optimizer(self, opt, ck, state=None) -> None:
+        try:
+            opt.load_state_dict(state if state is not None else ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{ck['path']}: its optimizer state does not fit train.optimizer="
+                            f"{self.cfg.train.optimizer!r} ({e}); resume with the optimizer it was written "
+                            "with, or start a new run in another checkpoint.dir") from None
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate(self, data=None, comm=None):
+        """(mean test loss, accuracy) over the test rows of ``data`` (summed over ``comm``'s ranks)."""
+        data, comm = data or self.data, comm if comm is not None else self.comm
+        loss_sum, correct, count = 0.0, 0, 0
+        xp = self.xp
+        for x, y in data.test_batches(self.cfg.train.eval_batch_size):
+            batch = (xp.asarray(x), xp.asarray(y))
+            ls, c = self.model.evaluate(batch)
+            loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
+        tot = np.array([loss_sum, correct, count, self.strategy.sent_bytes], dtype=np.float64)
+        if comm.Get_size() > 1:
+            from mpi4py import MPI
+
+            with self.watchdog.guard("the evaluation all-reduce", self.step):
+                comm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
+        n = max(tot[2], 1.0)
+        self.total_bytes = float(tot[3])  # sent by all ranks together since this run started
+        self.last_test = (tot[0] / n, tot[1] / n) if tot[2] > 0 else (float("nan"), float("nan"))
+        return self.last_test
+
+    # ------------------------------------------------------------- checkpoints
+    def save(self, step_in_epoch: int, *, step=None, epoch=None, params=None, optimizer=None, state=None,
+             extra=None, collective=True):
+        """The strategy's state is gathered (unless given); rank 0 writes; every rank gets the path
+        (``collective=False``: rank 0 alone calls it and gets the path)."""
+        if state is None:
+            state = self.strategy.state_dict()
+        ok = None
+        if self.rank == 0:
+            step = self.step if step is None else step
+            hook = None
+            if self.faults.checkpoint_kill(step):
+                hook = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731 - testing aid
+            ok = str(checkpoint.save(
+                self.cfg.checkpoint.dir, params=backend.to_numpy(self.model.params if params is None else params),
+                optimizer=self.opt.state_dict() if optimizer is None else optimizer, step=step,
+                epoch=self.epoch if epoch is None else epoch, step_in_epoch=step_in_epoch,
+                config=self.cfg.to_dict(), ranks=self.size, keep=self.cfg.checkpoint.keep, before_rename=hook,
+                state=state, extra={"last_test": [float(v) for v in self.last_test], **(extra or {})}))
+        return self.comm.bcast(ok, root=0) if collective else ok
+
+    def close(self) -> None:
+        self.stop.restore()
+        if self.strategy is not None:
+            self.strategy.close()
+        if self.data is not None:
+            self.data.close()
+        self.watchdog.close()
