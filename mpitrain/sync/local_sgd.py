@@ -7,14 +7,18 @@ their parameters.
 
 Bytes per rank and step: 2(p-1)/p · n · itemsize / T (plus one average at an epoch end that
 falls between synchronizations). Between synchronizations the replicas differ, so the loop
-checks replicas, stops on a signal and checkpoints only at synchronized points; the state in a
-checkpoint is the count of local steps since the last average (0 at every such point).
+checks replicas, stops on a signal and checkpoints only at synchronized points. The state in a
+checkpoint: the count of local steps since the last average (0 at every such point) and every
+rank's own optimizer state (momentum, Adam's moments: each rank stepped on its own gradients, so
+they differ), gathered as (p, ...) arrays; on another rank count every rank takes rank 0's.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..collectives import allreduce
-from ..runtime import UserError
+from ..runtime import UserError, log0
 from .base import Strategy, allreduce_bytes
 
 
@@ -56,7 +60,25 @@ class LocalSGD(Strategy):
                             "Lower train.lr or train.sync_every, or set train.clip_norm")
 
     def state_dict(self):
-        return {"local_steps": self.local_steps}
+        state = {"local_steps": self.local_steps}
+        opt = self.run.opt.state_dict()
+        for name in sorted(k for k, v in opt.items() if isinstance(v, np.ndarray)):
+            mine = np.ascontiguousarray(opt[name])
+            every = np.empty((self.size, *mine.shape), dtype=mine.dtype) if self.rank == 0 else None
+            self.comm.Gather(mine, every, root=0)
+            if self.rank == 0:
+                state[f"optimizer.{name}"] = every
+        return state
 
     def load_state_dict(self, state, ranks):
         self.local_steps = int(state.get("local_steps", 0))
+        rows = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("optimizer.")}
+        if not rows:
+            return
+        if any(v.shape[0] != self.size for v in rows.values()):
+            log0(f"note: the checkpoint holds the optimizer state of {ranks} rank(s), this run has {self.size}: "
+                 "every rank continues from rank 0's")
+            return
+        opt = self.run.opt.state_dict()
+        opt.update({name: v[self.rank] for name, v in rows.items()})
+        self.run.opt.load_state_dict(opt)

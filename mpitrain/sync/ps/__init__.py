@@ -152,6 +152,7 @@ class ParameterServer(Strategy):
     # ------------------------------------------------------------------ resume
     def restore(self, ck):
         n = self.run.model.n_params
+        self.run.last_test = tuple(ck.get("last_test") or self.run.last_test)
         ps = ck.get("mode") == "ps"
         if ps:
             self.u0 = int(ck["step"])
