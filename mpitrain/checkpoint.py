@@ -254,3 +254,66 @@ def _cmd_show(args) -> int:
     log0(f"params: {c['params'].size} x {c['params'].dtype}; optimizer state: "
          + ", ".join(f"{k}{getattr(v, 'shape', '')}" for k, v in c["optimizer"].items()))
     return 0
+
+
+# ------------------------------------------------------------------ which run owns a directory
+#
+#   checkpoint.dir/RUN.json          {"run_id", "config_digest", "host", "pid"} of the run writing here
+#   checkpoint.dir/ckpt-*.h5         that run's checkpoints (meta: run_id, config_digest)
+#   checkpoint.dir/previous-<id>-N/  another run's checkpoints, set aside when a new run started here
+#
+# A fresh run (no --resume) sets aside whatever another run left, so pruning never deletes another
+# run's files and --resume never loads them; a resumed run adopts the id of the checkpoint it loads.
+# Before every write the owner is checked: a second job that took the directory over makes the
+# first one fail with a message instead of both exiting 0 with one's files gone.
+
+OWNER = "RUN.json"
+
+
+def owner(directory) -> dict | None:
+    try:
+        return json.loads((Path(directory) / OWNER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def claim(directory, run_id: str, digest: str) -> None:
+    """Rank 0: record ``run_id`` as the run writing checkpoints in ``directory`` (atomically)."""
+    import socket
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{OWNER}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "config_digest": digest, "host": socket.gethostname(),
+                               "pid": os.getpid()}) + "\n")
+    os.replace(tmp, d / OWNER)
+
+
+def set_aside(directory) -> tuple[Path, dict] | None:
+    """Rank 0, fresh run: move another run's checkpoints (and RUN.json) into ``previous-<id>-N/``."""
+    d = Path(directory)
+    files = list_checkpoints(d)
+    if not files:
+        return None
+    prev = owner(d) or {}
+    rid = re.sub(r"[^0-9A-Za-z]", "", str(prev.get("run_id", ""))) or "unknown"
+    n = 1
+    while (d / f"previous-{rid}-{n}").exists():
+        n += 1
+    dest = d / f"previous-{rid}-{n}"
+    dest.mkdir()
+    for p in [*files, d / OWNER]:
+        if p.exists():
+            os.replace(p, dest / p.name)
+    _fsync_dir(d)
+    return dest, {"run_id": rid, "steps": [int(NAME.match(p.name).group(1)) for p in files]}
+
+
+def check_owner(directory, run_id: str) -> None:
+    """Raise UserError when another run has taken ``directory`` over since this one claimed it."""
+    now = owner(directory)
+    if now is not None and now.get("run_id") != run_id:
+        raise UserError(f"checkpoint.dir {directory} now belongs to another run (run {now.get('run_id')}, pid "
+                        f"{now.get('pid')} on {now.get('host')}); this run ({run_id}) stops rather than mix "
+                        "its checkpoints with that one's (its own are in a previous-* folder there). Run one "
+                        "job per checkpoint.dir (--set checkpoint.dir=PATH)")

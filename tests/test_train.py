@@ -195,3 +195,47 @@ def test_resuming_a_finished_run_reports_it_and_its_final_metrics(tmp_path, mode
     assert not [ln for ln in b.stdout.splitlines() if ln.startswith("epoch")], "no invented epoch line"
     ma, mb = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))  # valid JSON (no NaN)
     assert mb["test_accuracy"] == pytest.approx(ma["test_accuracy"]) and mb["steps"] == ma["steps"]
+
+
+def test_a_new_run_sets_aside_another_runs_checkpoints(tmp_path):
+    first = _job(tmp_path, "--set", "train.epochs=2", "--set", "model.hidden=[16]")
+    a, _ = _run(2, first, tmp_path)
+    assert a.returncode == 0, a.stdout + a.stderr
+    owner_a = checkpoint.owner(tmp_path / "ckpt")["run_id"]
+    second = _job(tmp_path, "--set", "train.epochs=1", "--set", "model.hidden=[8]")
+    b, _ = _run(2, second, tmp_path)
+    assert b.returncode == 0, b.stdout + b.stderr
+    assert "held the checkpoints of another run" in b.stdout, b.stdout
+    prev = list((tmp_path / "ckpt").glob(f"previous-{owner_a}-1/ckpt-*.h5"))
+    assert len(prev) == 2, "the first run's checkpoints are kept, apart"
+    mine = checkpoint.list_checkpoints(tmp_path / "ckpt")
+    assert [checkpoint.load(p)["run_id"] for p in mine] == [checkpoint.owner(tmp_path / "ckpt")["run_id"]]
+    c, _ = _run(2, [*second, "--resume"], tmp_path)  # resumes its own run, not the other one
+    assert c.returncode == 0 and "already complete (1/1 epochs)" in c.stdout, c.stdout + c.stderr
+    d, _ = _run(2, [*first, "--set", f"checkpoint.dir={prev[0].parent}", "--resume"], tmp_path)
+    assert d.returncode == 0 and "already complete (2/2 epochs)" in d.stdout, d.stdout + d.stderr
+
+
+def test_a_run_whose_directory_was_taken_over_stops_with_a_message(tmp_path):
+    slow = [*_job(tmp_path, "--set", "train.epochs=2", "--set", "model.hidden=[8]"), "--set", "train.step_sleep=0.3"]
+    cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "mpitrain", *slow]
+    a = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for line in a.stdout:  # the first epoch is done and checkpointed
+            if line.startswith("epoch"):
+                break
+        b, _ = _run(2, _job(tmp_path, "--set", "train.epochs=1", "--set", "model.hidden=[8]"), tmp_path)
+        out, err = a.communicate(timeout=120)
+    finally:
+        a.kill()
+    assert b.returncode == 0, b.stdout + b.stderr
+    assert a.returncode != 0 and "now belongs to another run" in err, out + err
+
+
+def test_owner_check_unit(tmp_path):
+    checkpoint.claim(tmp_path, "abc", "d1")
+    checkpoint.check_owner(tmp_path, "abc")
+    checkpoint.claim(tmp_path, "xyz", "d2")
+    with pytest.raises(config.UserError, match="now belongs to another run"):
+        checkpoint.check_owner(tmp_path, "abc")

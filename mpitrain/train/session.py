@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import signal
 
 import numpy as np
@@ -47,6 +48,7 @@ class Run:
         self.strategy = None
         self.total_bytes = 0.0
         self.last_test = (float("nan"), float("nan"))  # the newest evaluation (also read back on resume)
+        self.run_id, self._fresh, self._claimed = None, True, False  # who owns checkpoint.dir (_identify)
         self.xp = np
 
     # ------------------------------------------------------------------ set-up
@@ -76,6 +78,7 @@ class Run:
             ok = checkpoint.probe(cfg.checkpoint.dir) if self.rank == 0 else None
             comm.bcast(ok, root=0)
         ck = self.read_checkpoint() if resume else None
+        self._identify(ck, claim=cfg.checkpoint.every > 0 or resume)
         if ck is None:
             self.strategy.fresh_start()
         else:
@@ -172,6 +175,29 @@ class Run:
                             f"{self.cfg.train.optimizer!r} ({e}); resume with the optimizer it was written "
                             "with, or start a new run in another checkpoint.dir") from None
 
+    # -------------------------------------------------------------- ownership
+    def _identify(self, ck, claim: bool) -> None:
+        """This run's id (a resumed run keeps its checkpoint's); rank 0 claims checkpoint.dir."""
+        rid = (ck or {}).get("run_id")
+        if self.rank == 0 and not rid:
+            rid = secrets.token_hex(6)
+        self.run_id = self.comm.bcast(rid, root=0)
+        self._fresh, self._claimed = ck is None, False
+        if claim and self.rank == 0:
+            self._claim_dir()
+
+    def _claim_dir(self) -> None:
+        """Rank 0: a fresh run sets aside another run's checkpoints, then records itself as the owner."""
+        d = self.cfg.checkpoint.dir
+        moved = checkpoint.set_aside(d) if self._fresh else None
+        if moved:
+            dest, prev = moved
+            log0(f"note: {d} held the checkpoints of another run (run {prev['run_id']}, steps "
+                 f"{', '.join(map(str, prev['steps']))}); moved them to {dest}. To continue that run: "
+                 f"--set checkpoint.dir={dest} --resume")
+        checkpoint.claim(d, self.run_id, self.cfg.digest())
+        self._claimed = True
+
     # -------------------------------------------------------------- evaluation
     def evaluate(self, data=None, comm=None):
         """(mean test loss, accuracy) over the test rows of ``data`` (summed over ``comm``'s ranks)."""
@@ -202,6 +228,9 @@ class Run:
             state = self.strategy.state_dict()
         ok = None
         if self.rank == 0:
+            if not self._claimed:
+                self._claim_dir()
+            checkpoint.check_owner(self.cfg.checkpoint.dir, self.run_id)
             step = self.step if step is None else step
             hook = None
             if self.faults.checkpoint_kill(step):
@@ -211,7 +240,8 @@ class Run:
                 optimizer=self.opt.state_dict() if optimizer is None else optimizer, step=step,
                 epoch=self.epoch if epoch is None else epoch, step_in_epoch=step_in_epoch,
                 config=self.cfg.to_dict(), ranks=self.size, keep=self.cfg.checkpoint.keep, before_rename=hook,
-                state=state, extra={"last_test": [float(v) for v in self.last_test], **(extra or {})}))
+                state=state, extra={"last_test": [float(v) for v in self.last_test], "run_id": self.run_id,
+                                                "config_digest": self.cfg.digest(), **(extra or {})}))
         return self.comm.bcast(ok, root=0) if collective else ok
 
     def close(self) -> None:
