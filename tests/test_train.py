@@ -239,3 +239,19 @@ def test_owner_check_unit(tmp_path):
     checkpoint.claim(tmp_path, "xyz", "d2")
     with pytest.raises(config.UserError, match="now belongs to another run"):
         checkpoint.check_owner(tmp_path, "abc")
+
+
+def test_output_paths_are_checked_before_training(tmp_path):
+    for flag in ("--metrics-out", "--trace"):
+        p, wall = _run(2, [*_job(tmp_path), flag, "/proc/no/such/dir/m.json"], tmp_path, timeout=60)
+        assert p.returncode != 0 and f"{flag} /proc/no/such/dir/m.json: cannot write there" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr and "epoch" not in p.stdout, "failed before the first epoch"
+
+
+def test_resume_after_changing_the_optimizer_is_a_clear_error(tmp_path):
+    job = _job(tmp_path, "--set", "train.epochs=1", "--set", "model.hidden=[8]")
+    a, _ = _run(2, job, tmp_path)
+    assert a.returncode == 0, a.stderr
+    b, _ = _run(2, [*job, "--set", "train.epochs=2", "--set", "train.optimizer=adam", "--resume"], tmp_path)
+    assert b.returncode != 0 and "does not fit train.optimizer='adam'" in b.stderr, b.stdout + b.stderr
+    assert "Traceback" not in b.stderr
