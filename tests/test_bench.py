@@ -11,45 +11,15 @@ import numpy as np
 import pytest
 
 from mpitrain import bench
-from mpitrain.bench import (COLUMNS, busbw_factor, count_wrong, counts_for, exit_status, format_size,
-                            format_table, parse_size, size_range, tolerance)
+from mpitrain.bench import COLUMNS, exit_status, format_table, report, timing
+from mpitrain.bench.checks import count_wrong, make_source, tolerance
+from mpitrain.bench.sweep import busbw_factor, counts_for
+from mpitrain.units import size_range
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 
 
-# --------------------------------------------------------------------------- sizes (serial)
-
-
-@pytest.mark.parametrize("text,want", [
-    ("8B", 8), ("8", 8), ("4096", 4096), ("4KiB", 4096), ("4K", 4096), ("4k", 4096), ("1MiB", 1 << 20),
-    ("64M", 64 << 20), ("256MiB", 256 << 20), ("1G", 1 << 30), ("1GiB", 1 << 30), (" 2 KiB ", 2048),
-    ("1.5K", 1536), ("1KB", 1000), ("1MB", 10 ** 6), ("1GB", 10 ** 9), (16, 16),
-])
-def test_parse_size(text, want):
-    assert parse_size(text) == want
-
-
-@pytest.mark.parametrize("text", ["", "B", "abc", "0B", "-8", "8XB", "nanB", "1..5K", "infK"])
-def test_parse_size_rejects(text):
-    with pytest.raises(ValueError):
-        parse_size(text)
-
-
-def test_format_size():
-    assert [format_size(n) for n in (8, 1000, 1024, 1536, 64 << 10, 1 << 20, 256 << 20, 1 << 30)] == \
-        ["8B", "1000B", "1KiB", "1.5KiB", "64KiB", "1MiB", "256MiB", "1GiB"]
-    for n in (8, 4096, 64 << 20):
-        assert parse_size(format_size(n)) == n
-
-
-def test_size_range():
-    assert size_range(8, 64 << 10, 4) == [8, 32, 128, 512, 2048, 8192, 32768, 65536]  # max appended
-    assert size_range(8, 128, 2) == [8, 16, 32, 64, 128]
-    assert size_range(100, 100, 4) == [100]
-    with pytest.raises(ValueError, match="larger"):
-        size_range(1024, 8, 4)
-    with pytest.raises(ValueError, match="step"):
-        size_range(8, 1024, 1)
+# --------------------------------------------------------------------------- sizes (serial; parsing: test_units.py)
 
 
 def test_counts_for_rounds_down_and_dedupes():
@@ -82,14 +52,14 @@ def test_count_wrong():
 
 
 def test_make_source_rank_dependent_and_safe():
-    a = bench.make_source(1000, "float32", "sum", 0)
-    b = bench.make_source(1000, "float32", "sum", 1)
+    a = make_source(1000, "float32", "sum", 0)
+    b = make_source(1000, "float32", "sum", 1)
     assert a.dtype == np.float32 and not np.array_equal(a, b)
-    assert np.array_equal(a, bench.make_source(1000, "float32", "sum", 0))  # reproducible
+    assert np.array_equal(a, make_source(1000, "float32", "sum", 0))  # reproducible
     assert (a >= 0.5).all() and (a < 1.5).all()
-    p = bench.make_source(1000, "int32", "prod", 3)
+    p = make_source(1000, "int32", "prod", 3)
     assert set(np.unique(p)) <= {-2, -1, 1, 2}
-    h = bench.make_source(10, "float16", "prod", 2)
+    h = make_source(10, "float16", "prod", 2)
     assert h.dtype == np.float16 and (h > 0.85).all() and (h < 1.15).all()
 
 
@@ -139,9 +109,9 @@ def test_format_table():
 
 def test_summary_reports_failures():
     rows = _rows()
-    assert bench.summarize(rows)[0].endswith("OK")
+    assert report.summarize(rows)[0].endswith("OK")
     rows[0]["wrong"] = 7
-    s = bench.summarize(rows)
+    s = report.summarize(rows)
     assert "FAILED" in s[0] and "ring at 1KiB (7)" in s[0]
     assert exit_status(rows) == 1
     assert exit_status(_rows()) == 0
@@ -199,8 +169,8 @@ def test_parser_model_options():
 
 def test_header_tells_nodes_apart_from_host_names():
     meta = dict(_meta(), hosts=["vm"], nodes=3)
-    assert "(3 nodes by shared memory)" in bench.format_header(meta)
-    assert "nodes by shared memory" not in bench.format_header(dict(meta, nodes=1))
+    assert "(3 nodes by shared memory)" in report.format_header(meta)
+    assert "nodes by shared memory" not in report.format_header(dict(meta, nodes=1))
 
 
 # --------------------------------------------------------------------------- end to end (serial, spawns mpirun)
@@ -304,18 +274,18 @@ def test_run_sweep_dtypes_ops(comm, dtype, op):
 
 
 def test_rounds_for_scales_with_time():
-    assert bench.rounds_for(1e-5, 0.25) == bench.MAX_ROUNDS  # tiny messages: capped
-    assert bench.rounds_for(1e-3, 0.25) == 250
-    assert bench.rounds_for(0.01, 0.25) == max(bench.MIN_ROUNDS, 25)
-    assert bench.rounds_for(0.5, 0.25) == bench.MIN_ROUNDS  # huge messages: a few
-    assert bench.rounds_for(0.0, 0.25) == bench.MAX_ROUNDS
+    assert timing.rounds_for(1e-5, 0.25) == timing.MAX_ROUNDS  # tiny messages: capped
+    assert timing.rounds_for(1e-3, 0.25) == 250
+    assert timing.rounds_for(0.01, 0.25) == max(timing.MIN_ROUNDS, 25)
+    assert timing.rounds_for(0.5, 0.25) == timing.MIN_ROUNDS  # huge messages: a few
+    assert timing.rounds_for(0.0, 0.25) == timing.MAX_ROUNDS
 
 
 @pytest.mark.mpi
 def test_run_sweep_default_iters(comm):
     rows = bench.run_sweep(comm, [8, 1 << 16], ["native"], warmup=1, memcpy=False, target_seconds=0.05)
     assert _same_everywhere(comm, rows)
-    assert all(bench.MIN_ROUNDS <= r["iters"] <= bench.MAX_ROUNDS for r in rows)
+    assert all(timing.MIN_ROUNDS <= r["iters"] <= timing.MAX_ROUNDS for r in rows)
 
 
 @pytest.mark.mpi
@@ -335,7 +305,7 @@ def test_broken_algorithm_is_caught(comm):
     assert got[(64, "broken")] == 1  # reported on every rank, not only the broken one
     assert got[(4, "ring")] == got[(64, "ring")] == 0
     assert exit_status(rows) == 1
-    assert "FAILED" in bench.summarize(rows)[0]
+    assert "FAILED" in report.summarize(rows)[0]
 
 
 @pytest.mark.mpi(min_size=2)
