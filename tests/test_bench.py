@@ -13,6 +13,7 @@ import pytest
 from mpitrain import bench
 from mpitrain.bench import COLUMNS, exit_status, format_table, report, timing
 from mpitrain.bench.checks import count_wrong, make_source, tolerance
+from mpitrain.bench.command import unwritable
 from mpitrain.bench.sweep import busbw_factor, counts_for
 from mpitrain.units import size_range
 
@@ -229,6 +230,45 @@ def test_bench_command_bad_algorithm_one_message():
     assert "[rank 0@" in res.stderr and "known:" in res.stderr
 
 
+@pytest.mark.skipif(not os.path.exists(MPIRUN), reason="no mpirun next to the Python interpreter")
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])
+def test_bench_command_unwritable_output_fails_before_the_sweep(tmp_path, flag):
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    path = tmp_path / "no-such-dir" / "out.file"
+    # up to 256 MiB with the default rounds the sweep would take minutes: the error must come first
+    res = _run([flag, str(path), "--min", "8B", "--max", "256MiB"], timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[rank 0@" in lines[0] and "Traceback" not in res.stderr, res.stderr
+    assert f"{flag} {path}: cannot write there (No such file or directory)" in lines[0]
+    assert "# mpitrain bench" not in res.stdout and not [ln for ln in res.stdout.splitlines() if ln.strip()]
+    assert not path.parent.exists()
+
+
+@pytest.mark.skipif(not os.path.exists(MPIRUN), reason="no mpirun next to the Python interpreter")
+def test_bench_model_unwritable_json_fails_at_once(tmp_path):
+    res = _run(["--model", "--ranks", "4", "--max", "64B", "--json", str(tmp_path)], n=1, timeout=60)
+    assert res.returncode == 2 and f"--json {tmp_path}: cannot write there" in res.stderr
+    assert "# mpitrain bench --model" not in res.stdout
+
+
+def test_unwritable_probes_without_leaving_anything(tmp_path):
+    def args(**kw):
+        return bench.build_parser().parse_args([x for k, v in kw.items() for x in (f"--{k}", str(v))])
+
+    assert unwritable(args()) is None
+    ok = tmp_path / "fine.json"
+    assert unwritable(args(json=ok, csv=tmp_path / "fine.csv")) is None
+    assert not ok.exists() and not (tmp_path / "fine.csv").exists()  # the probe removed what it made
+    old = tmp_path / "old.csv"
+    old.write_text("kept\n")
+    assert unwritable(args(csv=old)) is None and old.read_text() == "kept\n"  # never truncated
+    assert "--json " + str(tmp_path) + ": cannot write there (is a directory)" == unwritable(args(json=tmp_path))
+    assert "cannot write there" in unwritable(args(plot=old / "x.png"))  # below a regular file
+    assert unwritable(args(json=ok, csv=tmp_path / "nope" / "x.csv")).startswith("--csv ")
+
+
 # --------------------------------------------------------------------------- MPI: the sweep itself
 
 
@@ -344,6 +384,21 @@ def test_main_in_process(comm, shared_tmp, capsys):
     rows = json.loads((shared_tmp / "m.json").read_text())["rows"]
     assert len(rows) == 3 * 5 and all(r["wrong"] == 0 for r in rows)
     assert (shared_tmp / "m.csv").exists()
+
+
+@pytest.mark.mpi
+def test_main_rejects_an_unwritable_file_before_the_sweep(comm, shared_tmp, capsys):
+    p = bench.build_parser()
+    bad = shared_tmp / "absent" / "m.csv"
+    assert bench.main(p.parse_args(["--max", "256MiB", "--csv", str(bad), "--json", str(shared_tmp / "m2.json")])) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no header, no rows: nothing ran
+    if comm.Get_rank() == 0:
+        assert err.count("\n") == 1 and f"--csv {bad}: cannot write there" in err
+    else:
+        assert err == ""
+    comm.Barrier()
+    assert not (shared_tmp / "m2.json").exists()
 
 
 @pytest.mark.mpi

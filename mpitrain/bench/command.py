@@ -1,8 +1,8 @@
 """``python -m mpitrain bench`` itself: check the options on every rank, sweep, print, write, exit status.
 
     1. --model (one process, no sweep: model.py) or the sweep's options, checked before anything
-       runs, every rank agreeing on the outcome: a bad option, a missing matplotlib, --fit's
-       needs -> one message, exit status 2
+       runs, every rank agreeing on the outcome: a bad option, a file that cannot be written
+       (--json/--csv/--plot), a missing matplotlib, --fit's needs -> one message, exit status 2
     2. the sweep (sweep.py): the table row by row on rank 0, a progress line on stderr every 10 s
        once the sweep has run that long
     3. --fit (fit.py): fit, store, report; then the footer, the files (rank 0), and exit status 1
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -33,6 +34,7 @@ from .sweep import exit_status, run_sweep
 
 MODEL_ONLY = (("--ranks", "ranks"), ("--ppn", "ppn"), ("--link", "link"), ("--from-json", "from_json"),
               ("--validate", "validate"))
+OUTPUTS = (("--json", "json"), ("--csv", "csv"), ("--plot", "plot"))
 
 
 def _agree(comm, problem: str | None) -> str | None:
@@ -49,12 +51,35 @@ def _fail(message: str) -> int:
     return 2
 
 
+def unwritable(args) -> str | None:
+    """Why one of the --json/--csv/--plot files cannot be written (probed now: opened, never truncated;
+    a file made by the probe is removed again), or None."""
+    for flag, attr in OUTPUTS:
+        path = getattr(args, attr, None)
+        if not path:
+            continue
+        try:
+            if os.path.isdir(path):
+                raise IsADirectoryError(21, "is a directory")
+            existed = os.path.exists(path)
+            with open(path, "a"):
+                pass
+            if not existed:
+                os.unlink(path)
+        except OSError as e:
+            return f"{flag} {path}: cannot write there ({e.strerror or e})"
+    return None
+
+
 def _model(comm, args) -> int | None:
     """``--model`` (rank 0 alone: not an MPI run) or a misuse of its options; None: not a --model run."""
     if getattr(args, "model", False):
         if args.fit:
             return _fail("--model predicts from fitted parameters, --fit measures them: run them separately")
-        code = run_model(args) if comm.Get_rank() == 0 else 0  # not an MPI run: rank 0 alone
+        code = 0
+        if comm.Get_rank() == 0:
+            problem = unwritable(args)
+            code = _fail(problem) if problem else run_model(args)
         return comm.bcast(code, root=0)
     given = [flag for flag, attr in MODEL_ONLY if getattr(args, attr, None)]
     if given:
@@ -63,7 +88,7 @@ def _model(comm, args) -> int | None:
 
 
 def _local_problem(comm, args, algorithms) -> str | None:
-    """This rank's objection to the sweep's options."""
+    """This rank's objection to the sweep's options (rank 0 also checks the output files)."""
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if not algorithms:
         return f"--algorithms is empty; known: {', '.join(ALGORITHMS)}"
@@ -73,8 +98,12 @@ def _local_problem(comm, args, algorithms) -> str | None:
         size_range(args.min, args.max, args.step)
     except ValueError as e:
         return str(e)
-    if comm.Get_rank() == 0 and args.plot and not have_matplotlib():
-        return "--plot needs matplotlib: pip install 'mpitrain[plot]'"
+    if comm.Get_rank() == 0:
+        if args.plot and not have_matplotlib():
+            return "--plot needs matplotlib: pip install 'mpitrain[plot]'"
+        problem = unwritable(args)
+        if problem:
+            return problem
     if args.fit:
         if comm.Get_size() < 2:
             return ("--fit needs 2 ranks or more (with 1, auto always runs native): "
