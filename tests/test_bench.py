@@ -11,45 +11,16 @@ import numpy as np
 import pytest
 
 from mpitrain import bench
-from mpitrain.bench import (COLUMNS, busbw_factor, count_wrong, counts_for, exit_status, format_size,
-                            format_table, parse_size, size_range, tolerance)
+from mpitrain.bench import COLUMNS, exit_status, format_table, report, timing
+from mpitrain.bench.checks import count_wrong, make_source, tolerance
+from mpitrain.bench.command import unwritable
+from mpitrain.bench.sweep import busbw_factor, counts_for
+from mpitrain.units import size_range
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 
 
-# --------------------------------------------------------------------------- sizes (serial)
-
-
-@pytest.mark.parametrize("text,want", [
-    ("8B", 8), ("8", 8), ("4096", 4096), ("4KiB", 4096), ("4K", 4096), ("4k", 4096), ("1MiB", 1 << 20),
-    ("64M", 64 << 20), ("256MiB", 256 << 20), ("1G", 1 << 30), ("1GiB", 1 << 30), (" 2 KiB ", 2048),
-    ("1.5K", 1536), ("1KB", 1000), ("1MB", 10 ** 6), ("1GB", 10 ** 9), (16, 16),
-])
-def test_parse_size(text, want):
-    assert parse_size(text) == want
-
-
-@pytest.mark.parametrize("text", ["", "B", "abc", "0B", "-8", "8XB", "nanB", "1..5K", "infK"])
-def test_parse_size_rejects(text):
-    with pytest.raises(ValueError):
-        parse_size(text)
-
-
-def test_format_size():
-    assert [format_size(n) for n in (8, 1000, 1024, 1536, 64 << 10, 1 << 20, 256 << 20, 1 << 30)] == \
-        ["8B", "1000B", "1KiB", "1.5KiB", "64KiB", "1MiB", "256MiB", "1GiB"]
-    for n in (8, 4096, 64 << 20):
-        assert parse_size(format_size(n)) == n
-
-
-def test_size_range():
-    assert size_range(8, 64 << 10, 4) == [8, 32, 128, 512, 2048, 8192, 32768, 65536]  # max appended
-    assert size_range(8, 128, 2) == [8, 16, 32, 64, 128]
-    assert size_range(100, 100, 4) == [100]
-    with pytest.raises(ValueError, match="larger"):
-        size_range(1024, 8, 4)
-    with pytest.raises(ValueError, match="step"):
-        size_range(8, 1024, 1)
+# --------------------------------------------------------------------------- sizes (serial; parsing: test_units.py)
 
 
 def test_counts_for_rounds_down_and_dedupes():
@@ -82,14 +53,14 @@ def test_count_wrong():
 
 
 def test_make_source_rank_dependent_and_safe():
-    a = bench.make_source(1000, "float32", "sum", 0)
-    b = bench.make_source(1000, "float32", "sum", 1)
+    a = make_source(1000, "float32", "sum", 0)
+    b = make_source(1000, "float32", "sum", 1)
     assert a.dtype == np.float32 and not np.array_equal(a, b)
-    assert np.array_equal(a, bench.make_source(1000, "float32", "sum", 0))  # reproducible
+    assert np.array_equal(a, make_source(1000, "float32", "sum", 0))  # reproducible
     assert (a >= 0.5).all() and (a < 1.5).all()
-    p = bench.make_source(1000, "int32", "prod", 3)
+    p = make_source(1000, "int32", "prod", 3)
     assert set(np.unique(p)) <= {-2, -1, 1, 2}
-    h = bench.make_source(10, "float16", "prod", 2)
+    h = make_source(10, "float16", "prod", 2)
     assert h.dtype == np.float16 and (h > 0.85).all() and (h < 1.15).all()
 
 
@@ -139,9 +110,9 @@ def test_format_table():
 
 def test_summary_reports_failures():
     rows = _rows()
-    assert bench.summarize(rows)[0].endswith("OK")
+    assert report.summarize(rows)[0].endswith("OK")
     rows[0]["wrong"] = 7
-    s = bench.summarize(rows)
+    s = report.summarize(rows)
     assert "FAILED" in s[0] and "ring at 1KiB (7)" in s[0]
     assert exit_status(rows) == 1
     assert exit_status(_rows()) == 0
@@ -199,8 +170,8 @@ def test_parser_model_options():
 
 def test_header_tells_nodes_apart_from_host_names():
     meta = dict(_meta(), hosts=["vm"], nodes=3)
-    assert "(3 nodes by shared memory)" in bench.format_header(meta)
-    assert "nodes by shared memory" not in bench.format_header(dict(meta, nodes=1))
+    assert "(3 nodes by shared memory)" in report.format_header(meta)
+    assert "nodes by shared memory" not in report.format_header(dict(meta, nodes=1))
 
 
 # --------------------------------------------------------------------------- end to end (serial, spawns mpirun)
@@ -259,6 +230,45 @@ def test_bench_command_bad_algorithm_one_message():
     assert "[rank 0@" in res.stderr and "known:" in res.stderr
 
 
+@pytest.mark.skipif(not os.path.exists(MPIRUN), reason="no mpirun next to the Python interpreter")
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])
+def test_bench_command_unwritable_output_fails_before_the_sweep(tmp_path, flag):
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    path = tmp_path / "no-such-dir" / "out.file"
+    # up to 256 MiB with the default rounds the sweep would take minutes: the error must come first
+    res = _run([flag, str(path), "--min", "8B", "--max", "256MiB"], timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[rank 0@" in lines[0] and "Traceback" not in res.stderr, res.stderr
+    assert f"{flag} {path}: cannot write there (No such file or directory)" in lines[0]
+    assert "# mpitrain bench" not in res.stdout and not [ln for ln in res.stdout.splitlines() if ln.strip()]
+    assert not path.parent.exists()
+
+
+@pytest.mark.skipif(not os.path.exists(MPIRUN), reason="no mpirun next to the Python interpreter")
+def test_bench_model_unwritable_json_fails_at_once(tmp_path):
+    res = _run(["--model", "--ranks", "4", "--max", "64B", "--json", str(tmp_path)], n=1, timeout=60)
+    assert res.returncode == 2 and f"--json {tmp_path}: cannot write there" in res.stderr
+    assert "# mpitrain bench --model" not in res.stdout
+
+
+def test_unwritable_probes_without_leaving_anything(tmp_path):
+    def args(**kw):
+        return bench.build_parser().parse_args([x for k, v in kw.items() for x in (f"--{k}", str(v))])
+
+    assert unwritable(args()) is None
+    ok = tmp_path / "fine.json"
+    assert unwritable(args(json=ok, csv=tmp_path / "fine.csv")) is None
+    assert not ok.exists() and not (tmp_path / "fine.csv").exists()  # the probe removed what it made
+    old = tmp_path / "old.csv"
+    old.write_text("kept\n")
+    assert unwritable(args(csv=old)) is None and old.read_text() == "kept\n"  # never truncated
+    assert "--json " + str(tmp_path) + ": cannot write there (is a directory)" == unwritable(args(json=tmp_path))
+    assert "cannot write there" in unwritable(args(plot=old / "x.png"))  # below a regular file
+    assert unwritable(args(json=ok, csv=tmp_path / "nope" / "x.csv")).startswith("--csv ")
+
+
 # --------------------------------------------------------------------------- MPI: the sweep itself
 
 
@@ -304,18 +314,18 @@ def test_run_sweep_dtypes_ops(comm, dtype, op):
 
 
 def test_rounds_for_scales_with_time():
-    assert bench.rounds_for(1e-5, 0.25) == bench.MAX_ROUNDS  # tiny messages: capped
-    assert bench.rounds_for(1e-3, 0.25) == 250
-    assert bench.rounds_for(0.01, 0.25) == max(bench.MIN_ROUNDS, 25)
-    assert bench.rounds_for(0.5, 0.25) == bench.MIN_ROUNDS  # huge messages: a few
-    assert bench.rounds_for(0.0, 0.25) == bench.MAX_ROUNDS
+    assert timing.rounds_for(1e-5, 0.25) == timing.MAX_ROUNDS  # tiny messages: capped
+    assert timing.rounds_for(1e-3, 0.25) == 250
+    assert timing.rounds_for(0.01, 0.25) == max(timing.MIN_ROUNDS, 25)
+    assert timing.rounds_for(0.5, 0.25) == timing.MIN_ROUNDS  # huge messages: a few
+    assert timing.rounds_for(0.0, 0.25) == timing.MAX_ROUNDS
 
 
 @pytest.mark.mpi
 def test_run_sweep_default_iters(comm):
     rows = bench.run_sweep(comm, [8, 1 << 16], ["native"], warmup=1, memcpy=False, target_seconds=0.05)
     assert _same_everywhere(comm, rows)
-    assert all(bench.MIN_ROUNDS <= r["iters"] <= bench.MAX_ROUNDS for r in rows)
+    assert all(timing.MIN_ROUNDS <= r["iters"] <= timing.MAX_ROUNDS for r in rows)
 
 
 @pytest.mark.mpi
@@ -335,7 +345,7 @@ def test_broken_algorithm_is_caught(comm):
     assert got[(64, "broken")] == 1  # reported on every rank, not only the broken one
     assert got[(4, "ring")] == got[(64, "ring")] == 0
     assert exit_status(rows) == 1
-    assert "FAILED" in bench.summarize(rows)[0]
+    assert "FAILED" in report.summarize(rows)[0]
 
 
 @pytest.mark.mpi(min_size=2)
@@ -374,6 +384,21 @@ def test_main_in_process(comm, shared_tmp, capsys):
     rows = json.loads((shared_tmp / "m.json").read_text())["rows"]
     assert len(rows) == 3 * 5 and all(r["wrong"] == 0 for r in rows)
     assert (shared_tmp / "m.csv").exists()
+
+
+@pytest.mark.mpi
+def test_main_rejects_an_unwritable_file_before_the_sweep(comm, shared_tmp, capsys):
+    p = bench.build_parser()
+    bad = shared_tmp / "absent" / "m.csv"
+    assert bench.main(p.parse_args(["--max", "256MiB", "--csv", str(bad), "--json", str(shared_tmp / "m2.json")])) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no header, no rows: nothing ran
+    if comm.Get_rank() == 0:
+        assert err.count("\n") == 1 and f"--csv {bad}: cannot write there" in err
+    else:
+        assert err == ""
+    comm.Barrier()
+    assert not (shared_tmp / "m2.json").exists()
 
 
 @pytest.mark.mpi

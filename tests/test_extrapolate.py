@@ -1,4 +1,5 @@
-"""The extrapolated cost model (collectives/extrapolate.py, ``bench --model``): serial and fast.
+"""The extrapolated cost model (mpitrain/perf: extrapolate, links, sources, validate; ``bench --model``):
+serial and fast.
 
 Nothing reads the real ~/.cache: every test points XDG_CACHE_HOME at a temporary directory
 and MPITRAIN_COST_FILE at a file of its own (or unsets it).
@@ -15,8 +16,15 @@ import numpy as np
 import pytest
 
 from mpitrain import bench
-from mpitrain.collectives import cost
-from mpitrain.collectives import extrapolate as ex
+from mpitrain.bench import model as bench_model
+from mpitrain.collectives import tuning
+from mpitrain.perf import extrapolate as ex
+from mpitrain.perf import extrapolate_report as report
+from mpitrain.perf import formulas, sources, store
+from mpitrain.perf import validate as val
+from mpitrain.perf.links import DEFAULT_INTER, DEFAULT_INTRA, Link, parse_link_literal, parse_link_specs
+from mpitrain.perf.model import CostModel
+from mpitrain.units import size_range
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -26,20 +34,20 @@ SIZES = [8 * 4 ** k for k in range(15)]  # 8 B .. 2 GiB
 @pytest.fixture(autouse=True)
 def empty_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(cost.ENV, raising=False)
+    monkeypatch.delenv(tuning.ENV, raising=False)
 
 
 def model(p=2, *, ring=None, tree=None, gamma=0.035e-9, nodes=1, links=None, host="h"):
     ring = ring or {"alpha": 18e-6, "beta": 0.5e-9, "knees": [MiB], "above": [[60e-6, 0.1e-9]]}
     tree = tree or {"alpha": 9e-6, "beta": 0.4e-9, "knees": [256 << 10], "above": [[120e-6, 0.12e-9]]}
-    return cost.CostModel(ranks=p, host=host, nodes=nodes, alpha=2.5e-6, beta=0.08e-9, gamma=gamma,
+    return CostModel(ranks=p, host=host, nodes=nodes, alpha=2.5e-6, beta=0.08e-9, gamma=gamma,
                           ring=ring, tree=tree, native=[[8, 10e-6], [64 * MiB, 30e-3]], created="2026-01-01",
                           links=links)
 
 
 def params(m=None, inter=(50e-6, 0.8e-9)):
-    P = ex._intra_from_model(m or model(), "test")
-    P.inter = ex.Link(*inter, "test")
+    P = sources._intra_from_model(m or model(), "test")
+    P.inter = Link(*inter, "test")
     return P
 
 
@@ -59,7 +67,7 @@ def test_one_host_reduces_to_the_fitted_single_host_formulas(p0):
         for a in ("ring", "tree"):  # at the fitted rank count: exactly the fit
             assert ex.predict(P, a, n, p0, ppn=p0) == pytest.approx(m.predict(a, n), rel=1e-12)
         assert ex.predict(P, "hier", n, p0, ppn=64) == ex.predict(P, "tree", n, p0, ppn=64)  # one host
-    # one regime, alpha and beta as fitted: at any N on one host, cost.py's formulas for N ranks
+    # one regime, alpha and beta as fitted: at any N on one host, formulas.py's formulas for N ranks
     # (plus the agreement check's growth beyond p0)
     flat = model(p0, ring={"alpha": 18e-6, "beta": 0.2e-9}, tree={"alpha": 9e-6, "beta": 0.3e-9})
     P = params(flat)
@@ -165,56 +173,56 @@ def test_best_and_crossover():
 
 
 def test_parse_link_literal_and_specs():
-    ln = ex.parse_link_literal("25us@1.25GB/s")
+    ln = parse_link_literal("25us@1.25GB/s")
     assert ln.alpha == pytest.approx(25e-6) and ln.beta == pytest.approx(0.8e-9)
-    ln = ex.parse_link_literal("0.1ms@10gbit")
+    ln = parse_link_literal("0.1ms@10gbit")
     assert ln.alpha == pytest.approx(1e-4) and ln.beta == pytest.approx(0.8e-9)
     for bad in ("25@1GB/s", "25us@", "25us@0GB/s", "fast@slow"):
         with pytest.raises(ValueError):
-            ex.parse_link_literal(bad)
-    assert ex.parse_link_specs(["intra=a.json,inter=b.json,c.json", "inter=5us@1GB/s"]) == \
+            parse_link_literal(bad)
+    assert parse_link_specs(["intra=a.json,inter=b.json,c.json", "inter=5us@1GB/s"]) == \
         {"intra": ["a.json"], "inter": ["5us@1GB/s"]}
-    assert ex.parse_link_specs(["inter=b.json,c.json"]) == {"inter": ["b.json", "c.json"]}
+    assert parse_link_specs(["inter=b.json,c.json"]) == {"inter": ["b.json", "c.json"]}
     for bad in (["wire=x"], ["x.json"]):
         with pytest.raises(ValueError):
-            ex.parse_link_specs(bad)
+            parse_link_specs(bad)
 
 
 def test_missing_fits_fall_back_to_defaults_and_say_so():
-    P = ex.load_params()
+    P = sources.load_params()
     assert P.default and P.inter.default
-    assert P.gamma == ex.DEFAULT_INTRA["gamma"] and P.inter.alpha == ex.DEFAULT_INTER["alpha"]
-    text = "\n".join(ex.format_params(P, 8))
+    assert P.gamma == DEFAULT_INTRA["gamma"] and P.inter.alpha == DEFAULT_INTER["alpha"]
+    text = "\n".join(report.format_params(P, 8))
     assert text.count("DEFAULT parameters") == 2  # intra and inter, each said
     assert "bench --fit" in text
-    os.environ[cost.ENV] = "off"
+    os.environ[tuning.ENV] = "off"
     try:
-        assert "disables" in ex.load_params().notes[0]
+        assert "disables" in sources.load_params().notes[0]
     finally:
-        del os.environ[cost.ENV]
+        del os.environ[tuning.ENV]
 
 
 def test_stored_models_are_found(tmp_path):
-    base = ex.cache_dir()
+    base = tuning.cache_dir()
     for p in (2, 4, 8):
-        cost.save(model(p, host="box"), base / f"cost-box-n{p}.json")
-    assert ex.find_intra("box", cores=4)[0].name == "cost-box-n4.json"  # most ranks not sharing cores
-    assert ex.find_intra("box", cores=1)[0].name == "cost-box-n2.json"  # else the fewest
-    assert ex.find_intra("other", cores=4)[0] is None
-    assert ex.find_inter()[0] is None
+        store.save(model(p, host="box"), base / f"cost-box-n{p}.json")
+    assert sources.find_intra("box", cores=4)[0].name == "cost-box-n4.json"  # most ranks not sharing cores
+    assert sources.find_intra("box", cores=1)[0].name == "cost-box-n2.json"  # else the fewest
+    assert sources.find_intra("other", cores=4)[0] is None
+    assert sources.find_inter()[0] is None
     links = {"intra": {"alpha": 3e-6, "beta": 0.1e-9, "ranks": [0, 1]},
              "inter": {"alpha": 40e-6, "beta": 0.9e-9, "ranks": [0, 2]}}
     multi = model(4, nodes=2, links=links, host="box")
-    cost.save(multi, base / "cost-box-n4-h2.json")
-    assert ex.find_inter()[0].name == "cost-box-n4-h2.json"
-    ln = ex.load_inter([], params())
+    store.save(multi, base / "cost-box-n4-h2.json")
+    assert sources.find_inter()[0].name == "cost-box-n4-h2.json"
+    ln = sources.load_inter([], params())
     assert (ln.alpha, ln.beta) == (40e-6, 0.9e-9) and not ln.default
     with pytest.raises(ValueError, match="single-host"):
-        ex.load_intra(str(base / "cost-box-n4-h2.json"))
+        sources.load_intra(str(base / "cost-box-n4-h2.json"))
     with pytest.raises(ValueError, match="no inter-host link"):
-        ex.load_inter([str(base / "cost-box-n2.json")], params())
+        sources.load_inter([str(base / "cost-box-n2.json")], params())
     (tmp_path / "ab.json").write_text(json.dumps({"alpha": 7e-6, "beta": 1e-9}))
-    assert ex.load_inter([str(tmp_path / "ab.json")], params()).alpha == 7e-6
+    assert sources.load_inter([str(tmp_path / "ab.json")], params()).alpha == 7e-6
 
 
 # --------------------------------------------------------------------------- bench rows: fit and validation
@@ -236,34 +244,34 @@ def bench_doc(P, N, hosts, errors=None, algorithms=("ring", "tree"), sizes=SIZES
 def test_fit_inter_recovers_the_network():
     true = params(inter=(80e-6, 0.85e-9))
     docs = [("a.json", bench_doc(true, 3, 3)), ("b.json", bench_doc(true, 6, 3))]
-    ln = ex.fit_inter(params(inter=(0.0, 0.0)), docs)
+    ln = val.fit_inter(params(inter=(0.0, 0.0)), docs)
     assert ln.alpha == pytest.approx(80e-6, rel=1e-6) and ln.beta == pytest.approx(0.85e-9, rel=1e-6)
     assert "ring rows of a.json, b.json" in ln.source
     with pytest.raises(ValueError, match="one host"):
-        ex.fit_inter(params(), [("c.json", bench_doc(true, 2, 1))])
+        val.fit_inter(params(), [("c.json", bench_doc(true, 2, 1))])
 
 
 def test_validation_math():
     P = params()
     errs = {(SIZES[0], "ring"): 0.5, (SIZES[1], "tree"): -0.25, (SIZES[2], "ring"): 0.1}
     doc = bench_doc(P, 4, 2, errs)
-    res = ex.validate(P, [("x.json", doc)])
+    res = val.validate(P, [("x.json", doc)])
     assert res["files"] == [("x.json", 4, 2, 2)]
     assert res["skipped"] == {"native": 10}
     got = {(r["size"], r["algorithm"]): r["error"] for r in res["rows"]}
     assert len(got) == 20
     for k, e in errs.items():  # predicted/measured - 1 with measured = predicted·(1 + e)
         assert got[k] == pytest.approx(1 / (1 + e) - 1)
-    s = ex.error_summary(res["rows"])
+    s = val.error_summary(res["rows"])
     assert s["all"][0] == 20 and s["all"][3] == 2  # 1/1.5-1 = -33% and 1/0.75-1 = +33% flagged; 1/1.1-1 not
     assert s["all"][2] == pytest.approx(1 / 0.75 - 1) and s["all"][1] == pytest.approx(0.0, abs=1e-12)
     assert s["ring"][0] == s["tree"][0] == 10
-    text = ex.format_validation(P, res)
+    text = report.format_validation(P, res)
     assert text.count("% !") == 2 and "median 0%" in text and "native (10 rows)" in text
     # the topology: from the meta's nodes when it has them, --ppn over everything
     doc["meta"]["nodes"] = 4
-    assert ex.validate(P, [("x.json", doc)])["files"] == [("x.json", 4, 4, 1)]
-    assert ex.validate(P, [("x.json", doc)], ppn=4)["files"] == [("x.json", 4, 1, 4)]
+    assert val.validate(P, [("x.json", doc)])["files"] == [("x.json", 4, 4, 1)]
+    assert val.validate(P, [("x.json", doc)], ppn=4)["files"] == [("x.json", 4, 1, 4)]
 
 
 # --------------------------------------------------------------------------- the command line
@@ -275,10 +283,10 @@ def _args(*argv):
 
 def test_table_json_and_validate_in_process(tmp_path, capsys):
     j = tmp_path / "m.json"
-    assert ex.run(_args("--ranks", "2,8,1024", "--ppn", "4", "--max", "1MiB", "--json", str(j))) == 0
+    assert bench_model.run(_args("--ranks", "2,8,1024", "--ppn", "4", "--max", "1MiB", "--json", str(j))) == 0
     out, err = capsys.readouterr()
     rows = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("#")]
-    sizes = bench.size_range(8, MiB, 4)
+    sizes = size_range(8, MiB, 4)
     assert len(rows) == 3 * len(sizes)
     assert "DEFAULT parameters" in out and "DEFAULT parameters" in err  # said on stdout and stderr
     assert "native (MPI's Allreduce) is not extrapolated" in out
@@ -291,13 +299,13 @@ def test_table_json_and_validate_in_process(tmp_path, capsys):
     # the default range runs to 1 GiB
     assert _args().max == 256 * MiB and getattr(_args().max, "is_default", False)
     # validation against a file made from the same (default) parameters: all errors ~0
-    P = ex.load_params(["intra=default,inter=default"])
+    P = sources.load_params(["intra=default,inter=default"])
     (tmp_path / "hosts.json").write_text(json.dumps(bench_doc(P, 3, 3)))
-    assert ex.run(_args("--link", "intra=default,inter=default", "--validate", str(tmp_path / "hosts.json"))) == 0
+    assert bench_model.run(_args("--link", "intra=default,inter=default", "--validate", str(tmp_path / "hosts.json"))) == 0
     out = capsys.readouterr().out
     assert "median 0%, max 0%, 0/20 rows above 20%" in out
     # --from-json: the network fitted to those rows, then validated on them (and told so)
-    assert ex.run(_args("--link", "intra=default", "--from-json", str(tmp_path / "hosts.json"),
+    assert bench_model.run(_args("--link", "intra=default", "--from-json", str(tmp_path / "hosts.json"),
                         "--validate", str(tmp_path / "hosts.json"))) == 0
     out = capsys.readouterr().out
     assert "fitted to the ring rows" in out and "in-sample" in out and "max 0%" in out
@@ -306,7 +314,7 @@ def test_table_json_and_validate_in_process(tmp_path, capsys):
 @pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib")
 def test_plot(tmp_path):
     png = tmp_path / "m.png"
-    assert ex.run(_args("--ranks", "2..64", "--ppn", "8", "--min", "64B", "--max", "64MiB", "--plot", str(png),
+    assert bench_model.run(_args("--ranks", "2..64", "--ppn", "8", "--min", "64B", "--max", "64MiB", "--plot", str(png),
                         "--link", "inter=30us@2GB/s")) == 0
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
@@ -314,7 +322,7 @@ def test_plot(tmp_path):
 
 def test_command_line_without_mpirun(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), OMP_NUM_THREADS="1")
-    env.pop(cost.ENV, None)
+    env.pop(tuning.ENV, None)
     run = [sys.executable, "-m", "mpitrain", "bench"]
     res = subprocess.run(run + ["--model", "--ranks", "4", "--max", "64B"], capture_output=True, text=True,
                          timeout=60, env=env)
@@ -328,11 +336,11 @@ def test_command_line_without_mpirun(tmp_path):
 
 
 def test_parse_ranks():
-    assert ex.parse_ranks("2..16") == [2, 4, 8, 16]
-    assert ex.parse_ranks("3,2,100") == [2, 3, 100]
+    assert bench_model.parse_ranks("2..16") == [2, 4, 8, 16]
+    assert bench_model.parse_ranks("3,2,100") == [2, 3, 100]
     for bad in ("1", "a", ""):
         with pytest.raises(ValueError):
-            ex.parse_ranks(bad)
+            bench_model.parse_ranks(bad)
     assert math.isfinite(ex.predict(params(), "ring", 8, 3, 2))
 
 
@@ -346,8 +354,8 @@ def params_x(inter_exchange=True, intra_exchange=(3e-6, 0.09e-9)):
     links = {"intra": {"alpha": 2.5e-6, "beta": 0.08e-9, "ranks": [0, 1]}}
     if intra_exchange:
         links["intra"]["exchange"] = {"alpha": intra_exchange[0], "beta": intra_exchange[1]}
-    P = ex._intra_from_model(model(links=links), "test")
-    P.inter = ex.Link(*PP, "test", xalpha=XX[0] if inter_exchange else None, xbeta=XX[1] if inter_exchange else None)
+    P = sources._intra_from_model(model(links=links), "test")
+    P.inter = Link(*PP, "test", xalpha=XX[0] if inter_exchange else None, xbeta=XX[1] if inter_exchange else None)
     return P
 
 
@@ -382,23 +390,23 @@ XX_T = [[8, 60e-6], [128, 62e-6], [512, 150e-6], [32768, 200e-6], [MiB, 1800e-6]
 
 def test_network_terms_use_the_measured_tables():
     P, line = params_x(), params_x()
-    P.inter = ex.Link(*PP, "test", xalpha=XX[0], xbeta=XX[1], table=PP_T, xtable=XX_T)
+    P.inter = Link(*PP, "test", xalpha=XX[0], xbeta=XX[1], table=PP_T, xtable=XX_T)
     for n in (8, 100, 4096, 300000, MiB, 64 * MiB):
         # tree levels across hosts: the ping-pong table at n (whole n per level), + the same overhead
         a, b = ex.on_link("tree", n, 2, P, True)
         la, lb = ex.on_link("tree", n, 2, line, True)
         assert b == lb
-        assert a + n * b == pytest.approx(cost.table_time(PP_T, n, PP[1]) + (la - PP[0]) + n * lb - n * PP[1])
+        assert a + n * b == pytest.approx(formulas.table_time(PP_T, n, PP[1]) + (la - PP[0]) + n * lb - n * PP[1])
         # ring steps across hosts: the exchange table at one segment, n / (N·s)
         for N in (2, 8):
-            s = cost.ring_segments(n, N)
+            s = formulas.ring_segments(n, N)
             m = n / (N * s)
             a, b = ex.on_link("ring", n, N, P, True)
             la, lb = ex.on_link("ring", n, N, line, True)
-            assert b == lb and a - la == pytest.approx(cost.table_time(XX_T, m, XX[1]) - m * XX[1] - XX[0], abs=1e-15)
+            assert b == lb and a - la == pytest.approx(formulas.table_time(XX_T, m, XX[1]) - m * XX[1] - XX[0], abs=1e-15)
             # the ring's network time is s·T(m) per step: 2(N-1)·s·T(m) + the overheads, as in the line
-            assert ex.ring_time(n, N, a, b, 0.0, s) - ex.ring_time(n, N, la, lb, 0.0, s) == pytest.approx(
-                2 * (N - 1) * s * (cost.table_time(XX_T, m, XX[1]) - XX[0] - m * XX[1]), rel=1e-9, abs=1e-15)
+            assert formulas.ring_time(n, N, a, b, 0.0, s) - formulas.ring_time(n, N, la, lb, 0.0, s) == pytest.approx(
+                2 * (N - 1) * s * (formulas.table_time(XX_T, m, XX[1]) - XX[0] - m * XX[1]), rel=1e-9, abs=1e-15)
     # the protocol jump between 128 B and 512 B shows in the prediction, not in the line's
     assert ex._algorithm_time(P, "tree", 512, 8, 4) - ex._algorithm_time(P, "tree", 128, 8, 4) > 70e-6
     assert ex._algorithm_time(line, "tree", 512, 8, 4) - ex._algorithm_time(line, "tree", 128, 8, 4) < 5e-6
@@ -406,18 +414,18 @@ def test_network_terms_use_the_measured_tables():
     from mpitrain.collectives import FUSE_MAX_RANKS, META, SMALL_BYTES
 
     r = 8 * META + (SMALL_BYTES if 24 <= FUSE_MAX_RANKS else 0)
-    intra = ex.check_time(line.with_inter(ex.Link(0.0, 0.0, xalpha=0.0, xbeta=0.0)), 24, 8)  # the Li rounds
-    want = intra + 2 * cost.table_time(XX_T, 8 * r, XX[1])  # H = 3: rounds of 1 and 1 host's rows
+    intra = ex.check_time(line.with_inter(Link(0.0, 0.0, xalpha=0.0, xbeta=0.0)), 24, 8)  # the Li rounds
+    want = intra + 2 * formulas.table_time(XX_T, 8 * r, XX[1])  # H = 3: rounds of 1 and 1 host's rows
     assert ex.check_time(P, 24, 8) == pytest.approx(want, rel=1e-12)
     assert ex.check_time(P, 40, 8) == pytest.approx(  # H = 5: rounds of 1, 2 and 1 hosts' rows
-        ex.check_time(line.with_inter(ex.Link(0.0, 0.0, xalpha=0.0, xbeta=0.0)), 40, 8)
-        + sum(cost.table_time(XX_T, k * 8 * r, XX[1]) for k in (1, 2, 1)), rel=1e-12)
+        ex.check_time(line.with_inter(Link(0.0, 0.0, xalpha=0.0, xbeta=0.0)), 40, 8)
+        + sum(formulas.table_time(XX_T, k * 8 * r, XX[1]) for k in (1, 2, 1)), rel=1e-12)
     # one host at the fit's rank count: still exactly CostModel.predict (no network term)
     for n in SIZES:
         for a in ("ring", "tree"):
             assert ex.predict(P, a, n, 2, 2) == pytest.approx(model().predict(a, n), rel=1e-12)
     # no exchange measured: the exchange terms fall back to the ping-pong, table included
-    noexch = ex.Link(*PP, "test", table=PP_T)
+    noexch = Link(*PP, "test", table=PP_T)
     assert noexch.exchange_at(300) == noexch.pingpong_at(300) != PP
 
 
@@ -438,59 +446,59 @@ def test_a_source_without_tables_keeps_the_line():
         a, b = ex.fitted("tree", n, P)
         assert ex.on_link("tree", n, 2, P, True) == (PP[0] + max(0.0, a - 2.5e-6), PP[1] + max(0.0, b - 0.08e-9))
     # loaders: a literal, a small JSON and --from-json fits carry no table
-    assert ex.parse_link_literal("25us@1.17GB/s").table is None
+    assert parse_link_literal("25us@1.17GB/s").table is None
 
 
 def test_loaders_keep_the_measured_tables(tmp_path):
     sizes, tp, tx = [8, 512, 32768, MiB], [40e-6, 80e-6, 110e-6, 900e-6], [60e-6, 150e-6, 200e-6, 1800e-6]
     links = {"inter": {"alpha": PP[0], "beta": PP[1], "ranks": [0, 1], "pingpong": [sizes, tp],
                        "exchange": {"alpha": XX[0], "beta": XX[1], "times": [sizes, tx]}}}
-    cost.save(model(2, nodes=2, links=links), tmp_path / "c.json")
+    store.save(model(2, nodes=2, links=links), tmp_path / "c.json")
     P = params_x()
-    ln = ex.load_inter([str(tmp_path / "c.json")], P)
+    ln = sources.load_inter([str(tmp_path / "c.json")], P)
     assert ln.table == [[n, t] for n, t in zip(sizes, tp)] and ln.xtable == [[n, t] for n, t in zip(sizes, tx)]
     assert "measured tables" in ln.text()
     (tmp_path / "pp.json").write_text(json.dumps({
         "results": [{"bytes": n, "one_way_us": t * 1e6} for n, t in zip(sizes, tp)],
         "exchange": [{"bytes": n, "time_us": t * 1e6} for n, t in zip(sizes, tx)]}))
-    ln = ex.load_inter([str(tmp_path / "pp.json")], P)
+    ln = sources.load_inter([str(tmp_path / "pp.json")], P)
     assert [n for n, _ in ln.table] == sizes and [t for _, t in ln.table] == pytest.approx(tp)
     assert ln.exchange_at(512)[0] + 512 * ln.exchange_at(512)[1] == pytest.approx(150e-6)
     # an old file (no tables) loads as the line
     del links["inter"]["pingpong"], links["inter"]["exchange"]["times"]
-    cost.save(model(2, nodes=2, links=links), tmp_path / "o.json")
-    ln = ex.load_inter([str(tmp_path / "o.json")], P)
+    store.save(model(2, nodes=2, links=links), tmp_path / "o.json")
+    ln = sources.load_inter([str(tmp_path / "o.json")], P)
     assert ln.table is None and ln.xtable is None and ln.exchange_at(512) == XX
 
 
 def test_old_files_fall_back_to_the_ping_pong_and_say_so(tmp_path):
     links = {"inter": {"alpha": PP[0], "beta": PP[1], "ranks": [0, 1]}}
     old = model(2, nodes=2, links=links)
-    cost.save(old, tmp_path / "old.json")
+    store.save(old, tmp_path / "old.json")
     single = tmp_path / "intra.json"
-    cost.save(model(2, links={"intra": {"alpha": 2.5e-6, "beta": 0.08e-9, "ranks": [0, 1],
+    store.save(model(2, links={"intra": {"alpha": 2.5e-6, "beta": 0.08e-9, "ranks": [0, 1],
                                         "exchange": {"alpha": 3e-6, "beta": 0.09e-9}}}), single)
-    P = ex.load_params([f"intra={single},inter={tmp_path / 'old.json'}"])
+    P = sources.load_params([f"intra={single},inter={tmp_path / 'old.json'}"])
     assert not P.inter.has_exchange and P.intra.has_exchange and P.inter.exchange() == PP
-    text = "\n".join(ex.format_params(P, None))
+    text = "\n".join(report.format_params(P, None))
     assert "NOTE inter-host: no exchange measurement" in text and "fall back to its ping-pong" in text
     assert "NOTE intra-host" not in text and "exchange: not measured" in text
     links["inter"]["exchange"] = {"alpha": XX[0], "beta": XX[1]}
-    cost.save(model(2, nodes=2, links=links), tmp_path / "new.json")
-    P = ex.load_params([f"intra={single},inter={tmp_path / 'new.json'}"])
+    store.save(model(2, nodes=2, links=links), tmp_path / "new.json")
+    P = sources.load_params([f"intra={single},inter={tmp_path / 'new.json'}"])
     assert P.inter.has_exchange and P.inter.exchange() == XX and (P.inter.alpha, P.inter.beta) == PP
     assert not [n for n in P.notes if "exchange" in n]
     assert "ping-pong and exchange" in P.inter.source
     # small JSON and ping-pong tables with an exchange table
     (tmp_path / "ab.json").write_text(json.dumps({"alpha": PP[0], "beta": PP[1],
                                                   "exchange": {"alpha": XX[0], "beta": XX[1]}}))
-    assert ex.load_inter([str(tmp_path / "ab.json")], P).exchange() == XX
+    assert sources.load_inter([str(tmp_path / "ab.json")], P).exchange() == XX
     sizes = [8, 512, 32768, MiB]
     (tmp_path / "pp.json").write_text(json.dumps({
         "results": [{"bytes": n, "one_way_us": (PP[0] + n * PP[1]) * 1e6} for n in sizes],
         "exchange": [{"bytes": n, "time_us": (XX[0] + n * XX[1]) * 1e6} for n in sizes]}))
-    ln = ex.load_inter([str(tmp_path / "pp.json")], P)
+    ln = sources.load_inter([str(tmp_path / "pp.json")], P)
     assert ln.exchange() == pytest.approx(XX, rel=1e-6) and (ln.alpha, ln.beta) == pytest.approx(PP, rel=1e-6)
     # a literal has no exchange: said
-    P = ex.load_params([f"intra={single},inter=25us@1.17GB/s"])
+    P = sources.load_params([f"intra={single},inter=25us@1.17GB/s"])
     assert any("inter-host: no exchange measurement" in n for n in P.notes)

@@ -12,8 +12,9 @@ Every call:
 Algorithms: ring (bandwidth-optimal), tree (latency-optimal), native (the MPI
 library's Allreduce, the reference), auto (messages <= SMALL_BYTES ride inside
 the check's Allgather and are reduced locally in rank order -- one collective
-in all, up to FUSE_MAX_RANKS ranks; larger ones go to the algorithm the fitted
-cost model, or the fixed threshold, says is fastest), hier (topology-aware: reduce
+in all, up to FUSE_MAX_RANKS ranks; larger ones go to the algorithm the stored
+decision table -- written from a fitted cost model, tuning.py -- or the fixed threshold
+says is fastest), hier (topology-aware: reduce
 within each host, ring across the hosts' leaders, broadcast within each host;
 hier.py, with MPITRAIN_HOSTS=block:K to emulate K hosts on one machine).
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from . import cost as _cost
+from . import tuning as _tuning
 from .. import backend
 from ..runtime import get_comm
 
@@ -63,8 +64,8 @@ class _State:
         self.small = SMALL_BYTES if self.size <= FUSE_MAX_RANKS else 0
         self._row = np.zeros(META + self.small // 8, dtype=np.int64)
         self._rows = np.zeros((self.size, self._row.size), dtype=np.int64)
-        # the fitted cost model for this host and size (cost.py), or None: rank 0 reads, all get it
-        self.cost = _cost.shared(self.comm)
+        # auto's decision table for this host and size (tuning.py), or None: rank 0 reads, all get it
+        self.auto = _tuning.shared(self.comm)
         # hier.py's hosts (per-host and leaders' communicators), made on first use of hier
         self.hier = None
 
@@ -133,16 +134,17 @@ ALGORITHMS = ("ring", "tree", "native", "auto", "hier")
 def choose(nbytes: int, size: int, st=None) -> str:
     """What ``auto`` runs for a message of ``nbytes`` on ``size`` ranks (above SMALL_BYTES; below, it fuses).
 
-    With a cost model fitted for this host and rank count (``bench --fit``, cost.py): the
-    algorithm it predicts fastest -- the model on ``st`` (a communicator's state: loaded once
-    by rank 0 and broadcast, so every rank decides alike) or, without ``st``, the one last
-    loaded for ``size`` ranks. Without a model: the fixed threshold AUTO_RING_MIN_BYTES.
+    With a decision table stored for this host and rank count (tuning.py; ``bench --fit`` writes
+    it from the cost model it fits): the algorithm the model predicts fastest -- the table on
+    ``st`` (a communicator's state: read once by rank 0 and broadcast, so every rank decides
+    alike) or, without ``st``, the one last read for ``size`` ranks. Without a table: the fixed
+    threshold AUTO_RING_MIN_BYTES.
     """
     if size == 1:
         return "native"
-    model = getattr(st, "cost", None) if st is not None else _cost.last_for(size)
-    if model is not None and model.ranks == size:
-        return model.best(nbytes)
+    table = getattr(st, "auto", None) if st is not None else _tuning.last_for(size)
+    if table is not None and table.ranks == size:
+        return table.pick(nbytes)
     return "ring" if nbytes >= AUTO_RING_MIN_BYTES else "native"
 
 
