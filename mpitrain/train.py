@@ -282,6 +282,7 @@ class Trainer:
                     w_end = layer.lo + layer.fan_in * layer.fan_out
                     tensors += [(layer.lo, w_end), (w_end, layer.hi)]
                 comp = self.compressor = compress.make(c.compress, g.size, tensors, topk_ratio=c.topk_ratio,
+                                                       sign_block=c.sign_block,
                                                        error_feedback=c.error_feedback, dtype=g.dtype)
             self.sent_bytes += comp.allreduce_avg(g, self.comm)
             return
