@@ -447,7 +447,7 @@ def test_ranks_with_different_sign_blocks_get_an_error_on_every_rank(comm, diffe
     scale = ("mean" if last else "rms") if differ == "scale" else "rms"
     c = compress.make("sign", n, [(0, 100), (100, 200), (200, 300)], sign_block=block, sign_scale=scale)
     g = np.ones(n, dtype=np.float32)
-    with pytest.raises(ValueError, match=rf"ranks built different compressors.*\('{differ}', "):
+    with pytest.raises(ValueError, match=rf"ranks built different compressors.*{differ}="):
         c.allreduce_avg(g, comm)
     np.testing.assert_array_equal(g, 1)  # nothing was touched
     assert c.residual is None
