@@ -72,6 +72,7 @@ class CommConfig:
     mode: str = "sync"               # sync (all-reduce) | ps (asynchronous parameter server)
     compress: str = "none"           # gradient compression: none | fp16 | topk | sign
     topk_ratio: float = 0.01         # topk: fraction of the gradient's elements sent per step
+    sign_block: int = 0              # sign: elements per float32 scale (blocks inside each tensor); 0 = one per tensor
     error_feedback: bool = True      # topk/sign: keep what was not sent and add it next step
     servers: int = 1                 # ps: server ranks (ranks 0..servers-1); the rest are workers
     max_staleness: int = 4           # ps: a worker may run at most this many steps ahead of the slowest
@@ -212,6 +213,7 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("comm.bucket_bytes", cfg.comm.bucket_bytes >= 0, "must be >= 0 (0 = off)"),
         ("train.sync_every", t.sync_every >= 1, "must be >= 1 (1 = synchronous)"),
         ("comm.topk_ratio", 0 < cfg.comm.topk_ratio <= 1, "must be in (0, 1]"),
+        ("comm.sign_block", cfg.comm.sign_block >= 0, "must be >= 0 (0 = one scale per tensor)"),
         ("comm.servers", cfg.comm.servers >= 1, "must be >= 1"),
         ("comm.max_staleness", cfg.comm.max_staleness >= 0, "must be >= 0 (0 = lock-step)"),
         ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0 (0 = off)"),

@@ -22,7 +22,8 @@ def _label(c) -> str:
     if c.compress == "topk":
         return f"topk({c.topk_ratio:g}{'' if c.error_feedback else ',no-ef'})"
     if c.compress == "sign":
-        return "sign" + ("" if c.error_feedback else "(no-ef)")
+        opts = [f"block={c.sign_block}"] * (c.sign_block > 0) + ["no-ef"] * (not c.error_feedback)
+        return "sign" + (f"({','.join(opts)})" if opts else "")
     return c.compress
 
 
@@ -40,6 +41,7 @@ class Compressed(Strategy):
         super().bind(run)
         c, g = self.cfg.comm, run.model.grads
         self.compressor = compress.make(c.compress, g.size, run.model.segments(), topk_ratio=c.topk_ratio,
+                                        sign_block=c.sign_block,
                                         error_feedback=c.error_feedback, dtype=g.dtype)
 
     def after_backward(self, step):
