@@ -137,7 +137,8 @@ class Reader:
         self.features = int(manifest["features"])
         self.classes = int(manifest["classes"])
         self.train_rows = int(manifest["train_rows"])
-        self.test_rows = int(manifest["test"]["rows"])
+        self.test_rows = int(manifest["test"]["rows"])  # 0: the set has no test split (made with
+        self.has_test = self.test_rows > 0               # --allow-no-test): report "no test rows"
         self.num_shards = len(manifest["shards"])
         self.batch_size = int(batch_size)
         self.seed = int(seed)
