@@ -113,3 +113,14 @@ def test_data_command_errors_end_to_end(tmp_path):
         failed_cleanly(job, words, rank=0)
     job = run([MPIRUN, "-n", "2", PY, "-m", "mpitrain", "data", "import", "zero.npz", "--out", "o"], tmp_path)
     failed_cleanly(job, "zero.npz: holds no rows", rank=0)  # under mpirun: still one line, from rank 0
+
+
+def test_a_non_ascii_slurm_task_count_is_not_a_traceback(monkeypatch):
+    from mpitrain.runtime import check_launch
+
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "\u00b2")
+    check_launch()  # not a number SLURM writes: ignored, like an unset one
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(UserError, match="SLURM started 2 tasks but each one is an MPI job of size 1"):
+        check_launch()
