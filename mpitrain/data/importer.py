@@ -169,8 +169,9 @@ def _read_csv(src: Path, log=None):
     fields = [f.strip() for f in lines[0][1].split(",")]
     header, why = _is_header(fields)
     if header:
-        names = ", ".join(fields[:4]) + (f", ..., {fields[-1]}" if len(fields) > 5 else
-                                         "".join(f", {f}" for f in fields[4:]))
+        shown = [f or "''" for f in fields]
+        names = ", ".join(shown[:4]) + (f", ..., {shown[-1]}" if len(shown) > 5 else
+                                        "".join(f", {f}" for f in shown[4:]))
         say(f"importing {src.name}: line {lines[0][0]} taken as a header ({why}): {names}")
         lines = lines[1:]
         if not lines:
