@@ -1,16 +1,31 @@
 """Atomic HDF5 checkpoints and resume.
 
     checkpoints/digits/
-      ckpt-00000440.h5      params, optimizer state, step, epoch, config, version, checksum
+      ckpt-00000440.h5      params, optimizer and strategy state, step, epoch, config, version
       ckpt-00000418.h5      ... the newest `checkpoint.keep` are kept
       .ckpt-00000462.h5.tmp a write in progress (never read; removed on the next save)
 
 A checkpoint is written by rank 0 only (parameters are replicated) to a
 temporary name, flushed and fsync'ed, then renamed over the final name and the
 directory fsync'ed: a crash at any moment leaves the previous checkpoint whole.
-On resume the newest file whose checksum verifies wins; a corrupt one is
-skipped with a warning. Shuffling is derived from (seed, epoch, rank), so the
-data order needs no saved RNG stream: the epoch and step within it are enough.
+On resume the newest file that verifies wins; a damaged one is skipped with a
+warning. Shuffling is derived from (seed, epoch, rank), so the data order needs
+no saved RNG stream: the epoch and step within it are enough.
+
+Two checksums guard every file:
+
+    offset 0    512-byte header (an HDF5 user block, which HDF5 skips):
+                "MPITRAIN-CKPT 2\nsha256 <hex>\nbytes <n>\n", zero-padded --
+                the SHA-256 of every byte after the header. Checked first, before
+                HDF5 parses anything: a damaged HDF5 structure can make the HDF5
+                library hang or fail in odd ways, so it never sees a damaged file.
+    offset 512  the HDF5 file: datasets params, optimizer/<name>, strategy/<name>;
+                attributes meta (JSON: step, epoch, ..., config, scalars) and
+                checksum "v2:<hex>" = SHA-256 over the meta JSON and every dataset's
+                name, dtype, shape and bytes.
+
+Files written before the header existed (no user block, an arrays-only checksum)
+still load. Any failure to read or verify raises ValueError, which ``latest`` skips.
 """
 
 from __future__ import annotations
@@ -31,9 +46,15 @@ from . import __version__
 from .runtime import UserError, log0, warn
 
 NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
+HEADER_BYTES = 512  # the HDF5 user block holding the whole-file checksum
+MAGIC = b"MPITRAIN-CKPT 2\n"
+_HEADER = re.compile(rb"MPITRAIN-CKPT 2\nsha256 ([0-9a-f]{64})\nbytes ([0-9]{1,20})\n")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_CHUNK = 4 << 20
 
 
-def _digest(arrays: dict) -> str:
+def _digest_legacy(arrays: dict) -> str:
+    """The checksum of files written before the header: arrays only."""
     h = hashlib.sha256()
     for k in sorted(arrays):
         a = np.ascontiguousarray(arrays[k])
@@ -41,6 +62,70 @@ def _digest(arrays: dict) -> str:
         h.update(str(a.dtype).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _digest(meta_json: str, arrays: dict) -> str:
+    """v2: the meta JSON and every dataset's name, dtype, shape and bytes, each length-prefixed."""
+    h = hashlib.sha256(b"mpitrain-checkpoint-v2\0")
+
+    def put(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    put(meta_json.encode())
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        put(k.encode())
+        put(a.dtype.str.encode())
+        put(repr(tuple(a.shape)).encode())
+        put(a.tobytes())
+    return "v2:" + h.hexdigest()
+
+
+def _header(sha: str, n: int) -> bytes:
+    text = MAGIC + f"sha256 {sha}\nbytes {n}\n".encode()
+    return text + b"\0" * (HEADER_BYTES - len(text))
+
+
+def _hash_body(fh) -> tuple[str, int]:
+    """SHA-256 and length of everything after the header of an open binary file."""
+    fh.seek(HEADER_BYTES)
+    h, n = hashlib.sha256(), 0
+    while chunk := fh.read(_CHUNK):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _stamp(path: Path) -> None:
+    """Write the whole-file checksum into the header of a closed checkpoint file, and fsync it."""
+    with open(path, "rb+") as fh:
+        sha, n = _hash_body(fh)
+        fh.seek(0)
+        fh.write(_header(sha, n))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _verify_header(path) -> bool:
+    """True: a headed file whose bytes verify; False: a file from before the header. Else ValueError."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(HEADER_BYTES)
+            if head.startswith(HDF5_SIGNATURE):
+                return False
+            m = _HEADER.match(head)
+            if not m or head != _header(m.group(1).decode(), int(m.group(2))):
+                raise ValueError(f"{path}: not a checkpoint, or its header is damaged")
+            sha, n = _hash_body(fh)
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable ({e.strerror or e})") from None
+    if n != int(m.group(2)):
+        raise ValueError(f"{path}: truncated or damaged (holds {n + HEADER_BYTES} bytes, "
+                         f"{int(m.group(2)) + HEADER_BYTES} were written)")
+    if sha != m.group(1).decode():
+        raise ValueError(f"{path}: checksum mismatch (file damaged)")
+    return True
 
 
 def probe(directory: str | Path) -> None:
@@ -70,45 +155,48 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _split_state(group: str, state: dict, arrays: dict) -> dict:
+    """Arrays of ``state`` go to ``arrays[group/name]``; the JSON-able rest is returned."""
+    scalars = {}
+    for k, v in state.items():
+        if not isinstance(k, str) or not k or k.startswith("/") or "//" in k:
+            raise ValueError(f"checkpoint {group} state: bad name {k!r}")
+        if isinstance(v, np.ndarray):
+            arrays[f"{group}/{k}"] = v
+        else:
+            scalars[k] = v.item() if isinstance(v, np.generic) else v
+    return scalars
+
+
 def save(directory, *, params, optimizer: dict, step: int, epoch: int, step_in_epoch: int,
          config: dict, ranks: int, keep: int = 3, extra: dict | None = None,
          before_rename=None, state: dict | None = None) -> Path:
     """Write one checkpoint atomically (call on one rank only) and prune old ones.
 
-    ``state``: a synchronization strategy's own state (name -> array or JSON scalar), returned
-    by ``load`` as ``ck["strategy"]``.
+    ``state``: a synchronization strategy's own state, name -> NumPy array or JSON-able
+    value; ``load`` returns it as ``ck["strategy"]``.
     """
     d = Path(directory)
     final = d / f"ckpt-{step:08d}.h5"
     tmp = d / f".ckpt-{step:08d}.h5.tmp"
     arrays = {"params": np.asarray(params)}
-    scalars = {}
-    for k, v in optimizer.items():
-        if isinstance(v, np.ndarray):
-            arrays[f"optimizer/{k}"] = v
-        else:
-            scalars[k] = v
-    strategy_scalars = {}
-    for k, v in (state or {}).items():
-        if isinstance(v, np.ndarray):
-            arrays[f"strategy/{k}"] = v
-        else:
-            strategy_scalars[k] = v
+    scalars = _split_state("optimizer", optimizer, arrays)
+    strategy = _split_state("strategy", state or {}, arrays)
     meta = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "ranks": ranks,
             "version": __version__, "config": config, "optimizer_scalars": scalars,
-            "strategy_scalars": strategy_scalars, **(extra or {})}
+            "strategy_scalars": strategy, **(extra or {})}
+    meta_json = json.dumps(meta)  # a value JSON cannot hold is the caller's bug: raised here, nothing written
     failed = None
     with _quiet_h5py_cleanup():
         try:
             d.mkdir(parents=True, exist_ok=True)
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w", userblock_size=HEADER_BYTES) as f:
                 for k, a in arrays.items():
                     f.create_dataset(k, data=a)
-                f.attrs["meta"] = json.dumps(meta)
-                f.attrs["checksum"] = _digest(arrays)
+                f.attrs["meta"] = meta_json
+                f.attrs["checksum"] = _digest(meta_json, arrays)
                 f.flush()
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            _stamp(tmp)
             if before_rename is not None:  # testing aid: a crash between write and rename
                 before_rename()
             os.replace(tmp, final)
@@ -183,8 +271,11 @@ def list_checkpoints(directory) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def load(path) -> dict:
-    """Read and verify one checkpoint; raises ValueError when it is damaged."""
+REQUIRED = {"step": int, "epoch": int, "step_in_epoch": int, "ranks": int, "config": dict}
+
+
+def _read_h5(path) -> tuple[str, dict, str]:
+    """(meta JSON, arrays, stored checksum); any failure of h5py on a damaged file -> ValueError."""
     try:
         with h5py.File(path, "r") as f:
             arrays = {}
@@ -194,19 +285,49 @@ def load(path) -> dict:
                     arrays[name] = obj[()]
 
             f.visititems(visit)
-            meta = json.loads(f.attrs["meta"])
-            checksum = f.attrs["checksum"]
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({e})") from None
-    if _digest(arrays) != checksum:
+            meta_json, checksum = f.attrs["meta"], f.attrs["checksum"]
+        if isinstance(meta_json, bytes):
+            meta_json = meta_json.decode("utf-8")
+        if isinstance(checksum, bytes):
+            checksum = checksum.decode("ascii")
+        if not isinstance(meta_json, str) or not isinstance(checksum, str):
+            raise TypeError("meta and checksum must be strings")
+    except Exception as e:  # noqa: BLE001 - OSError, KeyError, RuntimeError, TypeError, ...: all damage
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {first})" if first else
+                         f"{path}: unreadable ({type(e).__name__})") from None
+    return meta_json, arrays, checksum
+
+
+def load(path) -> dict:
+    """Read and verify one checkpoint; raises ValueError (and nothing else) when it is damaged.
+
+    Returns {"params", "optimizer" (arrays and scalars), "strategy" (the same; {} when none
+    was saved), "path", "step", "epoch", "step_in_epoch", "ranks", "config", "version",
+    and the ``extra`` keys}.
+    """
+    headed = _verify_header(path)
+    meta_json, arrays, checksum = _read_h5(path)
+    expected = _digest(meta_json, arrays) if headed else _digest_legacy(arrays)
+    if checksum != expected:
         raise ValueError(f"{path}: checksum mismatch (file damaged)")
+    try:
+        meta = json.loads(meta_json)
+    except ValueError as e:
+        raise ValueError(f"{path}: unreadable metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: unreadable metadata (not a JSON object)")
+    bad = [k for k, t in REQUIRED.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
+    if bad or not isinstance(meta.get("optimizer_scalars", {}), dict) \
+            or not isinstance(meta.get("strategy_scalars", {}), dict):
+        raise ValueError(f"{path}: damaged metadata (missing or wrong: {', '.join(bad) or 'scalars'})")
     if "params" not in arrays:
         raise ValueError(f"{path}: no params")
     opt = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
     opt.update(meta.pop("optimizer_scalars", {}))
     strategy = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("strategy/")}
     strategy.update(meta.pop("strategy_scalars", {}))
-    return {"params": arrays["params"], "optimizer": opt, "strategy": strategy, "path": str(path), **meta}
+    return {"params": arrays["params"], "optimizer": opt, "path": str(path), **meta, "strategy": strategy}
 
 
 def latest(directory) -> dict | None:
@@ -250,9 +371,12 @@ def _cmd_show(args) -> int:
         c = load(args.file)
     except ValueError as e:
         raise UserError(str(e)) from None
-    log0(json.dumps({k: v for k, v in c.items() if k not in ("params", "optimizer")}, indent=2))
+    log0(json.dumps({k: v for k, v in c.items() if k not in ("params", "optimizer", "strategy")}, indent=2))
     log0(f"params: {c['params'].size} x {c['params'].dtype}; optimizer state: "
          + ", ".join(f"{k}{getattr(v, 'shape', '')}" for k, v in c["optimizer"].items()))
+    if c["strategy"]:
+        log0("strategy state: " + ", ".join(f"{k}{getattr(v, 'shape', '')}" if isinstance(v, np.ndarray)
+                                            else f"{k}={v!r}" for k, v in c["strategy"].items()))
     return 0
 
 

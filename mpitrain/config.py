@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -181,6 +182,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def validate(cfg: JobConfig, origins: dict | None = None) -> None:
     """Range and choice checks, each error naming the key (and the --set that gave it, if one did)."""
     origins = origins or {}
+    _finite(cfg, origins)
     for (s, k), allowed in CHOICES.items():
         v = getattr(getattr(cfg, s), k)
         if v not in allowed:
@@ -203,7 +205,15 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("train.check_every", t.check_every >= 0, "must be >= 0 (0 = off)"),
         ("train.eval_batch_size", t.eval_batch_size >= 1, "must be >= 1"),
         ("train.step_sleep", t.step_sleep >= 0, "must be >= 0"),
+        ("train.min_lr", t.min_lr >= 0, "must be >= 0 (the cosine schedule's floor)"),
+        ("train.seed", t.seed >= 0, "must be >= 0 (any non-negative integer)"),
         ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "widths must be >= 1"),
+        ("model.hidden", all(h <= MAX_WIDTH for h in cfg.model.hidden),
+         f"widths must be <= {MAX_WIDTH} (2**20) each"),
+        ("model.hidden", _hidden_weights(cfg.model.hidden) <= MAX_HIDDEN_WEIGHTS,
+         f"needs {_hidden_weights(cfg.model.hidden):,} weights between hidden layers, more than "
+         f"{MAX_HIDDEN_WEIGHTS:,} (2**31; every rank holds all parameters, gradients and optimizer "
+         "state): use narrower or fewer layers"),
         ("data.shards", cfg.data.shards >= 1, "must be >= 1"),
         ("data.rows", cfg.data.rows >= 0, "must be >= 0"),
         ("data.features", cfg.data.features >= 0, "must be >= 0"),
@@ -224,6 +234,26 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
             s, k = key.split(".")
             raise UserError(f"{origins.get(key, cfg.source)}: {key} = {getattr(getattr(cfg, s), k)!r} {why}")
     _exclusive(cfg, origins)
+
+
+MAX_WIDTH = 2**20              # model.hidden: widest layer accepted
+MAX_HIDDEN_WEIGHTS = 2**31    # model.hidden: most weights between consecutive hidden layers
+
+
+def _hidden_weights(hidden: list[int]) -> int:
+    return sum(a * b for a, b in zip(hidden, hidden[1:]))
+
+
+def _finite(cfg: JobConfig, origins: dict) -> None:
+    """Every float key (of every section, present and future) must be a finite number."""
+    for sname in SECTIONS:
+        section = getattr(cfg, sname)
+        for name, typ in get_type_hints(type(section)).items():
+            v = getattr(section, name)
+            if typ is float and isinstance(v, float) and not math.isfinite(v):
+                key = f"{sname}.{name}"
+                raise UserError(f"{origins.get(key, cfg.source)}: {key} = {v!r} must be a finite number "
+                                "(not nan or inf)")
 
 
 def _exclusive(cfg: JobConfig, origins: dict) -> None:
@@ -254,11 +284,17 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig
         path = default_job_path()
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"job file {path} not found (jobs ship in jobs/; the default is jobs/digits.toml)") from None
     except OSError as e:
         raise UserError(f"job file {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"job file {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); TOML job "
+                        "files must be UTF-8: re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

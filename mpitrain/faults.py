@@ -26,14 +26,17 @@ A malformed value is a user error (every rank reports it before training).
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import time
 
-from .runtime import UserError
+from .runtime import UserError, job_size
 
 KINDS = ("raise", "exit", "kill", "hang", "nan", "ckptkill", "usr1", "slow", "finish")
 SLOW_S = 0.05  # seconds per step of a "slow" rank; MPITRAIN_SLOW_S overrides
+_NUMBER = re.compile(r"[0-9]+")
 
 
 def parse(spec: str | None) -> list[tuple[int, int, str]]:
@@ -42,22 +45,43 @@ def parse(spec: str | None) -> list[tuple[int, int, str]]:
     out = []
     for item in spec.split(","):
         parts = item.strip().split(":")
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or parts[2] not in KINDS:
+        # ASCII digits only: str.isdigit() also accepts '²', which int() then rejects
+        if len(parts) != 3 or not _NUMBER.fullmatch(parts[0]) or not _NUMBER.fullmatch(parts[1]) \
+                or parts[2] not in KINDS:
             raise UserError(f"MPITRAIN_FAULT={spec!r}: expected rank:step:kind with kind in {', '.join(KINDS)} "
                             "(e.g. MPITRAIN_FAULT=1:30:hang); unset it for a normal run")
         out.append((int(parts[0]), int(parts[1]), parts[2]))
     return out
 
 
+def slow_seconds(text: str | None) -> float:
+    """``MPITRAIN_SLOW_S``: a finite number of seconds >= 0 (unset or empty: the default)."""
+    if not text:
+        return SLOW_S
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise UserError(f"MPITRAIN_SLOW_S={text!r}: expected seconds >= 0, e.g. 0.05 (the sleep per step of "
+                        "a 'slow' rank); unset it for the default")
+    return v
+
+
 class Faults:
-    def __init__(self, rank: int, spec: str | None = None):
+    def __init__(self, rank: int, spec: str | None = None, size: int | None = None):
+        """This rank's faults; a fault naming a rank the job does not have (>= ``size``, default the
+        job's rank count) is a user error on every rank, since it would silently never happen."""
         spec = os.environ.get("MPITRAIN_FAULT") if spec is None else spec
-        self.plan = [(s, k) for r, s, k in parse(spec) if r == rank]
-        try:
-            self.slow_s = float(os.environ.get("MPITRAIN_SLOW_S") or SLOW_S)
-        except ValueError:
-            raise UserError(f"MPITRAIN_SLOW_S={os.environ['MPITRAIN_SLOW_S']!r}: expected seconds, "
-                            "e.g. 0.05") from None
+        faults = parse(spec)
+        size = job_size() if size is None else size
+        missing = sorted({r for r, _, _ in faults if r >= size})
+        if missing:
+            raise UserError(f"MPITRAIN_FAULT={spec!r}: rank(s) {missing} do not exist in this job of {size} "
+                            f"rank(s) (0..{size - 1}); the fault would never happen. Name an existing rank "
+                            "or start more ranks")
+        self.plan = [(s, k) for r, s, k in faults if r == rank]
+        self.slow_s = slow_seconds(os.environ.get("MPITRAIN_SLOW_S"))
 
     def __bool__(self):
         return bool(self.plan)

@@ -113,7 +113,8 @@ def check_launch(comm=None) -> None:
     """
     comm = comm or get_comm()
     ntasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS") or ""
-    if comm.Get_size() == 1 and ntasks.isdigit() and int(ntasks) > 1 and "SLURM_STEP_ID" in os.environ:
+    if comm.Get_size() == 1 and ntasks.isascii() and ntasks.isdigit() and int(ntasks) > 1 \
+            and "SLURM_STEP_ID" in os.environ:
         raise UserError(
             f"(SLURM task {os.environ.get('SLURM_PROCID', '?')}) SLURM started {ntasks} tasks but each "
             "one is an MPI job of size 1: srun did not give MPI its process manager. Launch with "

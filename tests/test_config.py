@@ -46,6 +46,13 @@ def test_overrides_and_types():
     ("comm.algorithm='butterfly'", "allowed: 'ring', 'tree', 'native', 'auto'"),
     ("train.optimizer=rmsprop", "allowed: 'sgd', 'adam'"),
     ("trainlr=1", "expected section.key=value"),
+    ("train.seed=-1", r"--set train.seed=-1: train.seed = -1 must be >= 0"),
+    ("train.min_lr=-1", r"train.min_lr = -1.0 must be >= 0"),
+    ("train.min_lr=nan", r"--set train.min_lr=nan: train.min_lr = nan must be a finite number"),
+    ("train.lr=inf", r"train.lr = inf must be a finite number"),
+    ("comm.timeout_s=-inf", r"comm.timeout_s = -inf must be a finite number"),
+    ("model.hidden=[1000000000000]", r"model.hidden = \[1000000000000\] widths must be <= 1048576"),
+    ("model.hidden=[100000,100000]", r"needs 10,000,000,000 weights between hidden layers"),
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(UserError, match=match):
@@ -62,3 +69,27 @@ def test_toml_syntax_error_has_line_and_column(tmp_path):
 def test_missing_job_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         config.load(tmp_path / "nope.toml")
+
+
+def test_every_float_key_rejects_nan_and_inf():
+    """Non-finite floats are refused for every float key, present and future, naming the key."""
+    from dataclasses import fields
+
+    floats = [f"{s}.{f.name}" for s in config.SECTIONS for f in fields(config._section_class(s))
+              if f.type in (float, "float")]
+    assert "train.min_lr" in floats and "comm.timeout_s" in floats
+    for key in floats:
+        for bad in ("nan", "inf", "-inf"):
+            with pytest.raises(UserError, match=f"--set {key}={bad}: {key} = .* must be a finite number"):
+                config.load(None, [f"{key}={bad}"])
+
+
+def test_widest_accepted_layer():
+    assert config.load(None, [f"model.hidden=[{2**20}]"]).model.hidden == [2**20]
+
+
+def test_job_file_that_is_not_utf8(tmp_path):
+    job = tmp_path / "latin1.toml"
+    job.write_bytes("[train]\n# learning rate for the caf\u00e9 data\nlr = 0.1\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.toml: not UTF-8 text \(byte 0xe9 at line 2\)"):
+        config.load(job)

@@ -331,7 +331,7 @@ def test_check_and_open_report_damage(tmp_path, how, capsys):
 
 def test_check_ok_summary_and_notes(tmp_path, capsys):
     out = tmp_path / "set"
-    make_synthetic(out, rows=200, features=3, classes=2, shards=2, test_rows=0)
+    make_synthetic(out, rows=200, features=3, classes=2, shards=2, test_rows=0, allow_no_test=True)
     (out / "train-00007.h5").write_bytes(b"old")
     (out / ".train-00000.h5.tmp-123").write_bytes(b"x")
     rep = check_dataset(out)
@@ -341,7 +341,7 @@ def test_check_ok_summary_and_notes(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "train-00001.h5" in text and "100 rows" in text and "all files ok" in text
     with open_dataset(out, MPI.COMM_SELF, batch_size=8) as r:  # a 0-row test set is fine
-        assert r.test_rows == 0 and list(r.test_batches(4)) == []
+        assert r.test_rows == 0 and not r.has_test and list(r.test_batches(4)) == []
 
 
 def test_quick_open_skips_row_scan(tmp_path):

@@ -477,7 +477,7 @@ def test_corrupt_newest_checkpoint_is_skipped_on_resume(digits, tmp_path):
     newest.write_bytes(newest.read_bytes()[:5000])  # torn write / disk damage
     job = train(2, tmp_path, digits, "--resume", "--set", "train.epochs=3")
     assert job.rc == 0, job
-    assert f"warning: skipping checkpoint {newest}: unreadable" in job.err, job
+    assert f"warning: skipping checkpoint {newest}: truncated or damaged" in job.err, job
     assert f"resumed from {c / 'ckpt-00000022.h5'}: epoch 2, step 22" in job.out, job
     assert checkpoint.latest(c)["step"] == 3 * STEPS
 

@@ -5,8 +5,8 @@
 Public API:
   open_dataset(path, comm=None, *, batch_size, seed=0, verify=True) -> Reader
       collective; rank r reads only its shards (round-robin) or its row range
-      (when shards < ranks). Reader: features, classes, spec (a DataSpec), train_rows, rows_local,
-      steps_per_epoch, batches(epoch, start=0), test_batches(batch_size), close().
+      (when shards < ranks). Reader: features, classes, spec (a DataSpec), train_rows, test_rows,
+      has_test, rows_local, steps_per_epoch, batches(epoch, start=0), test_batches(batch_size), close().
   ensure_dataset(path, dataset, comm=None, *, shards=None, seed=0) -> Path
       makes a built-in set ("digits", "synthetic") on rank 0 if path has none.
   make_digits(out, *, shards=4, seed=0, test_fraction=0.2, overwrite=False, log=None)
@@ -14,6 +14,8 @@ Public API:
                  test_rows=4000, chunk_rows=8192, overwrite=False, log=None)
   import_file(src, out, *, shards=4, seed=0, test_fraction=0.2, classes=None,
               shuffle=True, overwrite=False, log=None)
+  (make and import refuse a set with 0 test rows unless allow_no_test=True; the Reader's
+  test_rows / has_test say whether a set has any)
   check_dataset(path) -> CheckReport (.ok, .problems, .files, .format())
 
 The make/import/check functions are serial (call them on one rank); the CLI
@@ -22,7 +24,8 @@ Data knows nothing of models.
 """
 
 from .check import CheckReport, check_dataset
-from .make import import_file, make_digits, make_synthetic
+from .importer import import_file
+from .make import make_digits, make_synthetic
 from .reader import Reader, ensure_dataset, open_dataset
 from .spec import DataSpec
 

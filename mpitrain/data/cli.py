@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0, help=seed_help)
         p.add_argument("--force", action="store_true",
                        help="replace a data set already in --out")
+        p.add_argument("--allow-no-test", action="store_true",
+                       help="allow a set whose test split is empty (otherwise an error: training "
+                            "could not measure test accuracy)")
 
     dg = mksub.add_parser(
         "digits", help="the 1797 8x8 handwritten digits bundled with scikit-learn",
@@ -63,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Import a data set. FILE.npz: arrays 'x' [N, ...] (flattened to [N, D]) and "
                     "'y' [N] integer labels 0..C-1; optional 'x_test'/'y_test' become the test "
                     "set. FILE.csv: comma-separated numbers, one row per sample, the LABEL IN THE "
-                    "LAST COLUMN; a header line is optional (detected when the first line is not "
-                    "numeric). The file is loaded into memory, shuffled (seeded), split into "
+                    "LAST COLUMN; UTF-8 (a byte-order mark is fine), any line ends; a header line is "
+                    "optional (detected when the first line is not numeric, or is the column numbers "
+                    "0..K-1 pandas writes; a pandas index column is dropped). The file is loaded into memory, shuffled (seeded), split into "
                     "train/test and sharded.")
     im.add_argument("file", metavar="FILE", help="a .npz or .csv file")
     common(im, "seed of the shuffle and train/test split (default 0)")
@@ -127,12 +131,13 @@ def cmd_make(args) -> int:
     def work():
         if args.dataset == "digits":
             m = make_digits(args.out, shards=args.shards, seed=args.seed,
-                            test_fraction=args.test_fraction, overwrite=args.force, log=_log)
+                            test_fraction=args.test_fraction, overwrite=args.force, log=_log,
+                            allow_no_test=args.allow_no_test)
         else:
             m = make_synthetic(args.out, rows=args.rows, features=args.features,
                                classes=args.classes, seed=args.seed, shards=args.shards,
                                test_rows=args.test_rows, chunk_rows=args.chunk_rows,
-                               overwrite=args.force, log=_log)
+                               overwrite=args.force, log=_log, allow_no_test=args.allow_no_test)
         _summary(args.out, m)
         return 0
 
@@ -140,12 +145,13 @@ def cmd_make(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .make import import_file
+    from .importer import import_file
 
     def work():
         m = import_file(args.file, args.out, shards=args.shards, seed=args.seed,
                         test_fraction=args.test_fraction, classes=args.classes,
-                        shuffle=not args.no_shuffle, overwrite=args.force, log=_log)
+                        shuffle=not args.no_shuffle, overwrite=args.force, log=_log,
+                        allow_no_test=args.allow_no_test)
         _summary(args.out, m)
         return 0
 

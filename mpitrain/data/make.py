@@ -12,9 +12,11 @@ rank 0 while the others wait (see ``reader.run_on_root``).
              seeded by (seed, unit), and written chunk by chunk -- the set never has
              to fit in memory, and its contents do not depend on --chunk-rows or
              --shards. Training rows come first, test rows after them.
-  import     .npz with arrays ``x`` [N, ...] and ``y`` [N] (optionally ``x_test`` and
-             ``y_test``), or .csv with the label in the last column (header optional).
-             The file is loaded into memory, shuffled (seeded), split, and sharded.
+  import     (importer.py) .npz or .csv files of your own, loaded, shuffled, split, sharded.
+
+A set whose test split would be empty is refused unless ``allow_no_test`` is given
+(``--allow-no-test``): training would otherwise report a test accuracy it never measured.
+The reader exposes ``test_rows`` (0 for such a set) and ``has_test``.
 """
 
 from __future__ import annotations
@@ -100,9 +102,24 @@ def _prepare_out(out, overwrite: bool) -> Path:
     return out
 
 
+def check_seed(seed, where) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"{tag()} {where}: --seed must be a non-negative integer (got {seed!r})")
+
+
+def check_test_rows(test_rows: int, where, how: str, allow_no_test: bool) -> None:
+    """A set without test rows only when asked for: training could not measure test accuracy."""
+    if test_rows == 0 and not allow_no_test:
+        raise UserError(f"{tag()} {where}: the test set would have no rows ({how}), so training could not "
+                        "measure test accuracy; hold out some rows, or pass --allow-no-test to make a set "
+                        "without a test set")
+
+
 def _check_sizes(shards: int, train_rows: int, where) -> None:
     if not isinstance(shards, int) or shards < 1:
         raise UserError(f"{tag()} {where}: --shards must be at least 1 (got {shards})")
+    if train_rows < 1:
+        raise UserError(f"{tag()} {where}: no training rows are left; hold out fewer rows for the test set")
     if shards > train_rows:
         raise UserError(f"{tag()} {where}: {shards} shards requested but only {train_rows} "
                         f"training rows; use --shards {max(1, train_rows)} or fewer")
@@ -128,10 +145,12 @@ def _finish(out: Path, *, features, classes, shard_entries, test_entry, made) ->
 
 
 def write_arrays(out, x_train, y_train, x_test, y_test, *, shards: int, classes: int, made: dict,
-                 overwrite: bool = False, log=None, label: str = "writing") -> dict:
+                 overwrite: bool = False, log=None, label: str = "writing", allow_no_test: bool = False,
+                 test_how: str = "") -> dict:
     """Shard in-memory arrays into ``out`` (train shards, test file, manifest). Returns the manifest."""
     n, d = x_train.shape
     _check_sizes(shards, n, out)
+    check_test_rows(len(y_test), out, test_how or "0 test rows", allow_no_test)
     out = _prepare_out(out, overwrite)
     prog = Progress(n + len(y_test), label, log)
     entries = []
@@ -155,10 +174,15 @@ def write_arrays(out, x_train, y_train, x_test, y_test, *, shards: int, classes:
     return manifest
 
 
-def _split(n: int, test_fraction: float, where) -> int:
+def split_rows(n: int, test_fraction: float, where) -> int:
+    """Rows held out for the test set; at least one row must be left for training."""
     if not 0.0 <= test_fraction < 1.0:
         raise UserError(f"{tag()} {where}: --test-fraction must be in [0, 1) (got {test_fraction})")
-    return int(round(n * test_fraction))
+    nt = int(round(n * test_fraction))
+    if nt >= n:
+        raise UserError(f"{tag()} {where}: --test-fraction {test_fraction} holds out all {n} rows and leaves "
+                        f"none for training; use at most {(n - 1) / n:.4g} (at most {n - 1} test rows)")
+    return nt
 
 
 # ----------------------------------------------------------------------------- digits
@@ -183,19 +207,21 @@ def load_digits_arrays():
 
 
 def make_digits(out, *, shards: int = DEFAULT_SHARDS, seed: int = 0, test_fraction: float = 0.2,
-                overwrite: bool = False, log=None) -> dict:
+                overwrite: bool = False, log=None, allow_no_test: bool = False) -> dict:
     """Write scikit-learn's 8x8 digits (x/16 in [0, 1]) as ``shards`` train shards + test.h5."""
+    check_seed(seed, out)
     x, y = load_digits_arrays()
     x = (x / 16.0).astype(np.float32)
     perm = np.random.default_rng([int(seed), 0xD161]).permutation(len(y))
     x, y = x[perm], y[perm]
-    nt = _split(len(y), test_fraction, out)
+    nt = split_rows(len(y), test_fraction, out)
     argv = ["make", "digits", "--out", str(out), "--shards", str(shards), "--seed", str(seed),
-            "--test-fraction", str(test_fraction)]
+            "--test-fraction", str(test_fraction)] + (["--allow-no-test"] if allow_no_test else [])
     made = _made("make digits", {"shards": shards, "seed": seed, "test_fraction": test_fraction},
                  argv)
     return write_arrays(out, x[nt:], y[nt:], x[:nt], y[:nt], shards=shards, classes=10,
-                        made=made, overwrite=overwrite, log=log, label="making digits")
+                        made=made, overwrite=overwrite, log=log, label="making digits",
+                        allow_no_test=allow_no_test, test_how=f"--test-fraction {test_fraction} of {len(y)} rows")
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -237,20 +263,23 @@ def synthetic_rows(teacher: Teacher, seed: int, features: int, lo: int, hi: int)
 
 def make_synthetic(out, *, rows: int = 20000, features: int = 256, classes: int = 10,
                    seed: int = 0, shards: int = DEFAULT_SHARDS, test_rows: int = 4000,
-                   chunk_rows: int = 8192, overwrite: bool = False, log=None) -> dict:
+                   chunk_rows: int = 8192, overwrite: bool = False, log=None,
+                   allow_no_test: bool = False) -> dict:
     """Write a seeded synthetic classification set chunk by chunk (never all in memory)."""
+    check_seed(seed, out)
     for name, v, least in (("--rows", rows, 1), ("--features", features, 1),
                            ("--classes", classes, 2), ("--test-rows", test_rows, 0),
                            ("--chunk-rows", chunk_rows, 1)):
         if not isinstance(v, int) or v < least:
             raise UserError(f"{tag()} {out}: {name} must be an integer >= {least} (got {v})")
     _check_sizes(shards, rows, out)
+    check_test_rows(test_rows, out, "--test-rows 0", allow_no_test)
     out = _prepare_out(out, overwrite)
     teacher = Teacher(features, classes, seed)
     prog = Progress(rows + test_rows, "making synthetic", log)
     argv = ["make", "synthetic", "--out", str(out), "--rows", str(rows), "--features", str(features),
             "--classes", str(classes), "--seed", str(seed), "--shards", str(shards),
-            "--test-rows", str(test_rows)]
+            "--test-rows", str(test_rows)] + (["--allow-no-test"] if allow_no_test else [])
     made = _made("make synthetic", {"rows": rows, "features": features, "classes": classes,
                                     "seed": seed, "shards": shards, "test_rows": test_rows,
                                     "teacher": "tanh MLP, 32 hidden"}, argv)
@@ -278,138 +307,26 @@ def make_synthetic(out, *, rows: int = 20000, features: int = 256, classes: int 
     return manifest
 
 
-# ----------------------------------------------------------------------------- import
-
-
-def _labels(y, src) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise UserError(f"{tag()} {src}: labels must be one-dimensional (got shape {y.shape})")
-    if y.dtype.kind in "iub":
-        return y.astype(np.int64)
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all() or (y != np.round(y)).any():
-            bad = int(np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))[0])
-            raise UserError(f"{tag()} {src}: label {y[bad]!r} at row {bad} is not an integer; "
-                            "labels must be class numbers 0..classes-1")
-        return y.astype(np.int64)
-    raise UserError(f"{tag()} {src}: labels have dtype {y.dtype}; they must be integer class "
-                    "numbers 0..classes-1")
-
-
-def _features(x, src, name="x") -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim < 2:
-        raise UserError(f"{tag()} {src}: {name} must have one row per sample (shape [N, features] "
-                        f"or [N, ...]), got shape {x.shape}")
-    if x.dtype.kind not in "iufb":
-        raise UserError(f"{tag()} {src}: {name} has dtype {x.dtype}; features must be numbers")
-    x = x.reshape(len(x), -1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        x32 = x.astype(np.float32)
-    if not np.isfinite(x32).all():
-        bad = int(np.flatnonzero(~np.isfinite(x32).all(axis=1))[0])
-        raise UserError(f"{tag()} {src}: {name} row {bad} contains NaN or Inf (or a value too "
-                        "large for float32); clean the data before importing")
-    return x32
-
-
-def _read_npz(src: Path):
-    try:
-        z = np.load(src, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any failure to parse is the user's file
-        raise UserError(f"{tag()} {src}: cannot read as .npz ({e})") from None
-    with z:
-        keys = set(z.files)
-        if not {"x", "y"} <= keys:
-            raise UserError(f"{tag()} {src}: an .npz to import needs arrays 'x' and 'y' "
-                            f"(found: {', '.join(sorted(keys)) or 'none'})")
-        try:
-            x, y = z["x"], z["y"]
-            test = (z["x_test"], z["y_test"]) if {"x_test", "y_test"} <= keys else None
-        except ValueError as e:
-            raise UserError(f"{tag()} {src}: {e}") from None
-    return x, y, test
-
-
-def _read_csv(src: Path):
-    try:
-        with open(src, newline="") as fh:
-            first = fh.readline()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{tag()} {src}: cannot read ({e})") from None
-    fields = [f.strip() for f in first.split(",")]
-    try:
-        [float(f) for f in fields]
-        header = 0
-    except ValueError:
-        header = 1
-    try:
-        data = np.loadtxt(src, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
-    except ValueError as e:
-        raise UserError(f"{tag()} {src}: not a numeric CSV ({e}); expected comma-separated "
-                        "numbers with the label in the last column") from None
-    if data.shape[1] < 2:
-        raise UserError(f"{tag()} {src}: needs at least 2 columns (features..., label), "
-                        f"found {data.shape[1]}")
-    return data[:, :-1], data[:, -1], None
-
-
-def import_file(src, out, *, shards: int = DEFAULT_SHARDS, seed: int = 0,
-                test_fraction: float = 0.2, classes: int | None = None, shuffle: bool = True,
-                overwrite: bool = False, log=None) -> dict:
-    """Import ``src`` (.npz with x, y [, x_test, y_test]; or .csv, label last) into shards."""
-    src = Path(src)
-    if not src.is_file():
-        raise UserError(f"{tag()} {src}: no such file")
-    suffix = src.suffix.lower()
-    if suffix == ".npz":
-        x, y, test = _read_npz(src)
-    elif suffix == ".csv":
-        x, y, test = _read_csv(src)
-    else:
-        raise UserError(f"{tag()} {src}: unknown file type {suffix or '(none)'}; "
-                        "import reads .npz (arrays x, y) or .csv (label in the last column)")
-    x, y = _features(x, src), _labels(y, src)
-    if len(x) != len(y):
-        raise UserError(f"{tag()} {src}: x has {len(x)} rows but y has {len(y)}")
-    if len(y) == 0:
-        raise UserError(f"{tag()} {src}: holds no rows")
-    if shuffle:
-        perm = np.random.default_rng([int(seed), 0x1A9]).permutation(len(y))
-        x, y = x[perm], y[perm]
-    if test is not None:
-        xt, yt = _features(test[0], src, "x_test"), _labels(test[1], src)
-        if xt.shape[1] != x.shape[1] or len(xt) != len(yt):
-            raise UserError(f"{tag()} {src}: x_test {xt.shape} / y_test {yt.shape} do not match "
-                            f"x's {x.shape[1]} features")
-    else:
-        nt = _split(len(y), test_fraction, src)
-        xt, yt, x, y = x[:nt], y[:nt], x[nt:], y[nt:]
-    ymin = min(int(y.min()), int(yt.min()) if len(yt) else 0)
-    ymax = max(int(y.max()), int(yt.max()) if len(yt) else 0)
-    if ymin < 0:
-        raise UserError(f"{tag()} {src}: negative label {ymin}; labels must be 0..classes-1")
-    if classes is None:
-        classes = ymax + 1
-    elif ymax >= classes:
-        raise UserError(f"{tag()} {src}: label {ymax} out of range for --classes {classes}")
-    argv = ["import", str(src), "--out", str(out), "--shards", str(shards), "--seed", str(seed),
-            "--test-fraction", str(test_fraction)]
-    if not shuffle:
-        argv.append("--no-shuffle")
-    made = _made("import", {"source": str(src.resolve()), "shards": shards, "seed": seed,
-                            "test_fraction": test_fraction if test is None else None,
-                            "test_from_file": test is not None, "shuffle": shuffle}, argv)
-    return write_arrays(out, x, y, xt, yt, shards=shards, classes=classes, made=made,
-                        overwrite=overwrite, log=log, label=f"importing {src.name}")
-
-
 def regenerate_hint(manifest: dict | None, path) -> str:
-    """What to tell a user whose data set is damaged."""
-    cmd = ((manifest or {}).get("made") or {}).get("command") if isinstance(manifest, dict) else None
+    """What to tell a user whose data set (in directory ``path``) is damaged.
+
+    The manifest's command names the directory the set was made in; a set copied or moved
+    since must be remade where it is now, never over the original, so ``--out`` is
+    rewritten to ``path`` (and an imported file to the absolute path it was read from).
+    """
+    made = ((manifest or {}).get("made") or {}) if isinstance(manifest, dict) else {}
+    cmd = made.get("command") if isinstance(made, dict) else None
     if isinstance(cmd, str) and cmd:
-        return f"regenerate with `{cmd} --force`"
+        try:
+            argv = shlex.split(cmd)
+        except ValueError:
+            argv = []
+        if "--out" in argv[:-1]:
+            argv[argv.index("--out") + 1] = str(path)
+            source = (made.get("params") or {}).get("source") if isinstance(made.get("params"), dict) else None
+            if len(argv) > 5 and argv[3:5] == ["data", "import"] and isinstance(source, str) and source:
+                argv[5] = source
+            return f"regenerate with `{' '.join(shlex.quote(a) for a in argv)} --force`"
     return (f"regenerate it with `python -m mpitrain data make digits --out {path} --force` "
             f"(or `data import FILE --out {path} --force`); `python -m mpitrain data check {path}` "
             "lists every problem")

@@ -139,7 +139,8 @@ class Reader:
         self.classes = int(manifest["classes"])
         self.spec = spec_of(manifest)  # what a batch is (spec.py): the model checks it fits
         self.train_rows = int(manifest["train_rows"])
-        self.test_rows = int(manifest["test"]["rows"])
+        self.test_rows = int(manifest["test"]["rows"])  # 0: the set has no test split (made with
+        self.has_test = self.test_rows > 0               # --allow-no-test): report "no test rows"
         self.num_shards = len(manifest["shards"])
         self.batch_size = int(batch_size)
         self.seed = int(seed)
