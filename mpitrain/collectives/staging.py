@@ -1,42 +1,45 @@
 """Device (GPU) buffers through MPI: a pipelined device ring, and whole-buffer staging.
 
 When the MPI library cannot read GPU memory, the ring stages its segments
-through pinned host memory one at a time, so the copies overlap the wire:
+through pinned host memory one at a time, so the copies overlap the wire. Two
+CUDA streams per rank: ``out`` for the copies to the host, ``in`` for the copies
+from the host and the reductions (``MPITRAIN_STAGING_STREAMS=1``: both on one):
 
     rank r: GPU                          host (pinned)                          wire
-    buf[s] ---D2H (stream)-------------> mirror[s] ---(event synced)--> Isend ---> r+1
-    buf[s] <--reduce-- dslot <--H2D----- hslot <---------------------- Irecv <--- r-1
-    buf[s] <--H2D--------------------- mirror[s] <-------------------- Irecv <--- r-1
+    buf[s] ---D2H (out)----------------> mirror[s] ---(event synced)--> Isend ---> r+1
+    buf[s] <--reduce (in)-- dslot <--H2D (in)-- hslot <--------------- Irecv <--- r-1
+    buf[s] <--H2D (in)---------------- mirror[s] <-------------------- Irecv <--- r-1
                                            '---(forwarded, no copy)---> Isend ---> r+1
 
-    time -->  seg k    D2H|Isend~~~~~~~~~~~~~~~~~           (~~ on the wire)
-              seg k+1      D2H|Isend~~~~~~~~~~~~~~~~~       the copy of k+1 runs while k is sent
-              recv j   Irecv~~~~~~|H2D|reduce|D2H|Isend~~~~~~~~~~~~
-              recv j+1    Irecv~~~~~~~~~~|H2D|reduce|D2H|Isend~~~~~~~~~~~~
+    time -->  out: D2H own k | D2H own k+1 | ... | D2H red j | D2H red j+1 |
+              in :         H2D j|red j | H2D j+1|red j+1 | ...   (~~ the wire, meanwhile)
+    (one stream: the same work in one line, D2H and H2D one after the other)
 
 Steps (the plan, segment size, tag and message order of ring.py, so the two
 interoperate message for message):
-  0. the stream waits for the caller's current stream (the kernels that wrote
+  0. both streams wait for the caller's current stream (the kernels that wrote
      ``buf``); receives are posted DEPTH segments ahead into 2·DEPTH pinned
      host slots (all-gather receives: into the mirror, in place).
   1. reduce-scatter step 0: each segment of my own chunk is copied D2H into
      its place in a pinned host mirror of the buffer; an event marks its end.
   2. each receive, in plan order:
-     reduce-scatter: H2D hslot -> dslot (async; an event frees hslot), reduce
-        buf[s] op= dslot on the device (avg: divide at the last step), D2H
-        buf[s] -> mirror[s], event; the send is queued;
-     all-gather: the data is in mirror[s]: H2D mirror[s] -> buf[s] (async),
+     reduce-scatter: H2D hslot -> dslot (async, ``in``; an event frees hslot),
+        reduce buf[s] op= dslot (``in``; avg: divide at the last step); ``out``
+        waits for that (an event of ``in``), D2H buf[s] -> mirror[s], event;
+        the send is queued;
+     all-gather: the data is in mirror[s]: H2D mirror[s] -> buf[s] (``in``),
         and mirror[s] is forwarded as it is.
   3. queued sends leave in order, each after ``synchronize(event)`` of its
-     copy: MPI never reads memory a copy or kernel is still writing. Up to
-     SEND_LAG wait while the host enqueues the next segment's copies; all of
-     them are sent before the host blocks in MPI, so no rank ever waits for a
-     message that its neighbour is holding back.
+     copy: MPI never reads memory a copy or kernel is still writing. After
+     each receive the host posts those whose copies are done; while it waits
+     for a receive it posts the others one by one as their copies finish
+     (looking at the receive in between); it blocks in MPI only when none is
+     held back, so no rank ever waits for a message its neighbour holds back.
   4. a host slot takes a new receive only after the H2D that read it is
      complete; a mirror segment only after the send that read it completed
      (when that send is not even made yet -- chunks of fewer than DEPTH
      segments -- the receive waits to be posted; receives stay in plan order).
-  5. wait for the sends, synchronize the stream: ``buf`` holds the result.
+  5. wait for the sends, synchronize both streams: ``buf`` holds the result.
 
 Each chunk is reduced once, on one rank, in a fixed order, then copied:
 bitwise identical results on every rank, as ring.py. With CUDA-aware MPI
@@ -50,14 +53,17 @@ before every MPI call.
 Cost, per rank, staged: the ring's 2(p-1)·alpha + 2(p-1)/p·n·beta +
 (p-1)/p·n·gamma (gamma on the GPU), plus n·beta_d2h + 2(p-1)/p·n·beta_h2d of
 PCIe copies, overlapped with the wire segment by segment: about
-max(wire, copies) + one segment's copy per step. Whole-buffer staging:
-n·beta_d2h + (host algorithm) + n·beta_h2d, one after the other. Memory:
+max(wire, n·beta_d2h, 2(p-1)/p·n·beta_h2d) + a few segments' copies with two
+streams; with one, the two directions add up (busbw / d2h <= 0.5 at p = 2).
+Whole-buffer staging: n·beta_d2h + (host algorithm) + n·beta_h2d, one after
+the other. Memory:
 pinned host n + 2·DEPTH·seg elements, device DEPTH·seg, allocated once per
 dtype and reused.
 
 The device is reached only through a small ``DeviceOps`` interface
 (``CupyOps`` here; the CPU tests run the same code on a NumPy stand-in that
-executes copies late and checks every MPI buffer against unfinished copies).
+executes copies late, checks every MPI buffer against unfinished copies and
+every op against unordered work of the other stream, and can simulate time).
 """
 
 from __future__ import annotations
@@ -73,8 +79,7 @@ from . import ring as _ring
 from .partition import chunk_bounds, segments
 from .. import backend
 
-SEND_LAG = 2  # D2H-copied segments that may wait for their Isend while the host enqueues more
-STREAMS = 1  # staged ring: CUDA streams per rank (2: D2H on one, H2D + reductions on a second); MPITRAIN_STAGING_STREAMS
+STREAMS = 2  # staged ring, per rank: D2H on one stream, H2D + reductions on the other (MPITRAIN_STAGING_STREAMS)
 
 
 # --------------------------------------------------------------------------- device operations
@@ -347,17 +352,23 @@ class _DeviceRing:
         return self.flat[a:b] if self.direct else self.mirror[a:b]
 
     def send_queued(self, everything=True):
-        """Post the queued sends in order, each once its copy is done (step 3)."""
+        """Post the queued sends in order, each once its copy is done (step 3): all of them
+        (waiting for their copies), or only those whose copies are done already."""
         q = self.queued
-        while q and (everything or len(q) > SEND_LAG or self.ops.done(q[0][0])):
-            ev, t, a, b = q.popleft()
-            self.ops.synchronize(ev)
-            self.sends[(t, a)] = self.comm.Isend(self.wire(a, b), dest=self.right, tag=self.tag)
+        while q and (everything or self.ops.done(q[0][0])):
+            self._send_first()
+
+    def _send_first(self):
+        ev, t, a, b = self.queued.popleft()
+        self.ops.synchronize(ev)
+        self.sends[(t, a)] = self.comm.Isend(self.wire(a, b), dest=self.right, tag=self.tag)
 
     def block(self, req):
-        """Wait in MPI, but never while holding back a send."""
-        if self.queued and not req.Test():
-            self.send_queued()
+        """Wait for ``req`` in MPI, but never while holding back a send: meanwhile post the
+        queued sends one by one as their copies finish, looking at ``req`` between them (so
+        a message that arrives is taken while later copies out still run)."""
+        while self.queued and not req.Test():
+            self._send_first()
         req.Wait()
 
     def post_ahead(self, limit):
@@ -383,9 +394,11 @@ class _DeviceRing:
         """An all-gather receive lands in place, once the send that read the region is done;
         None when that send is not even made yet (tiny chunks)."""
         key = (t - (self.p - 1), a)
-        if key not in self.sends and all(q[1:3] != key for q in self.queued):
-            return None
-        self.send_queued()
+        if key not in self.sends:
+            if all(q[1:3] != key for q in self.queued):
+                return None
+            while key not in self.sends:  # post the queued sends up to that one (not the later ones)
+                self._send_first()
         self.block(self.sends.pop(key))
         return self.wire(a, b)
 
