@@ -800,6 +800,54 @@ def test_cuda_aware_detection_is_conservative(monkeypatch, fresh_detection):
     assert backend.cuda_aware_info() == (False, "MPIR_CVAR_ENABLE_GPU=0 turns the MPI library's GPU support off")
 
 
+@pytest.mark.parametrize("driver, package", [(None, None), (11080, None), (12000, "cupy-cuda12x[ctk]"),
+                                             (12090, "cupy-cuda12x[ctk]"), (13000, "cupy-cuda13x[ctk]"),
+                                             (13020, "cupy-cuda13x[ctk]")])
+def test_cupy_package_follows_the_driver(driver, package):
+    assert backend.cupy_package(driver) == package
+
+
+def test_cuda_driver_version(monkeypatch):
+    monkeypatch.setenv("MPITRAIN_CUDA_DRIVER", "12040")
+    assert backend.cuda_driver_version() == 12040
+    monkeypatch.setenv("MPITRAIN_CUDA_DRIVER", "none")
+    assert backend.cuda_driver_version() is None
+    monkeypatch.delenv("MPITRAIN_CUDA_DRIVER")
+    v = backend.cuda_driver_version()  # the real libcuda, or None without a driver: never raises
+    assert v is None or v >= 10000
+
+
+class _CupyWithoutToolkit:
+    """What cupy-cuda12x without [ctk] does on a driver-only machine: devices, but no kernels."""
+
+    __version__ = "14.2.0"
+
+    @staticmethod
+    def arange(*a, **k):
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open shared "
+                           "object file: No such file or directory")
+
+    class ones:  # noqa: N801
+        def __init__(self, *a, **k):
+            pass
+
+        def __matmul__(self, other):
+            raise ImportError("libcublas.so.12: cannot open shared object file: No such file or directory")
+
+
+def test_gpu_kernel_problem_names_what_is_missing(monkeypatch):
+    if not HAVE_GPU:
+        assert backend.gpu_kernel_problem() == WHY_NO_GPU  # no device: the same reason as everywhere
+    monkeypatch.setattr(backend, "_cupy", lambda: _CupyWithoutToolkit)
+    monkeypatch.setattr(backend, "gpu_unavailable_reason", lambda: "")
+    monkeypatch.setenv("MPITRAIN_CUDA_DRIVER", "13000")
+    msg = backend.gpu_kernel_problem()
+    assert "CuPy 14.2.0 sees a GPU but cannot run on it" in msg
+    assert "(NVRTC) failed: RuntimeError: CuPy failed to load libnvrtc.so.12" in msg
+    assert "(cuBLAS) failed: ImportError: libcublas.so.12" in msg
+    assert "pip install 'cupy-cuda13x[ctk]'" in msg
+
+
 def test_loaded_mpi_library_is_found():
     paths = backend._loaded_mpi_libraries()
     assert paths, "no libmpi among the loaded shared objects"
