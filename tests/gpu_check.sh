@@ -118,7 +118,10 @@ export_prefix() {  # put what pip_install put under $PREFIX on PATH, LD_LIBRARY_
     site=$PREFIX/lib/python${PYVER%.*}/site-packages bin=$PREFIX/bin lib=$PREFIX/lib
   fi
   if [ -n "$bin" ] && [ "$bin" != . ]; then export PATH=$bin:$PATH; fi
-  if [ -n "$lib" ] && [ "$lib" != . ]; then export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
+  if [ -n "$lib" ] && [ "$lib" != . ]; then  # mpi4py >= 4 loads the MPI named here
+    export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} MPI4PY_LIBMPI=$lib/libmpi.so.12
+    plan "env: MPI4PY_LIBMPI=$MPI4PY_LIBMPI"
+  fi
   export PYTHONPATH=$ROOT${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}
   plan "env: PATH=$PATH"
   plan "env: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
@@ -149,21 +152,31 @@ system_setup() {
     printf 'gpu-check: missing: %s\n' "${blocked[@]}" >&2
     RC=2 die "cannot run here; on a machine with a registry: make gpu-wheels (then carry .whl)"
   fi
-  if [ ${#need[@]} -gt 0 ]; then pip_install "${need[@]}"; else plan "install: nothing (all present)"; fi
-  export_prefix
+  if [ ${#need[@]} -gt 0 ]; then
+    pip_install "${need[@]}"
+    export_prefix
+  else
+    plan "install: nothing (all present)"
+    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+    plan "env: PYTHONPATH=$PYTHONPATH"
+  fi
+  local check='from mpi4py import MPI; MPI.Get_library_version()'
+  case " ${need[*]:-} " in  # the carried MPICH went in: mpi4py must load it, not another MPI
+    *" mpich "*) check='from mpi4py import MPI; v = MPI.Get_library_version(); assert "MPICH" in v, v' ;;
+  esac
   if [ "$DRY" = 1 ]; then
-    plan "mpi4py: checked after the install; when it cannot load the MPI library, the carried mpi4py wheel goes in"
+    plan "mpi4py: checked after the install; when it cannot load the MPI library (or loads another than the carried MPICH), the carried mpi4py wheel goes in"
     return 0
   fi
-  if ! "$PY" -c 'from mpi4py import MPI; MPI.Get_library_version()' >/dev/null 2>&1; then
+  if ! "$PY" -c "$check" >/dev/null 2>&1; then
     w=$(wheel_for mpi4py)
-    [ -n "$w" ] || die "mpi4py cannot load an MPI library and there is no mpi4py wheel in ${WHEELS:-(none)}: $("$PY" -c 'from mpi4py import MPI' 2>&1 | tail -1)"
+    [ -n "$w" ] || die "mpi4py cannot load the MPI library and there is no mpi4py wheel in ${WHEELS:-(none)}: $("$PY" -c "$check" 2>&1 | tail -1)"
     plan "mpi4py: the installed one cannot load MPICH: the carried $(basename "$w") goes in"
     pip_install mpi4py
     local site
     site=$(dirname "$(find "$PREFIX" -maxdepth 6 -path '*-packages/mpi4py' -type d | head -1)")
     case ":$PYTHONPATH:" in *":$site:"*) ;; *) export PYTHONPATH=$ROOT:$site:$PYTHONPATH ;; esac
-    "$PY" -c 'from mpi4py import MPI; MPI.Get_library_version()' || die "the carried mpi4py cannot load MPICH either"
+    "$PY" -c "$check" || die "the carried mpi4py cannot load MPICH either"
   fi
 }
 
@@ -220,8 +233,8 @@ fi
 
 
 echo "=== MPI ==="
-if ! timeout -k 5 60 mpirun -n "$NP" "$PY" -c 'from mpi4py import MPI; c = MPI.COMM_WORLD; v = c.allreduce(1); c.Get_rank() or print(f"MPI: {v} ranks, {MPI.Get_library_version().splitlines()[0]}")'; then
-  echo "gpu-check: FAILED: mpirun -n $NP cannot start an MPI job ($(command -v mpirun))" >&2
+if ! timeout -k 5 60 mpirun -n "$NP" "$PY" -c 'import sys; from mpi4py import MPI; c = MPI.COMM_WORLD; v = c.allreduce(1); c.Get_rank() or print(f"MPI: {v} ranks, {MPI.Get_library_version().splitlines()[0]}"); sys.exit(v != int(sys.argv[1]))' "$NP"; then
+  echo "gpu-check: FAILED: mpirun -n $NP did not start one MPI job of $NP ranks ($(command -v mpirun); mpi4py and mpirun from different MPIs?)" >&2
   exit 1
 fi
 echo "=== GPU ==="

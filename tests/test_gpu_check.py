@@ -131,6 +131,7 @@ def test_system_mode_plan(tools_only, wheels, stub_cupy, tmp_path):
     pyver = "%d.%d" % sys.version_info[:2]
     assert f"env: PATH={prefix}/bin:{tools_only}" in plan
     assert f"env: LD_LIBRARY_PATH={prefix}/lib" in plan
+    assert f"env: MPI4PY_LIBMPI={prefix}/lib/libmpi.so.12" in plan, "mpi4py loads the carried MPICH"
     assert f"env: PYTHONPATH={ROOT}:{prefix}/lib/python{pyver}/site-packages:{stub_cupy}" in plan
     steps = [line for line in plan if line.startswith("step ")]
     assert len(steps) == 8, steps
