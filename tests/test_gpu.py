@@ -556,6 +556,16 @@ def test_staged_ring_pipelines_and_copies_the_minimum(comm, st):
     assert_matches(buf, ref, "float32", "pipelined")
 
 
+def test_staging_streams_knob(monkeypatch):
+    monkeypatch.delenv("MPITRAIN_STAGING_STREAMS", raising=False)
+    assert staging.staging_streams() == staging.STREAMS == 2
+    monkeypatch.setenv("MPITRAIN_STAGING_STREAMS", "1")
+    assert staging.staging_streams() == 1
+    monkeypatch.setenv("MPITRAIN_STAGING_STREAMS", "3")
+    with pytest.raises(ValueError, match="MPITRAIN_STAGING_STREAMS='3': use 1"):
+        staging.staging_streams()
+
+
 def test_fake_device_orders_streams_only_by_wait():
     """The checker itself: work on two streams touching the same memory needs a wait (or the
     host knowing the first is complete) between them."""
