@@ -5,8 +5,10 @@ Runs everywhere (no GPU needed):
     stand-in for the device (``FakeOps``) that runs copies and kernels LATE -- only when the
     algorithm synchronizes an event -- poisons copy destinations until then, and checks every
     buffer handed to MPI against unfinished device work (and every device op against MPI
-    requests in flight). Results vs native, bitwise identity across ranks, the message
-    schedule vs ring.py, a mixed host/device ring, the pipelining and the copy volumes;
+    requests in flight, and every op against unordered work of the other stream). Results vs
+    native, bitwise identity across ranks, the message schedule vs ring.py, a mixed host/device
+    ring, the pipelining and the copy volumes; on its timing model (``Timing``, ``TimedComm``),
+    ring busbw / d2h with one stream and with two;
   - device selection and its error messages (gpu_count etc. monkeypatched), local-rank
     detection, the CUDA-aware detection and its MPITRAIN_CUDA_AWARE override.
 
