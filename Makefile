@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: install run test test-slurm test-hosts bench gpu-check clean
+.PHONY: install run test test-slurm test-hosts bench gpu-check gpu-check-system gpu-wheels clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,24 @@ test-hosts: install       ## only the emulated multi-host tests (network namespa
 bench: install            ## the all-reduce bench on $(NP) ranks
 	$(BIN)/mpirun -n $(NP) $(BIN)/python -m mpitrain bench
 
-gpu-check: install        ## GPU tests, a short cupy training run, the GPU bench (needs a CUDA GPU)
+gpu-check: install        ## GPU tests, cupy training, GPU benches (needs a CUDA GPU; adds CuPy for the driver to .venv)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash tests/gpu_check.sh
+
+gpu-check-system:         ## the same with the system python3 and the wheels in .whl/, no registry (docs/gpu.md)
+	bash tests/gpu_check.sh --system --wheels .whl
+
+# What a GPU machine without a package registry lacks, as wheels for its Python (x86-64 Linux):
+# run here, carry .whl/ (git-ignored, ~15 MB) with the work tree, then `make gpu-check-system` there.
+GPU_WHEELS ?= mpich==5.0.2 pytest-mpi==0.6 mpi4py==4.1.2
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+                 manylinux_2_5_x86_64 manylinux1_x86_64
+gpu-wheels:               ## download those wheels into .whl/ (mpich, pytest-mpi; mpi4py as a fallback)
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+	    --python-version $(GPU_PYTHON_VERSION) --implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) \
+	    -d .whl $(GPU_WHEELS)
+	@ls -l .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info data checkpoints runs .pytest_cache

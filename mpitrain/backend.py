@@ -54,7 +54,8 @@ def gpu_unavailable_reason() -> str:
     """Why ``gpu_available()`` is False, in words (for skip messages and errors)."""
     cp = _cupy()
     if cp is None:
-        return "CuPy is not installed (pip install 'mpitrain[gpu]')"
+        pkg = cupy_package(cuda_driver_version())
+        return f"CuPy is not installed (pip install '{pkg or 'mpitrain[gpu]'}')"
     try:
         n = int(cp.cuda.runtime.getDeviceCount())
     except Exception as e:  # no driver, driver too old, ...
@@ -63,6 +64,55 @@ def gpu_unavailable_reason() -> str:
         return (f"CuPy {cp.__version__} is installed but no CUDA GPU is visible "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')})")
     return ""
+
+
+def cuda_driver_version() -> int | None:
+    """The CUDA version the installed driver supports (e.g. 12040 for 12.4), from libcuda's
+    cuDriverGetVersion -- no CuPy needed; None when there is no driver. MPITRAIN_CUDA_DRIVER
+    (a number like 13000) overrides it (for tests and for machines whose libcuda hides)."""
+    env = os.environ.get("MPITRAIN_CUDA_DRIVER", "").strip()
+    if env:
+        return int(env) if env.isdigit() and int(env) > 0 else None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(v)) != 0 or v.value <= 0:
+            return None
+        return int(v.value)
+    except (OSError, AttributeError):
+        return None
+
+
+def cupy_package(driver: int | None) -> str | None:
+    """The CuPy wheel for a driver (``cuda_driver_version()``), with the ``ctk`` extra that
+    brings NVRTC, the CUDA headers and cuBLAS: a driver alone runs ``import cupy`` but no
+    kernel. CUDA 12.x -> cupy-cuda12x, 13.x and later -> cupy-cuda13x; older or none: None."""
+    if driver is None or driver < 12000:
+        return None
+    return "cupy-cuda12x[ctk]" if driver < 13000 else "cupy-cuda13x[ctk]"
+
+
+def gpu_kernel_problem() -> str:
+    """'' when CuPy runs a kernel (NVRTC) and a matrix product (cuBLAS) on the current GPU,
+    else what failed and how to fix it. ``gpu_available()`` only asks for a device: with the
+    driver alone that works, and the first kernel fails."""
+    why = gpu_unavailable_reason()
+    if why:
+        return why
+    cp = _cupy()
+    problems = []
+    for what, run in (("an elementwise kernel (NVRTC)", lambda: float((cp.arange(8.0) * 2).sum())),
+                      ("a matrix product (cuBLAS)", lambda: float((cp.ones((8, 8)) @ cp.ones((8, 8))).sum()))):
+        try:
+            run()
+        except Exception as e:  # CompileException, CUDARuntimeError, ImportError of a .so, ...
+            problems.append(f"{what} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+    if not problems:
+        return ""
+    pkg = cupy_package(cuda_driver_version()) or "cupy-cuda12x[ctk]"
+    return (f"CuPy {cp.__version__} sees a GPU but cannot run on it: " + "; ".join(problems)
+            + f". The CUDA libraries CuPy loads at run time (NVRTC, headers, cuBLAS) are missing: "
+            f"pip install '{pkg}' (make gpu-check picks it from the driver), or a CUDA toolkit for the driver")
 
 
 def get_xp(name: str = "numpy"):

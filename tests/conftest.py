@@ -9,7 +9,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 BIN = os.path.dirname(sys.executable)
-MPIRUN = os.path.join(BIN, "mpirun")
+
+
+def find_mpirun(bin_dir=BIN, path=None) -> str:
+    """The ``mpirun`` beside the interpreter (a venv's, from the mpich wheel), else the one on
+    ``path`` (default: $PATH; a system Python with an MPI installed elsewhere, as on the GPU
+    machine's image), else the path beside the interpreter (so the error names it)."""
+    beside = os.path.join(bin_dir, "mpirun")
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("mpirun", path=path) or beside
+
+
+MPIRUN = find_mpirun()
 
 
 def h5_edit(path, fn):

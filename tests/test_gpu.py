@@ -5,8 +5,10 @@ Runs everywhere (no GPU needed):
     stand-in for the device (``FakeOps``) that runs copies and kernels LATE -- only when the
     algorithm synchronizes an event -- poisons copy destinations until then, and checks every
     buffer handed to MPI against unfinished device work (and every device op against MPI
-    requests in flight). Results vs native, bitwise identity across ranks, the message
-    schedule vs ring.py, a mixed host/device ring, the pipelining and the copy volumes;
+    requests in flight, and every op against unordered work of the other stream). Results vs
+    native, bitwise identity across ranks, the message schedule vs ring.py, a mixed host/device
+    ring, the pipelining and the copy volumes; on its timing model (``Timing``, ``TimedComm``),
+    ring busbw / d2h with one stream and with two;
   - device selection and its error messages (gpu_count etc. monkeypatched), local-rank
     detection, the CUDA-aware detection and its MPITRAIN_CUDA_AWARE override.
 
@@ -23,6 +25,8 @@ import os
 import random
 import subprocess
 import sys
+import time
+from collections import deque
 
 import numpy as np
 import pytest
@@ -89,30 +93,43 @@ def _overlaps(x, ys):
     return any(np.may_share_memory(x, y) for y in ys)
 
 
-class _Op:
-    __slots__ = ("kind", "fn", "reads", "writes")
+def _clash(xs, ys):
+    return any(_overlaps(x, ys) for x in xs)
 
-    def __init__(self, kind, fn, reads, writes):
-        self.kind, self.fn, self.reads, self.writes = kind, fn, reads, writes
+
+class _Op:
+    __slots__ = ("kind", "fn", "reads", "writes", "seq", "deps")
+
+    def __init__(self, kind, fn, reads, writes, seq, deps):
+        self.kind, self.fn, self.reads, self.writes, self.seq, self.deps = kind, fn, reads, writes, seq, deps
 
 
 class _Event:
-    def __init__(self, upto):
-        self.upto = upto
+    """Complete when the first ``upto`` ops of ``stream`` are, and what the stream waited for
+    before it was recorded (``deps``: other stream -> ops of it); ``end``: simulated time."""
+
+    def __init__(self, stream, upto, deps, end=0.0):
+        self.stream, self.upto, self.deps, self.end = stream, upto, deps, end
 
 
 class FakeOps(staging.DeviceOps):
     """DeviceOps on NumPy, adversarial: an op runs only when an event after it is
     synchronized (or, at random, earlier -- a device making progress); a copy's destination
     holds garbage until then; an op that touches memory an MPI request in flight is using
-    raises at once. ``CheckedComm`` checks the other direction."""
+    raises at once. Streams: ops of one stream run in order; an op that touches memory an op
+    of another stream may still be using (not known complete to the host, not ordered
+    before it by ``wait``) raises at once. ``CheckedComm`` checks MPI against device work
+    the host does not know to be complete. With ``timing`` (a ``Timing``), every op also
+    gets a simulated start and end, and ``done``/``synchronize`` follow that clock."""
 
     xp = np
 
-    def __init__(self, seed=0, lazy=True):
-        self.queue = []          # enqueued, not yet run
-        self.enqueued = self.ran = 0
-        self.lazy = lazy
+    def __init__(self, seed=0, lazy=True, timing=None):
+        self.queues = {}         # stream -> ops enqueued, not yet run, in order
+        self.unknown = {}        # stream -> ops the host does not know to be complete (run or not)
+        self.enqueued, self.ran, self.known = {}, {}, {}  # stream -> counts of ops
+        self.waits = {}          # stream -> {other stream: its ops ordered before what comes next}
+        self.lazy, self.timing = lazy, timing
         self.rng = random.Random(seed)
         self.comm = None         # the CheckedComm watching MPI, when there is one
         self.pinned = []
@@ -120,8 +137,12 @@ class FakeOps(staging.DeviceOps):
         self.timeline = []       # ("d2h"/"h2d"/"reduce", address) in enqueue order (shared with CheckedComm)
 
     # allocation
-    def stream(self):
-        return "stream"
+    def stream(self, which=0):
+        s = f"stream{which}"
+        if s not in self.queues:
+            self.queues[s], self.unknown[s], self.waits[s] = [], [], {}
+            self.enqueued[s] = self.ran[s] = self.known[s] = 0
+        return s
 
     def host_empty(self, dtype, n):
         a = np.empty(max(n, 1), dtype=dtype)
@@ -135,22 +156,51 @@ class FakeOps(staging.DeviceOps):
         return a[:n]
 
     # asynchronous work
-    def _enqueue(self, kind, fn, reads, writes, addr):
+    def _check_streams(self, kind, reads, writes, stream):
+        for other, ops in self.unknown.items():
+            if other == stream:
+                continue
+            before = self.waits[stream].get(other, 0)
+            for op in ops:
+                if op.seq >= before and (_clash(writes, op.reads + op.writes) or _clash(reads, op.writes)):
+                    raise AssertionError(f"device {kind} on {stream} touches memory that a {op.kind} on {other} "
+                                         "may still be using: no wait orders them")
+
+    def _enqueue(self, kind, fn, reads, writes, addr, stream, nbytes=0):
         if self.comm is not None:
             self.comm.check_device_op(kind, reads, writes)
-        pending_mem = [m for op in self.queue for m in op.reads + op.writes]
-        if self.lazy and kind in ("d2h", "h2d") and not _overlaps(writes[0], pending_mem):
+        self._check_streams(kind, reads, writes, stream)
+        unrun = [m for q in self.queues.values() for op in q for m in op.reads + op.writes]
+        if self.lazy and kind in ("d2h", "h2d") and not _overlaps(writes[0], unrun):
             _poison(writes[0])  # "half written" until the copy is known to be done
-        self.queue.append(_Op(kind, fn, reads, writes))
-        self.enqueued += 1
+        op = _Op(kind, fn, reads, writes, self.enqueued[stream], dict(self.waits[stream]))
+        if self.timing is not None:
+            self.timing.schedule(kind, stream, nbytes)
+        self.queues[stream].append(op)
+        self.unknown[stream].append(op)
+        self.enqueued[stream] += 1
         self.timeline.append((kind, addr))
-        if not self.lazy or self.rng.random() < 0.2:
-            self._run(self.ran + 1)
+        if not self.lazy:
+            self._run(stream, self.enqueued[stream])
+        elif self.rng.random() < 0.2:  # the device makes progress on some stream
+            s = self.rng.choice([s for s, q in self.queues.items() if q])
+            self._run(s, self.ran[s] + 1)
 
-    def _run(self, upto):
-        while self.ran < upto:
-            self.queue.pop(0).fn()
-            self.ran += 1
+    def _run(self, stream, upto):
+        q = self.queues[stream]
+        while self.ran[stream] < upto:
+            for other, k in q[0].deps.items():  # what the stream waited for runs first
+                self._run(other, k)
+            q.pop(0).fn()
+            self.ran[stream] += 1
+
+    def _complete(self, ev):
+        """Run everything ``ev`` covers; the host now knows it is complete."""
+        for s, k in [*ev.deps.items(), (ev.stream, ev.upto)]:
+            self._run(s, k)
+            if k > self.known[s]:
+                self.known[s] = k
+                self.unknown[s] = [op for op in self.unknown[s] if op.seq >= k]
 
     def copy_d2h(self, dst_host, src_dev, stream):
         assert isinstance(src_dev, FakeDev) and not isinstance(dst_host, FakeDev), "d2h: wrong sides"
@@ -158,7 +208,7 @@ class FakeOps(staging.DeviceOps):
         assert _overlaps(dst_host, self.pinned), "async copy into host memory that is not pinned"
         self.stats["d2h"] += src_dev.nbytes
         self._enqueue("d2h", lambda: np.copyto(dst_host, src_dev.view(np.ndarray)), [src_dev], [dst_host],
-                      src_dev.ctypes.data)
+                      src_dev.ctypes.data, stream, src_dev.nbytes)
 
     def copy_h2d(self, dst_dev, src_host, stream):
         assert isinstance(dst_dev, FakeDev) and not isinstance(src_host, FakeDev), "h2d: wrong sides"
@@ -166,41 +216,64 @@ class FakeOps(staging.DeviceOps):
         assert _overlaps(src_host, self.pinned), "async copy from host memory that is not pinned"
         self.stats["h2d"] += src_host.nbytes
         self._enqueue("h2d", lambda: np.copyto(dst_dev.view(np.ndarray), src_host), [src_host], [dst_dev],
-                      dst_dev.ctypes.data)
+                      dst_dev.ctypes.data, stream, src_host.nbytes)
 
     def reduce(self, op, dst_dev, src_dev, stream):
         assert isinstance(dst_dev, FakeDev) and isinstance(src_dev, FakeDev), "reduce must run on the device"
         f = staging.reducer(np, op)
         self.stats["reduce"] += 1
         self._enqueue("reduce", lambda: f(dst_dev, src_dev, out=dst_dev), [dst_dev, src_dev], [dst_dev],
-                      dst_dev.ctypes.data)
+                      dst_dev.ctypes.data, stream, dst_dev.nbytes)
 
     def finish_avg(self, dst_dev, p, stream):
         assert isinstance(dst_dev, FakeDev)
-        self._enqueue("avg", lambda: staging.finish_avg(dst_dev, p), [dst_dev], [dst_dev], dst_dev.ctypes.data)
+        self._enqueue("avg", lambda: staging.finish_avg(dst_dev, p), [dst_dev], [dst_dev], dst_dev.ctypes.data,
+                      stream, dst_dev.nbytes)
 
     # events
     def record(self, stream):
-        return _Event(self.enqueued)
+        end = self.timing.ready.get(stream, 0.0) if self.timing is not None else 0.0
+        return _Event(stream, self.enqueued[stream], dict(self.waits[stream]), end)
 
     def after_current(self, stream):
         pass  # the tests' "current stream" has nothing in flight
 
+    def wait(self, stream, event):
+        assert event.stream != stream, "a stream waiting for its own event: use the stream's order"
+        w = self.waits[stream]
+        for s, k in [*event.deps.items(), (event.stream, event.upto)]:  # ordering is transitive
+            if s != stream:
+                w[s] = max(w.get(s, 0), k)
+        if self.timing is not None:
+            self.timing.wait(stream, event.end)
+
     def synchronize(self, event):
         self.stats["sync"] += 1
-        self._run(event.upto)
+        self._complete(event)
+        if self.timing is not None:
+            self.timing.host = max(self.timing.host, event.end)
 
     def done(self, event):
-        if self.lazy and self.ran < event.upto and self.rng.random() < 0.3:
-            self._run(self.ran + 1)
-        return self.ran >= event.upto
+        if self.timing is not None:
+            ok = event.end <= self.timing.host
+        else:
+            if self.lazy and self.ran[event.stream] < event.upto and self.rng.random() < 0.3:
+                self._run(event.stream, self.ran[event.stream] + 1)
+            ok = all(self.ran[s] >= k for s, k in [*event.deps.items(), (event.stream, event.upto)])
+        if ok:
+            self._complete(event)
+        return ok
 
     def sync_current(self):
         self.stats["sync"] += 1
-        self._run(self.enqueued)
+        for s in self.queues:
+            self._complete(_Event(s, self.enqueued[s], {}))
+        if self.timing is not None:
+            self.timing.host = max([self.timing.host, *self.timing.ready.values()])
 
     def pending(self):
-        return list(self.queue)
+        """Device work the host does not know to be complete (whether the fake ran it or not)."""
+        return [op for ops in self.unknown.values() for op in ops]
 
 
 class _Req(MPI.Request):
@@ -280,6 +353,106 @@ class CheckedComm:
         return self._comm.Allreduce(sendbuf, recvbuf, op=op)
 
 
+class Timing:
+    """Simulated time for one rank (FakeOps(timing=...) and TimedComm): one copy engine each
+    way (D2H, H2D) and the SMs for reductions, each taking work in the order it is enqueued;
+    work on one stream in order; the rank's own outgoing link for messages. The host's own
+    work takes no time: it only waits (events, MPI). Bandwidths in bytes per unit of time."""
+
+    def __init__(self, copy_bw=1.0, wire_bw=2.0, reduce_bw=20.0, latency=0.0):
+        self.copy_bw, self.wire_bw, self.reduce_bw, self.latency = copy_bw, wire_bw, reduce_bw, latency
+        self.host = 0.0
+        self.ready = {}  # stream -> when its last op (or the event it waits for) ends
+        self.engine = {"d2h": 0.0, "h2d": 0.0, "sm": 0.0}
+        self.link = 0.0
+
+    def schedule(self, kind, stream, nbytes):
+        eng = kind if kind in ("d2h", "h2d") else "sm"
+        start = max(self.host, self.ready.get(stream, 0.0), self.engine[eng])
+        end = start + nbytes / (self.reduce_bw if eng == "sm" else self.copy_bw)
+        self.engine[eng] = self.ready[stream] = end
+        return end
+
+    def wait(self, stream, t):
+        self.ready[stream] = max(self.ready.get(stream, 0.0), t)
+
+    def send(self, nbytes):
+        """When a message posted now has arrived (the link carries one message at a time)."""
+        start = max(self.host, self.link)
+        self.link = start + nbytes / self.wire_bw
+        return self.link + self.latency
+
+
+class _TimedReq(MPI.Request):
+    """A request whose Wait/Test follow the simulated clock (MPI.Request.Waitall still works)."""
+
+    def Wait(self, status=None):
+        super().Wait(status)
+        self.owner.resolve(self)
+        self.owner.timing.host = max(self.owner.timing.host, self.done_at)
+        return True
+
+    def Test(self, status=None):
+        if not self.complete:  # done for MPI first (a send the peer has not taken yet is not done)
+            # The other process may merely be behind in real time: give it a moment, so that
+            # what the model sees depends on simulated time, not on how the OS ran the ranks.
+            # (When the message waits for a send this rank holds back, it is also late in
+            # simulated time, and False is the right answer.)
+            deadline = time.perf_counter() + TimedComm.PATIENCE
+            while not super().Test(status):
+                if time.perf_counter() > deadline:
+                    return False
+                time.sleep(0.0002)
+            self.complete = True
+        self.owner.resolve(self)
+        return self.done_at <= self.owner.timing.host
+
+
+class TimedComm:
+    """A communicator in front of another that carries simulated time: each Isend also sends
+    its arrival time on a side communicator; a receive completes at max(arrival, posted)."""
+
+    PATIENCE = 1.0  # seconds of real time a Test waits for a message before it says "not yet"
+
+    def __init__(self, comm, timing):
+        self._comm, self.timing = comm, timing
+        self.side = comm.Dup()
+        self.side_sends, self.recvs, self.done = [], {}, []
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def Isend(self, buf, dest, tag=0):
+        t = np.array([self.timing.send(buf.nbytes)])
+        req = _TimedReq(self._comm.Isend(buf, dest=dest, tag=tag))
+        self.side_sends.append((self.side.Isend(t, dest=dest, tag=tag), t))
+        req.owner, req.done_at, req.complete = self, float(t[0]), False
+        self.done.append(req.done_at)
+        return req
+
+    def Irecv(self, buf, source, tag=0):
+        req = _TimedReq(self._comm.Irecv(buf, source=source, tag=tag))
+        req.owner, req.done_at, req.complete = self, None, False
+        req.posted, req.peer, req.tag = self.timing.host, source, tag
+        self.recvs.setdefault((source, tag), deque()).append(req)
+        return req
+
+    def resolve(self, req):
+        """Receives from one peer complete in the order they were posted: so do their times."""
+        q = self.recvs.get((getattr(req, "peer", None), getattr(req, "tag", None)), deque())
+        while req.done_at is None:
+            first, t = q.popleft(), np.empty(1)
+            self.side.Recv(t, source=first.peer, tag=first.tag)
+            first.done_at = max(float(t[0]), first.posted)
+
+    def finish(self) -> float:
+        """This rank's simulated time at the end (the last event, message or host wait)."""
+        MPI.Request.Waitall([r for r, _ in self.side_sends])
+        assert not any(self.recvs.values()), "a receive whose time was never read"
+        self.side.Free()
+        return max([self.timing.host, *self.done, *self.timing.ready.values()])
+
+
 @pytest.fixture
 def st(comm):
     s = state_for(comm)
@@ -298,17 +471,19 @@ def _flat_with_guards(n, r, dtype, op):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["staged", "direct"])
+@pytest.mark.parametrize("mode", ["staged", "one-stream", "direct"])
 def test_device_ring_matches_native(comm, st, mode, dtype):
     """Every op, odd lengths, tiny segments, a lazy adversarial device: results as native,
-    identical on every rank, nothing written outside the buffer, no device work left over."""
+    identical on every rank, nothing written outside the buffer, no device work left over.
+    staged: two streams (the default), one-stream: everything on one (MPITRAIN_STAGING_STREAMS=1)."""
     r, p = comm.Get_rank(), comm.Get_size()
+    streams = 1 if mode == "one-stream" else 2
     for op in OPS:
         for n in LENGTHS:
             ops = FakeOps(seed=hash((r, op, n, dtype)) & 0xFFFF)
             view = staging.StateView(st, CheckedComm(st.comm, ops, allow_device=(mode == "direct")))
             big, buf = _flat_with_guards(n, r, dtype, op)
-            out = staging.ring(view, buf, op, ops=ops, direct=(mode == "direct"), seg_bytes=TINY)
+            out = staging.ring(view, buf, op, ops=ops, direct=(mode == "direct"), seg_bytes=TINY, streams=streams)
             where = f"{mode} ring {op} n={n} {dtype} p={p} rank={r}"
             assert out is buf
             assert not ops.pending(), f"device work left unfinished: {where}"
@@ -318,7 +493,7 @@ def test_device_ring_matches_native(comm, st, mode, dtype):
             assert same_on_all_ranks(comm, buf), f"ranks differ: {where}"
             g = big.view(np.ndarray)
             assert (g[:3] == 99).all() and (g[3 + n:] == 99).all(), f"wrote outside the buffer: {where}"
-            if mode == "staged" and p > 1:
+            if mode != "direct" and p > 1:
                 assert ops.stats["d2h"] == n * buf.itemsize, f"every element copied out once: {where}"
 
 
@@ -381,6 +556,93 @@ def test_staged_ring_pipelines_and_copies_the_minimum(comm, st):
     assert ops.stats["reduce"] == len(rs_units), "one device reduction per reduce-scatter segment"
     ref = allreduce(rank_data(n, r, np.float32, "sum"), comm, op="sum", algorithm="native")
     assert_matches(buf, ref, "float32", "pipelined")
+
+
+def test_staging_streams_knob(monkeypatch):
+    monkeypatch.delenv("MPITRAIN_STAGING_STREAMS", raising=False)
+    assert staging.staging_streams() == staging.STREAMS == 2
+    monkeypatch.setenv("MPITRAIN_STAGING_STREAMS", "1")
+    assert staging.staging_streams() == 1
+    monkeypatch.setenv("MPITRAIN_STAGING_STREAMS", "3")
+    with pytest.raises(ValueError, match="MPITRAIN_STAGING_STREAMS='3': use 1"):
+        staging.staging_streams()
+
+
+def test_fake_device_orders_streams_only_by_wait():
+    """The checker itself: work on two streams touching the same memory needs a wait (or the
+    host knowing the first is complete) between them."""
+    ops = FakeOps(seed=1)
+    s0, s1 = ops.stream(), ops.stream(1)
+    dev, host = on_dev(np.arange(8.0)), ops.host_empty(np.float64, 8)
+    ops.reduce("sum", dev, on_dev(np.ones(8)), s1)
+    with pytest.raises(AssertionError, match="no wait orders them"):
+        ops.copy_d2h(host, dev, s0)
+    ops.wait(s0, ops.record(s1))
+    ops.copy_d2h(host, dev, s0)
+    ops.synchronize(ops.record(s0))  # runs the reduction first: s0 waited for it
+    np.testing.assert_array_equal(host, np.arange(8.0) + 1)
+    assert not ops.pending(), "synchronizing s0 completes what it waited for on s1"
+    ops.copy_h2d(dev, host, s1)
+    ops.synchronize(ops.record(s1))
+    ops.copy_d2h(host, dev, s0)  # fine: the host knows the copy in is complete
+
+
+@pytest.mark.mpi(min_size=2)
+def test_staged_ring_orders_its_two_streams(comm, st):
+    """Without the wait between the reduction (second stream) and the copy out (first stream)
+    the fake device sees the race on every rank."""
+    r = comm.Get_rank()
+    ops = FakeOps(seed=r)
+    races = []
+    check = ops._check_streams
+
+    def record_races(*args):
+        try:
+            check(*args)
+        except AssertionError as e:
+            races.append(str(e))
+
+    ops._check_streams, ops.wait = record_races, lambda stream, event: None
+    _, buf = _flat_with_guards(1001, r, np.float32, "sum")
+    staging.ring(st, buf, "sum", ops=ops, seg_bytes=TINY, streams=2)
+    assert races and "d2h on stream0" in races[0] and "reduce on stream1" in races[0], races[:1]
+
+
+def _modelled_ring(comm, st, streams, wire_bw, n=1 << 15, seg=4096):
+    """(busbw / d2h ceiling, result) of one staged ring on the timing model (copies at 1 byte per
+    unit of time each way, the wire at ``wire_bw``, reductions at 20)."""
+    r, p = comm.Get_rank(), comm.Get_size()
+    timing = Timing(copy_bw=1.0, wire_bw=wire_bw, reduce_bw=20.0)
+    ops = FakeOps(seed=r, lazy=False, timing=timing)
+    tc = TimedComm(st.comm, timing)
+    _, buf = _flat_with_guards(n, r, np.float32, "sum")
+    staging.ring(staging.StateView(st, tc), buf, "sum", ops=ops, seg_bytes=seg, streams=streams)
+    t = comm.allreduce(tc.finish(), op=MPI.MAX)
+    busbw = 2 * (p - 1) / p * buf.nbytes / t
+    return busbw / timing.copy_bw, np.asarray(buf).copy()  # the d2h ceiling: every rank copying n bytes alone
+
+
+@pytest.mark.mpi(min_size=2)
+def test_second_stream_lifts_the_copy_bound(comm, st):
+    """issue 20, item 8, on the fake's timing model: with one stream a rank's D2H and H2D
+    copies run one after the other, so ring busbw / d2h stays under (2(p-1)/p) / (1 + 2(p-1)/p)
+    (0.5 at 2 ranks); a second stream for the copies in and the reductions overlaps them."""
+    p = comm.Get_size()
+    bound = (2 * (p - 1) / p) / (1 + 2 * (p - 1) / p)
+    ratios = {}
+    for wire_bw in (4.0, 1.0):
+        for streams in (1, 2):
+            ratios[wire_bw, streams], got = _modelled_ring(comm, st, streams, wire_bw)
+            ref = allreduce(rank_data(got.size, comm.Get_rank(), np.float32, "sum"), comm, algorithm="native")
+            assert_matches(got, ref, "float32", f"modelled ring streams={streams}")
+    if comm.Get_rank() == 0:
+        print(f"\n[timing model, {p} ranks] ring busbw / d2h ceiling (copy-bound limit with one stream "
+              f"{bound:.2f}): " + ", ".join(f"wire {w:g}x PCIe, {s} stream(s): {v:.2f}"
+                                          for (w, s), v in ratios.items()))
+    for w in (4.0, 1.0):  # (a rank the OS holds back can only make the model's overlap smaller)
+        assert ratios[w, 1] <= bound + 1e-9, ratios
+        assert ratios[w, 2] >= 1.25 * ratios[w, 1], ratios
+    assert ratios[4.0, 2] >= 0.75, ratios  # measured 0.92 / 0.82 / 0.87 at 2 / 3 / 4 ranks
 
 
 @pytest.mark.mpi
@@ -548,6 +810,54 @@ def test_cuda_aware_detection_is_conservative(monkeypatch, fresh_detection):
     monkeypatch.delenv("MPITRAIN_CUDA_AWARE")
     monkeypatch.setenv("MPIR_CVAR_ENABLE_GPU", "0")
     assert backend.cuda_aware_info() == (False, "MPIR_CVAR_ENABLE_GPU=0 turns the MPI library's GPU support off")
+
+
+@pytest.mark.parametrize("driver, package", [(None, None), (11080, None), (12000, "cupy-cuda12x[ctk]"),
+                                             (12090, "cupy-cuda12x[ctk]"), (13000, "cupy-cuda13x[ctk]"),
+                                             (13020, "cupy-cuda13x[ctk]")])
+def test_cupy_package_follows_the_driver(driver, package):
+    assert backend.cupy_package(driver) == package
+
+
+def test_cuda_driver_version(monkeypatch):
+    monkeypatch.setenv("MPITRAIN_CUDA_DRIVER", "12040")
+    assert backend.cuda_driver_version() == 12040
+    monkeypatch.setenv("MPITRAIN_CUDA_DRIVER", "none")
+    assert backend.cuda_driver_version() is None
+    monkeypatch.delenv("MPITRAIN_CUDA_DRIVER")
+    v = backend.cuda_driver_version()  # the real libcuda, or None without a driver: never raises
+    assert v is None or v >= 10000
+
+
+class _CupyWithoutToolkit:
+    """What cupy-cuda12x without [ctk] does on a driver-only machine: devices, but no kernels."""
+
+    __version__ = "14.2.0"
+
+    @staticmethod
+    def arange(*a, **k):
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open shared "
+                           "object file: No such file or directory")
+
+    class ones:  # noqa: N801
+        def __init__(self, *a, **k):
+            pass
+
+        def __matmul__(self, other):
+            raise ImportError("libcublas.so.12: cannot open shared object file: No such file or directory")
+
+
+def test_gpu_kernel_problem_names_what_is_missing(monkeypatch):
+    if not HAVE_GPU:
+        assert backend.gpu_kernel_problem() == WHY_NO_GPU  # no device: the same reason as everywhere
+    monkeypatch.setattr(backend, "_cupy", lambda: _CupyWithoutToolkit)
+    monkeypatch.setattr(backend, "gpu_unavailable_reason", lambda: "")
+    monkeypatch.setenv("MPITRAIN_CUDA_DRIVER", "13000")
+    msg = backend.gpu_kernel_problem()
+    assert "CuPy 14.2.0 sees a GPU but cannot run on it" in msg
+    assert "(NVRTC) failed: RuntimeError: CuPy failed to load libnvrtc.so.12" in msg
+    assert "(cuBLAS) failed: ImportError: libcublas.so.12" in msg
+    assert "pip install 'cupy-cuda13x[ctk]'" in msg
 
 
 def test_loaded_mpi_library_is_found():

@@ -1,42 +1,45 @@
 """Device (GPU) buffers through MPI: a pipelined device ring, and whole-buffer staging.
 
 When the MPI library cannot read GPU memory, the ring stages its segments
-through pinned host memory one at a time, so the copies overlap the wire:
+through pinned host memory one at a time, so the copies overlap the wire. Two
+CUDA streams per rank: ``out`` for the copies to the host, ``in`` for the copies
+from the host and the reductions (``MPITRAIN_STAGING_STREAMS=1``: both on one):
 
     rank r: GPU                          host (pinned)                          wire
-    buf[s] ---D2H (stream)-------------> mirror[s] ---(event synced)--> Isend ---> r+1
-    buf[s] <--reduce-- dslot <--H2D----- hslot <---------------------- Irecv <--- r-1
-    buf[s] <--H2D--------------------- mirror[s] <-------------------- Irecv <--- r-1
+    buf[s] ---D2H (out)----------------> mirror[s] ---(event synced)--> Isend ---> r+1
+    buf[s] <--reduce (in)-- dslot <--H2D (in)-- hslot <--------------- Irecv <--- r-1
+    buf[s] <--H2D (in)---------------- mirror[s] <-------------------- Irecv <--- r-1
                                            '---(forwarded, no copy)---> Isend ---> r+1
 
-    time -->  seg k    D2H|Isend~~~~~~~~~~~~~~~~~           (~~ on the wire)
-              seg k+1      D2H|Isend~~~~~~~~~~~~~~~~~       the copy of k+1 runs while k is sent
-              recv j   Irecv~~~~~~|H2D|reduce|D2H|Isend~~~~~~~~~~~~
-              recv j+1    Irecv~~~~~~~~~~|H2D|reduce|D2H|Isend~~~~~~~~~~~~
+    time -->  out: D2H own k | D2H own k+1 | ... | D2H red j | D2H red j+1 |
+              in :         H2D j|red j | H2D j+1|red j+1 | ...   (~~ the wire, meanwhile)
+    (one stream: the same work in one line, D2H and H2D one after the other)
 
 Steps (the plan, segment size, tag and message order of ring.py, so the two
 interoperate message for message):
-  0. the stream waits for the caller's current stream (the kernels that wrote
+  0. both streams wait for the caller's current stream (the kernels that wrote
      ``buf``); receives are posted DEPTH segments ahead into 2·DEPTH pinned
      host slots (all-gather receives: into the mirror, in place).
   1. reduce-scatter step 0: each segment of my own chunk is copied D2H into
      its place in a pinned host mirror of the buffer; an event marks its end.
   2. each receive, in plan order:
-     reduce-scatter: H2D hslot -> dslot (async; an event frees hslot), reduce
-        buf[s] op= dslot on the device (avg: divide at the last step), D2H
-        buf[s] -> mirror[s], event; the send is queued;
-     all-gather: the data is in mirror[s]: H2D mirror[s] -> buf[s] (async),
+     reduce-scatter: H2D hslot -> dslot (async, ``in``; an event frees hslot),
+        reduce buf[s] op= dslot (``in``; avg: divide at the last step); ``out``
+        waits for that (an event of ``in``), D2H buf[s] -> mirror[s], event;
+        the send is queued;
+     all-gather: the data is in mirror[s]: H2D mirror[s] -> buf[s] (``in``),
         and mirror[s] is forwarded as it is.
   3. queued sends leave in order, each after ``synchronize(event)`` of its
-     copy: MPI never reads memory a copy or kernel is still writing. Up to
-     SEND_LAG wait while the host enqueues the next segment's copies; all of
-     them are sent before the host blocks in MPI, so no rank ever waits for a
-     message that its neighbour is holding back.
+     copy: MPI never reads memory a copy or kernel is still writing. After
+     each receive the host posts those whose copies are done; while it waits
+     for a receive it posts the others one by one as their copies finish
+     (looking at the receive in between); it blocks in MPI only when none is
+     held back, so no rank ever waits for a message its neighbour holds back.
   4. a host slot takes a new receive only after the H2D that read it is
      complete; a mirror segment only after the send that read it completed
      (when that send is not even made yet -- chunks of fewer than DEPTH
      segments -- the receive waits to be posted; receives stay in plan order).
-  5. wait for the sends, synchronize the stream: ``buf`` holds the result.
+  5. wait for the sends, synchronize both streams: ``buf`` holds the result.
 
 Each chunk is reduced once, on one rank, in a fixed order, then copied:
 bitwise identical results on every rank, as ring.py. With CUDA-aware MPI
@@ -50,18 +53,22 @@ before every MPI call.
 Cost, per rank, staged: the ring's 2(p-1)·alpha + 2(p-1)/p·n·beta +
 (p-1)/p·n·gamma (gamma on the GPU), plus n·beta_d2h + 2(p-1)/p·n·beta_h2d of
 PCIe copies, overlapped with the wire segment by segment: about
-max(wire, copies) + one segment's copy per step. Whole-buffer staging:
-n·beta_d2h + (host algorithm) + n·beta_h2d, one after the other. Memory:
+max(wire, n·beta_d2h, 2(p-1)/p·n·beta_h2d) + a few segments' copies with two
+streams; with one, the two directions add up (busbw / d2h <= 0.5 at p = 2).
+Whole-buffer staging: n·beta_d2h + (host algorithm) + n·beta_h2d, one after
+the other. Memory:
 pinned host n + 2·DEPTH·seg elements, device DEPTH·seg, allocated once per
 dtype and reused.
 
 The device is reached only through a small ``DeviceOps`` interface
 (``CupyOps`` here; the CPU tests run the same code on a NumPy stand-in that
-executes copies late and checks every MPI buffer against unfinished copies).
+executes copies late, checks every MPI buffer against unfinished copies and
+every op against unordered work of the other stream, and can simulate time).
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import numpy as np
@@ -72,7 +79,7 @@ from . import ring as _ring
 from .partition import chunk_bounds, segments
 from .. import backend
 
-SEND_LAG = 2  # D2H-copied segments that may wait for their Isend while the host enqueues more
+STREAMS = 2  # staged ring, per rank: D2H on one stream, H2D + reductions on the other (MPITRAIN_STAGING_STREAMS)
 
 
 # --------------------------------------------------------------------------- device operations
@@ -80,11 +87,13 @@ SEND_LAG = 2  # D2H-copied segments that may wait for their Isend while the host
 
 class DeviceOps:
     """What the staged algorithms need from a device. Everything is asynchronous on
-    ``stream`` except ``synchronize`` (host waits for an event) and ``done`` (a query)."""
+    ``stream`` except ``synchronize`` (host waits for an event) and ``done`` (a query).
+    Work on one stream runs in order; work on two streams is ordered only by ``wait``."""
 
     xp = None  # array module of device arrays
 
-    def stream(self):
+    def stream(self, which: int = 0):
+        """This device's stream number ``which`` (0: the first; 1: a second one), made once."""
         raise NotImplementedError
 
     def host_empty(self, dtype, n):
@@ -115,6 +124,10 @@ class DeviceOps:
         """Make ``stream`` wait (on the device) for the caller's current stream."""
         raise NotImplementedError
 
+    def wait(self, stream, event):
+        """Make ``stream`` wait (on the device, the host goes on) for ``event`` of another stream."""
+        raise NotImplementedError
+
     def synchronize(self, event):
         raise NotImplementedError
 
@@ -127,7 +140,7 @@ class DeviceOps:
 
 
 class CupyOps(DeviceOps):
-    """DeviceOps on CuPy: one non-blocking stream per device, cudaMemcpyAsync, CuPy ufuncs."""
+    """DeviceOps on CuPy: non-blocking streams (made once per device), cudaMemcpyAsync, CuPy ufuncs."""
 
     def __init__(self):
         import cupy
@@ -135,11 +148,11 @@ class CupyOps(DeviceOps):
         self.cp = self.xp = cupy
         self._streams = {}
 
-    def stream(self):
-        dev = self.cp.cuda.Device().id
-        s = self._streams.get(dev)
+    def stream(self, which: int = 0):
+        key = (self.cp.cuda.Device().id, which)
+        s = self._streams.get(key)
         if s is None:
-            s = self._streams[dev] = self.cp.cuda.Stream(non_blocking=True)
+            s = self._streams[key] = self.cp.cuda.Stream(non_blocking=True)
         return s
 
     def host_empty(self, dtype, n):
@@ -175,6 +188,9 @@ class CupyOps(DeviceOps):
 
     def after_current(self, stream):
         stream.wait_event(self.record(self.cp.cuda.get_current_stream()))
+
+    def wait(self, stream, event):
+        stream.wait_event(event)
 
     def synchronize(self, event):
         event.synchronize()
@@ -267,123 +283,175 @@ class SyncedComm:
 # --------------------------------------------------------------------------- the device ring
 
 
+def staging_streams() -> int:
+    """CUDA streams the staged ring uses per rank: ``MPITRAIN_STAGING_STREAMS`` (1 or 2), else STREAMS."""
+    v = os.environ.get("MPITRAIN_STAGING_STREAMS", "").strip()
+    if not v:
+        return STREAMS
+    if v not in ("1", "2"):
+        raise ValueError(f"MPITRAIN_STAGING_STREAMS={v!r}: use 1 (one stream) or 2 (copies out on one, "
+                         "copies in and reductions on another)")
+    return int(v)
+
+
 def ring(st, buf, op: str, *, ops: DeviceOps | None = None, direct: bool = False,
-         seg_bytes: int | None = None, tag: int = TAG_RING, depth: int | None = None):
+         seg_bytes: int | None = None, tag: int = TAG_RING, depth: int | None = None,
+         streams: int | None = None):
     """Ring all-reduce of the device buffer ``buf`` in place (see the module comment).
 
     ``direct``: the MPI library reads and writes device memory (CUDA-aware), no
     staging. ``seg_bytes``/``depth`` default to ring.py's, and must match it on the
-    other ranks.
+    other ranks. ``streams`` (staged only; default ``staging_streams()``): 1 runs every
+    copy and reduction on one stream, 2 puts the copies in and the reductions on a second.
     """
     ops = ops or ops_for(buf)
-    comm, r, p = st.comm, st.rank, st.size
     flat = buf.reshape(-1)
-    n = flat.size
-    if p == 1 or n == 0:
+    if st.size == 1 or flat.size == 0:
         return buf
-    seg = max(1, (seg_bytes or _segment_bytes(flat.nbytes, p)) // flat.itemsize)
-    depth = depth or _ring.DEPTH
-    nslots = 2 * depth  # receive slots: one is refilled `depth` receives after the copy that read it
-    left, right = (r - 1) % p, (r + 1) % p
-    last_rs, last = p - 2, 2 * (p - 1) - 1
-    units = _ring.plan(n, p, r, seg)
-    width = min(seg, -(-n // p))
-    stream = ops.stream()
-    ops.after_current(stream)
+    seg = max(1, (seg_bytes or _segment_bytes(flat.nbytes, st.size)) // flat.itemsize)
+    _DeviceRing(st, flat, op, ops, direct=direct, seg=seg, tag=tag, depth=depth or _ring.DEPTH,
+                streams=streams or staging_streams()).run()
+    return buf
 
-    if direct:
-        mirror = None
-        rslots = _buffer(st, ops, "dev-recv", flat.dtype, nslots * width)
-    else:
-        mirror = _buffer(st, ops, "host-mirror", flat.dtype, n)
-        rslots = _buffer(st, ops, "host-recv", flat.dtype, nslots * width)
-        dslots = _buffer(st, ops, "dev-slots", flat.dtype, depth * width)
 
-    def wire(a, b):  # what MPI sends from / all-gather receives into, for region [a, b)
-        return flat[a:b] if direct else mirror[a:b]
+class _DeviceRing:
+    """One call of ``ring``: its plan, streams and buffers, and the bookkeeping of its messages
+    (steps 0-5 of the module comment)."""
 
-    sends = {}  # (send step, lo) -> request, posted
-    queued = deque()  # (event, send step, lo, hi): copied (or reduced) but not yet posted
-    slot_free = [None] * nslots  # event after which receive slot k may be overwritten
-    recvs = [None] * len(units)
+    def __init__(self, st, flat, op, ops, *, direct, seg, tag, depth, streams):
+        self.ops, self.comm, self.flat, self.op, self.direct, self.tag = ops, st.comm, flat, op, direct, tag
+        r, p, n = st.rank, st.size, flat.size
+        self.p, self.seg, self.depth = p, seg, depth
+        self.nslots = 2 * depth  # receive slots: one is refilled `depth` receives after the copy that read it
+        self.left, self.right = (r - 1) % p, (r + 1) % p
+        self.last_rs, self.last = p - 2, 2 * (p - 1) - 1
+        self.units = _ring.plan(n, p, r, seg)
+        self.own = chunk_bounds(n, p, r)
+        self.width = width = min(seg, -(-n // p))
+        # out: copies to the host (direct: everything); inb: copies from the host and the reductions
+        self.out = ops.stream()
+        self.inb = ops.stream(1) if streams > 1 and not direct else self.out
+        self.streams = [self.out] if self.inb is self.out else [self.out, self.inb]
+        for s in self.streams:  # before any allocation: the caller's kernels may still use that memory
+            ops.after_current(s)
+        if direct:
+            self.mirror = self.dslots = None
+            self.rslots = _buffer(st, ops, "dev-recv", flat.dtype, self.nslots * width)
+        else:
+            self.mirror = _buffer(st, ops, "host-mirror", flat.dtype, n)
+            self.rslots = _buffer(st, ops, "host-recv", flat.dtype, self.nslots * width)
+            self.dslots = _buffer(st, ops, "dev-slots", flat.dtype, depth * width)
+        self.sends = {}  # (send step, lo) -> request, posted
+        self.queued = deque()  # (event, send step, lo, hi): copied (or reduced) but not yet posted
+        self.slot_free = [None] * self.nslots  # event after which receive slot k may be overwritten
+        self.recvs = [None] * len(self.units)
+        self.posted = 0  # receives are posted in plan order (MPI matches them in that order)
 
-    def send_queued(everything=True):
-        while queued and (everything or len(queued) > SEND_LAG or ops.done(queued[0][0])):
-            ev, t, a, b = queued.popleft()
-            ops.synchronize(ev)
-            sends[(t, a)] = comm.Isend(wire(a, b), dest=right, tag=tag)
+    def wire(self, a, b):
+        """What MPI sends from / all-gather receives into, for region [a, b)."""
+        return self.flat[a:b] if self.direct else self.mirror[a:b]
 
-    def block(req):  # wait in MPI, but never while holding back a send
-        if queued and not req.Test():
-            send_queued()
+    def send_queued(self, everything=True):
+        """Post the queued sends in order, each once its copy is done (step 3): all of them
+        (waiting for their copies), or only those whose copies are done already."""
+        q = self.queued
+        while q and (everything or self.ops.done(q[0][0])):
+            self._send_first()
+
+    def _send_first(self):
+        ev, t, a, b = self.queued.popleft()
+        self.ops.synchronize(ev)
+        self.sends[(t, a)] = self.comm.Isend(self.wire(a, b), dest=self.right, tag=self.tag)
+
+    def block(self, req):
+        """Wait for ``req`` in MPI, but never while holding back a send: meanwhile post the
+        queued sends one by one as their copies finish, looking at ``req`` between them (so
+        a message that arrives is taken while later copies out still run)."""
+        while self.queued and not req.Test():
+            self._send_first()
         req.Wait()
 
-    posted = 0  # receives are posted in plan order (MPI matches them in that order)
+    def post_ahead(self, limit):
+        """Post the receives of units [posted, limit) in plan order (step 4)."""
+        while self.posted < min(limit, len(self.units)):
+            j = self.posted
+            t, a, b = self.units[j]
+            dst = self._recv_slot(j, b - a) if t <= self.last_rs else self._gather_target(t, a, b)
+            if dst is None:
+                return  # posted later, when the send of its region exists
+            self.recvs[j] = (self.comm.Irecv(dst, source=self.left, tag=self.tag), dst)
+            self.posted += 1
 
-    def post_ahead(limit):
-        nonlocal posted
-        while posted < min(limit, len(units)):
-            j = posted
-            t, a, b = units[j]
-            if t <= last_rs:
-                k = j % nslots
-                if slot_free[k] is not None:
-                    ops.synchronize(slot_free[k])
-                    slot_free[k] = None
-                dst = rslots[k * width:k * width + (b - a)]
-            else:  # all-gather: in place, once the send that read the region is done
-                key = (t - (p - 1), a)
-                if key not in sends and all(q[1:3] != key for q in queued):
-                    return  # that send is not even made yet (tiny chunks): post this one later
-                send_queued()
-                block(sends.pop(key))
-                dst = wire(a, b)
-            recvs[j] = (comm.Irecv(dst, source=left, tag=tag), dst)
-            posted += 1
+    def _recv_slot(self, j, m):
+        """A reduce-scatter receive's slot, once the copy (or kernel) that last read it is done."""
+        k = j % self.nslots
+        if self.slot_free[k] is not None:
+            self.ops.synchronize(self.slot_free[k])
+            self.slot_free[k] = None
+        return self.rslots[k * self.width:k * self.width + m]
 
-    # reduce-scatter step 0: my own chunk, segment by segment
-    lo0, hi0 = chunk_bounds(n, p, r)
-    for a, b in segments(lo0, hi0, seg):
-        if not direct:
-            ops.copy_d2h(mirror[a:b], flat[a:b], stream)
-        queued.append((ops.record(stream), 0, a, b))
-    post_ahead(depth)
+    def _gather_target(self, t, a, b):
+        """An all-gather receive lands in place, once the send that read the region is done;
+        None when that send is not even made yet (tiny chunks)."""
+        key = (t - (self.p - 1), a)
+        if key not in self.sends:
+            if all(q[1:3] != key for q in self.queued):
+                return None
+            while key not in self.sends:  # post the queued sends up to that one (not the later ones)
+                self._send_first()
+        self.block(self.sends.pop(key))
+        return self.wire(a, b)
 
-    for i, (t, a, b) in enumerate(units):
-        if posted <= i:  # deferred above; its region's send exists by now (an earlier unit made it)
-            post_ahead(i + 1)
-        req, dst = recvs[i]
-        block(req)
-        recvs[i] = None
-        view = flat[a:b]
-        if t <= last_rs:
-            k = i % nslots
-            if direct:
-                ops.reduce(op, view, dst, stream)
-                slot_free[k] = ops.record(stream)
-            else:
-                d = dslots[(i % depth) * width:(i % depth) * width + (b - a)]
-                ops.copy_h2d(d, dst, stream)
-                slot_free[k] = ops.record(stream)
-                ops.reduce(op, view, d, stream)
-            if t == last_rs and op == "avg":
-                ops.finish_avg(view, p, stream)
-            if not direct:
-                ops.copy_d2h(mirror[a:b], view, stream)
-            queued.append((ops.record(stream), t + 1, a, b))
+    def _reduce(self, i, t, a, b, dst):
+        """Reduce-scatter: fold the received segment into buf[a:b], queue its send (step 2)."""
+        ops, view, k = self.ops, self.flat[a:b], i % self.nslots
+        if self.direct:
+            ops.reduce(self.op, view, dst, self.inb)
+            self.slot_free[k] = ops.record(self.inb)
         else:
-            if not direct:
-                ops.copy_h2d(view, dst, stream)
-            if t < last:  # forward what just arrived: host data (or MPI-written), no event needed
-                send_queued()
-                sends[(t + 1, a)] = comm.Isend(dst, dest=right, tag=tag)
-        post_ahead(i + 1 + depth)
-        send_queued(everything=False)
+            d = self.dslots[(i % self.depth) * self.width:(i % self.depth) * self.width + (b - a)]
+            ops.copy_h2d(d, dst, self.inb)
+            self.slot_free[k] = ops.record(self.inb)
+            ops.reduce(self.op, view, d, self.inb)
+        if t == self.last_rs and self.op == "avg":
+            ops.finish_avg(view, self.p, self.inb)
+        if not self.direct:
+            if self.inb is not self.out:  # the copy out waits for the reduction on the other stream
+                ops.wait(self.out, ops.record(self.inb))
+            ops.copy_d2h(self.mirror[a:b], view, self.out)
+        self.queued.append((ops.record(self.out), t + 1, a, b))
 
-    send_queued()
-    MPI.Request.Waitall(list(sends.values()))
-    ops.synchronize(ops.record(stream))
-    return buf
+    def _gather(self, t, a, b, dst):
+        """All-gather: the data is in place in the mirror: copy it into buf, forward it (step 2)."""
+        if not self.direct:
+            self.ops.copy_h2d(self.flat[a:b], dst, self.inb)
+        if t < self.last:  # forward what just arrived: host data (or MPI-written), no event needed
+            self.send_queued()
+            self.sends[(t + 1, a)] = self.comm.Isend(dst, dest=self.right, tag=self.tag)
+
+    def run(self):
+        ops = self.ops
+        for a, b in segments(*self.own, self.seg):  # reduce-scatter step 0: my own chunk (step 1)
+            if not self.direct:
+                ops.copy_d2h(self.mirror[a:b], self.flat[a:b], self.out)
+            self.queued.append((ops.record(self.out), 0, a, b))
+        self.post_ahead(self.depth)
+        for i, (t, a, b) in enumerate(self.units):
+            if self.posted <= i:  # deferred above; its region's send exists by now (an earlier unit made it)
+                self.post_ahead(i + 1)
+            req, dst = self.recvs[i]
+            self.block(req)
+            self.recvs[i] = None
+            if t <= self.last_rs:
+                self._reduce(i, t, a, b, dst)
+            else:
+                self._gather(t, a, b, dst)
+            self.post_ahead(i + 1 + self.depth)
+            self.send_queued(everything=False)
+        self.send_queued()  # step 5
+        MPI.Request.Waitall(list(self.sends.values()))
+        for s in self.streams:
+            ops.synchronize(ops.record(s))
 
 
 # --------------------------------------------------------------------------- whole-buffer staging
