@@ -17,7 +17,7 @@ from mpitrain.bench.command import unwritable
 from mpitrain.bench.sweep import busbw_factor, counts_for
 from mpitrain.units import size_range
 
-MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+from conftest import MPIRUN  # noqa: E402 - beside this Python, else on PATH
 
 
 # --------------------------------------------------------------------------- sizes (serial; parsing: test_units.py)

@@ -23,7 +23,7 @@ from mpitrain.perf import fit, formulas, measure, report, store
 from mpitrain.perf import model as perf_model
 from mpitrain.perf.model import CostModel, auto_table
 
-MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+from conftest import MPIRUN  # noqa: E402 - beside this Python, else on PATH
 MiB = 1 << 20
 
 
