@@ -41,12 +41,12 @@ TAG_BASE, TAG_SPAN = 1000, 4096  # tags TAG_BASE .. TAG_BASE+TAG_SPAN-1 on the p
 
 def _native_steps(st, buf, op):
     flat = buf.reshape(-1)
-    wide = flat.astype(np.float32) if flat.dtype == np.float16 else flat
-    yield st.comm.Iallreduce(MPI.IN_PLACE, wide, op=_MPI_OP[op])
+    w = flat.astype(np.float32) if flat.dtype == np.float16 else flat
+    yield st.comm.Iallreduce(MPI.IN_PLACE, w, op=_MPI_OP[op])
     if op == "avg":
-        finish_avg(wide, st.size)
-    if wide is not flat:
-        flat[...] = wide
+        finish_avg(w, st.size)
+    if w is not flat:
+        wide.narrow(flat, w)
 
 
 class Handle:
