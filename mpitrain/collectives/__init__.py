@@ -1,13 +1,26 @@
 """``allreduce(buf, comm=None, *, op="sum", algorithm="auto")`` and the algorithm registry.
 
 Every call:
+  0. refuses, locally and with ValueError, what is not an intracommunicator (an
+     intercommunicator, COMM_NULL, an int or a string: every rank holding it raises);
   1. validates the buffer locally and, in one small Allgather on the library's
      private communicator, checks that every rank passed the same length, dtype,
-     op and algorithm -- any mismatch raises ValueError on *every* rank, so no
+     op and algorithm -- any mismatch, and anything an algorithm would trip on on
+     one rank (a read-only, misaligned or byte-swapped buffer, np.matrix, a GPU
+     array that is not CuPy: guard.py), raises ValueError on *every* rank, so no
      rank is left waiting in a receive;
   2. runs the chosen algorithm in place on the private communicator (a Dup of
      the caller's, made once and cached on it as an MPI attribute), so the
      library's messages never match a receive the caller has posted.
+
+Threads (MPI_THREAD_MULTIPLE, mpi4py's default): concurrent calls on one
+communicator from several threads are *refused*, not served -- the ranks cannot
+know which thread's call goes with which, so both overlapping calls raise
+ValueError on every rank (the later one in the check, the earlier one in a
+post-check that runs only when some rank has other threads alive); a rank's
+calls reach MPI one at a time, so nothing hangs (the argument: guard.py). Use
+one communicator per thread (comm.Dup(), in the same order on every rank).
+float16 sum/avg/prod accumulate in float32 and are rounded once (wide.py).
 
 Algorithms: ring (bandwidth-optimal), tree (latency-optimal), native (the MPI
 library's Allreduce, the reference), auto (messages <= SMALL_BYTES ride inside

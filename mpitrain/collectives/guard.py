@@ -167,26 +167,29 @@ class Calls:
     def enter(self, what: str = "allreduce") -> Call:
         """Take a ticket, then wait for the turn. Re-entering from the thread that holds it raises."""
         me = threading.get_ident()
-        with self._mutex:
-            if self._owner == me:
-                raise ValueError(f"{what}: called again from inside a call on the same communicator by the same "
-                                 "thread (a signal handler or callback?); that call would wait for itself")
-            call = Call(self._arrived, self._active > 0)
-            self._arrived += 1
-            self._active += 1
-        try:
-            self.turn.acquire()
-        except BaseException:
-            with self._mutex:
-                self._active -= 1
-            raise
+        mutex = self._mutex
+        mutex.acquire()
+        if self._owner == me:
+            mutex.release()
+            raise ValueError(f"{what}: called again from inside a call on the same communicator by the same "
+                             "thread (a signal handler or callback?); that call would wait for itself")
+        call = Call(self._arrived, self._active > 0)
+        self._arrived += 1
+        self._active += 1
+        mutex.release()
+        if not self.turn.acquire(False):  # another call holds it: wait (the check will refuse both)
+            try:
+                self.turn.acquire()
+            except BaseException:
+                with mutex:
+                    self._active -= 1
+                raise
         self._owner = me
         return call
 
     def overlapped(self, call: Call) -> bool:
         """Another call was active when ``call`` arrived, or arrived since (while ``call`` is active)."""
-        with self._mutex:
-            return call.busy or self._arrived > call.ticket + 1
+        return call.busy or self._arrived > call.ticket + 1  # (one int read: no lock needed)
 
     def leave(self, call: Call) -> None:
         self._owner = None
