@@ -1,13 +1,26 @@
 """``allreduce(buf, comm=None, *, op="sum", algorithm="auto")`` and the algorithm registry.
 
 Every call:
+  0. refuses, locally and with ValueError, what is not an intracommunicator (an
+     intercommunicator, COMM_NULL, an int or a string: every rank holding it raises);
   1. validates the buffer locally and, in one small Allgather on the library's
      private communicator, checks that every rank passed the same length, dtype,
-     op and algorithm -- any mismatch raises ValueError on *every* rank, so no
+     op and algorithm -- any mismatch, and anything an algorithm would trip on on
+     one rank (a read-only, misaligned or byte-swapped buffer, np.matrix, a GPU
+     array that is not CuPy: guard.py), raises ValueError on *every* rank, so no
      rank is left waiting in a receive;
   2. runs the chosen algorithm in place on the private communicator (a Dup of
      the caller's, made once and cached on it as an MPI attribute), so the
      library's messages never match a receive the caller has posted.
+
+Threads (MPI_THREAD_MULTIPLE, mpi4py's default): concurrent calls on one
+communicator from several threads are *refused*, not served -- the ranks cannot
+know which thread's call goes with which, so both overlapping calls raise
+ValueError on every rank (the later one in the check, the earlier one in a
+post-check that runs only when some rank has other threads alive); a rank's
+calls reach MPI one at a time, so nothing hangs (the argument: guard.py). Use
+one communicator per thread (comm.Dup(), in the same order on every rank).
+float16 sum/avg/prod accumulate in float32 and are rounded once (wide.py).
 
 Algorithms: ring (bandwidth-optimal), tree (latency-optimal), native (the MPI
 library's Allreduce, the reference), auto (messages <= SMALL_BYTES ride inside
@@ -21,12 +34,17 @@ hier.py, with MPITRAIN_HOSTS=block:K to emulate K hosts on one machine).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from mpi4py import MPI
 
 from . import tuning as _tuning
 from .. import backend
 from ..runtime import get_comm
+
+from . import guard as _guard  # (after the others: guard imports only backend)
+from . import wide as _wide
 
 OPS = ("sum", "avg", "max", "min", "prod")
 DTYPES = ("float16", "float32", "float64", "int32", "int64")
@@ -69,14 +87,18 @@ class _State:
         # hier.py's hosts (per-host and leaders' communicators), made on first use of hier
         self.hier = None
 
-    def scratch(self, xp, dtype, n: int):
-        """A 1-D scratch array of at least ``n`` elements, allocated once per (module, dtype)."""
-        key = (xp.__name__, np.dtype(dtype).str)
+    def scratch(self, xp, dtype, n: int, kind: str = ""):
+        """A 1-D scratch array of at least ``n`` elements, allocated once per (module, dtype, kind)."""
+        key = (xp.__name__, np.dtype(dtype).str, kind)
         buf = self._scratch.get(key)
         if buf is None or buf.size < n:
             buf = xp.empty(max(n, 1), dtype=dtype)
             self._scratch[key] = buf
         return buf[:n]
+
+    def wide(self, xp, n: int):
+        """float32 scratch for a float16 sum (wide.py): never the same memory as ``scratch``'s slots."""
+        return self.scratch(xp, np.float32, n, "wide")
 
     def borrow(self, xp, dtype, n: int):
         """Scratch of ``n`` elements for one of several operations in flight at once (non-blocking
@@ -89,18 +111,71 @@ class _State:
 
 
 _KEYVAL = None
+_NEW = threading.Lock()  # guards the attribute on first use (local work only: never held in MPI)
+
+
+class _Slot:
+    """What is cached on the caller's communicator: the calls guard (guard.Calls, made at once,
+    locally) and the state (made collectively by the first call, holding the turn)."""
+
+    def __init__(self):
+        self.calls = _guard.Calls()
+        self.state = None
+
+    def make(self, comm) -> _State:
+        """The state; the caller holds the turn, so two threads never Dup the communicator twice."""
+        if self.state is None:
+            st = _State(comm)
+            st.calls = self.calls
+            self.state = st
+        return self.state
+
+
+def _slot(comm) -> _Slot:
+    """The slot cached on ``comm``; a ValueError (local, on every rank alike) for a bad communicator."""
+    if not isinstance(comm, MPI.Comm) or not comm:
+        raise ValueError(f"collectives: {_guard.comm_problem(comm)}")
+    slot = comm.Get_attr(_KEYVAL) if _KEYVAL is not None else None
+    if slot is None:
+        problem = _guard.comm_problem(comm)  # intercommunicators: Is_inter() is local
+        if problem:
+            raise ValueError(f"collectives: {problem}")
+        slot = _new_slot(comm)
+    return slot
+
+
+def _new_slot(comm) -> _Slot:
+    global _KEYVAL
+    with _NEW:
+        if _KEYVAL is None:
+            _KEYVAL = MPI.Comm.Create_keyval()
+        slot = comm.Get_attr(_KEYVAL)
+        if slot is None:
+            slot = _Slot()
+            comm.Set_attr(_KEYVAL, slot)
+    return slot
 
 
 def state_for(comm) -> _State:
     """The library state cached on ``comm`` (created collectively on first use)."""
-    global _KEYVAL
-    if _KEYVAL is None:
-        _KEYVAL = MPI.Comm.Create_keyval()
-    st = comm.Get_attr(_KEYVAL)
-    if st is None:
-        st = _State(comm)
-        comm.Set_attr(_KEYVAL, st)
-    return st
+    slot = _slot(comm)
+    if slot.state is None:
+        with slot.calls.turn:
+            slot.make(comm)
+    return slot.state
+
+
+def enter(comm, what: str = "allreduce"):
+    """(state, call) for one call on ``comm``: a ticket and the turn taken (guard.Calls), the state made.
+    Leave with ``st.calls.leave(call)`` in a ``finally``."""
+    c = comm if comm is not None else get_comm()
+    slot = _slot(c)
+    call = slot.calls.enter(what)
+    try:
+        return slot.make(c), call
+    except BaseException:
+        slot.calls.leave(call)
+        raise
 
 
 def reducer(xp, op: str):
@@ -153,88 +228,128 @@ _OPC = {name: i for i, name in enumerate(OPS)}
 _ALG = {name: i for i, name in enumerate(ALGORITHMS)}
 
 
-def _codes(row, buf, op, algorithm) -> None:
-    """Local validation folded into integers, so that the check itself is collective."""
-    problem = n = dt = dev = 0
-    if not isinstance(buf, np.ndarray):
-        if backend.is_device(buf):
-            dev = 1
-        else:
-            problem = 1
+_DEV, _CARRY, _THREADS = 1, 2, 4  # bits of a row's column 5: on the GPU, carrying data, other threads alive
+
+
+def _codes(row, buf, op, algorithm, st=None, call=None) -> None:
+    """Local validation folded into integers, so that the check itself is collective (guard.py)."""
+    problem, flags = _guard.buffer_problem(buf, _DT)
+    n = dt = 0
     if not problem:
-        if not buf.flags.c_contiguous:
-            problem = 2
-        else:
-            dt = _DT.get(buf.dtype, -1)
-            if dt < 0:
-                problem, dt = 3, 0
-            else:
-                n = buf.size
+        n, dt = buf.size, _DT[buf.dtype]
+    if call is not None:
+        if st.calls.overlapped(call):
+            problem = _guard.CONCURRENT
+        if _guard.others_alive():
+            flags |= _THREADS
+    if _guard.thread_problem():
+        problem = _guard.THREAD_LEVEL
     row[:META] = (n, dt, _OPC.get(op, -1) if isinstance(op, str) else -1,
-                  _ALG.get(algorithm, -1) if isinstance(algorithm, str) else -1, problem, dev)
+                  _ALG.get(algorithm, -1) if isinstance(algorithm, str) else -1, problem, flags)
 
 
-_PROBLEMS = {1: "buffer is not a NumPy or CuPy array", 2: "buffer is not C-contiguous",
-             3: f"dtype not supported (use one of {', '.join(DTYPES)})"}
+_PROBLEMS = {
+    _guard.NOT_ARRAY: "buffer is not a NumPy or CuPy array",
+    _guard.NOT_CONTIGUOUS: "buffer is not C-contiguous",
+    _guard.DTYPE: f"dtype not supported (use one of {', '.join(DTYPES)})",
+    _guard.READ_ONLY: "buffer is read-only (flags.writeable is False) but the result is written into it; "
+                      "pass a writable array (e.g. a copy)",
+    _guard.MISALIGNED: "buffer is not aligned to its dtype (a view at an odd byte offset, e.g. np.frombuffer(b, "
+                       "dtype, offset=1)), which MPI cannot send; pass an aligned copy",
+    _guard.BYTE_ORDER: "dtype is not in this machine's byte order (e.g. '>f4'); reduce "
+                       "x.astype(x.dtype.newbyteorder('=')) and copy the result back",
+    _guard.SUBCLASS: "buffer is an np.matrix or a masked array; pass a plain ndarray (np.asarray(x)) -- a "
+                     "mask would be ignored",
+    _guard.FOREIGN_DEVICE: "buffer is a GPU array of another library than CuPy; pass cupy.asarray(x) "
+                           "(it shares the memory)",
+    _guard.CONCURRENT: "called while another thread's call on this communicator was in progress on that rank; "
+                       + _guard.CONCURRENT_ADVICE,
+}
 
 
 def _describe(row) -> str:
-    n, dt, opc, alg, problem, dev = (int(v) for v in row[:META])
+    n, dt, opc, alg, problem, flags = (int(v) for v in row[:META])
+    if problem == _guard.THREAD_LEVEL:
+        return (f"called from a thread other than the main one, but MPI runs at {_guard.level_name()}, where only "
+                "the main thread may call MPI (mpi4py's default, mpi4py.rc.thread_level = 'multiple', allows it)")
     if problem:
         return _PROBLEMS[problem]
-    return (f"{n} x {DTYPES[dt]}, op={OPS[opc] if opc >= 0 else '?'}, "
+    return (f"{n} x {DTYPES[dt]}{' on the GPU' if flags & _DEV else ''}, op={OPS[opc] if opc >= 0 else '?'}, "
             f"algorithm={ALGORITHMS[alg] if alg >= 0 else '?'}")
 
 
-def _explain(st: _State, op, algorithm) -> None:
+def _explain(st: _State, op, algorithm, what: str = "allreduce") -> None:
     """The slow path of check(): say what is wrong, on every rank alike."""
     g = st._rows
     for r in range(st.size):
         if g[r, 4]:
-            raise ValueError(f"allreduce: rank {r}: {_describe(g[r])}")
+            here = f" (here: thread {threading.current_thread().name!r})" if r == st.rank else ""
+            raise ValueError(f"{what}: rank {r}: {_describe(g[r])}{here if g[r, 4] == _guard.CONCURRENT else ''}")
         if g[r, 2] < 0:
             name = f"unknown op {op!r}" if r == st.rank else "an unknown op"
-            raise ValueError(f"allreduce: rank {r} passed {name}; known ops: {', '.join(OPS)}")
+            raise ValueError(f"{what}: rank {r} passed {name}; known ops: {', '.join(OPS)}")
         if g[r, 3] < 0:
             name = f"unknown algorithm {algorithm!r}" if r == st.rank else "an unknown algorithm"
-            raise ValueError(f"allreduce: rank {r} passed {name}; known: {', '.join(ALGORITHMS)}")
+            raise ValueError(f"{what}: rank {r} passed {name}; known: {', '.join(ALGORITHMS)}")
     calls = "; ".join(f"rank {r}: {_describe(g[r])}" for r in range(st.size))
-    raise ValueError(f"allreduce: ranks disagree on the call ({calls}); "
+    raise ValueError(f"{what}: ranks disagree on the call ({calls}); "
                      "every rank must pass the same length, dtype, op and algorithm")
 
 
-def check(st: _State, buf, op, algorithm, payload: bool = False) -> bool:
+def _agree_but_threads(g) -> bool:
+    """The rows are equal but for the other-threads bit (which only decides the post-check)."""
+    sig = g.copy()
+    sig[:, 5] &= ~_THREADS
+    return bool((sig == sig[0]).all())
+
+
+def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what: str = "allreduce") -> bool:
     """Raise the same ValueError on every rank when the ranks' calls disagree or are invalid.
 
     With ``payload``, a message of at most SMALL_BYTES travels in the same
     Allgather; returns True when it did (the caller then reduces st._rows).
+    ``call`` (guard.Call, the turn held): the check also refuses overlapping calls and sets
+    ``call.post`` when the call must end with ``st.calls.post_check`` (other threads alive).
     """
     row = st._row
-    _codes(row, buf, op, algorithm)
-    nbytes = int(row[0]) * buf.itemsize if not row[4] else 0
-    carry = payload and not row[4] and not row[5] and nbytes <= st.small
+    _codes(row, buf, op, algorithm, st, call)
+    bad = row[4] or row[2] < 0 or row[3] < 0
+    nbytes = int(row[0]) * buf.itemsize if not bad else 0
+    carry = payload and not bad and not row[5] & _DEV and nbytes <= st.small
     if carry:
         row[META:].view(np.uint8)[:nbytes] = buf.reshape(-1).view(np.uint8)
-        row[5] = -1  # "carrying": must agree too
+        row[5] |= _CARRY  # must agree too
     if st.size > 1:
         st.comm.Allgather(row, st._rows)
     else:
         st._rows[0] = row
-    mine = row[:META].tobytes()
-    if row[4] or row[2] < 0 or row[3] < 0 or st._rows[:, :META].tobytes() != mine * st.size:
-        _explain(st, op, algorithm)
+    g = st._rows[:, :META]
+    post = bool(row[5] & _THREADS)
+    if bad or g.tobytes() != row[:META].tobytes() * st.size:
+        if bad or not _agree_but_threads(g):
+            _explain(st, op, algorithm, what)
+        post = True
+    if call is not None:
+        call.post = post
     return carry
 
 
 def fused(st: _State, buf, op: str):
     """Reduce the small message that travelled with the check: rows in rank order, on every rank.
 
+    float16 sums and products accumulate in float32 and are rounded once (wide.py), as native.
     Cost: one Allgather of p·(48 B + SMALL_BYTES), i.e. about the latency of
     one small MPI collective, then (p-1)·n·gamma locally.
     """
     flat = buf.reshape(-1)
     nb = flat.nbytes
     rows = st._rows[:, META:].view(np.uint8)[:, :nb].view(flat.dtype)
+    if _wide.needed(flat, op):
+        acc = reducer(np, op).reduce(rows, axis=0, dtype=np.float32)
+        if op == "avg":
+            finish_avg(acc, st.size)
+        _wide.narrow(flat, acc)
+        return buf
     reducer(np, op).reduce(rows, axis=0, dtype=flat.dtype, out=flat)
     if op == "avg":
         finish_avg(flat, st.size)
@@ -247,9 +362,20 @@ def allreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
     ops: sum, avg (sum / size; floor division for integers), max, min, prod.
     algorithms: ring, tree, native, auto, hier (hier.py: reduce within each host, ring across
     hosts, broadcast within each host). Results are bitwise identical on all ranks.
+    Concurrent calls on one communicator from several threads raise ValueError (guard.py).
     """
-    st = state_for(comm if comm is not None else get_comm())
-    if check(st, buf, op, algorithm, payload=algorithm == "auto"):
+    st, call = enter(comm)
+    try:
+        _allreduce(st, call, buf, op, algorithm)
+        st.calls.post_check(st, call)
+    finally:
+        st.calls.leave(call)
+    return buf
+
+
+def _allreduce(st, call, buf, op, algorithm):
+    """allreduce with this rank's turn on the communicator held (``call``)."""
+    if check(st, buf, op, algorithm, payload=algorithm == "auto", call=call):
         return fused(st, buf, op) if st.size > 1 else buf
     if algorithm == "auto":
         algorithm = choose(buf.nbytes, st.size, st)

@@ -111,7 +111,7 @@ import math
 
 import numpy as np
 
-from . import state_for
+from . import check, state_for
 from .partition import chunk_bounds
 from .. import backend
 from ..runtime import get_comm
@@ -200,7 +200,27 @@ class Compressor:
             self.residual[...] = 0
 
     def allreduce_avg(self, grads, comm=None) -> int:
-        """Replace ``grads`` by the average of every rank's compressed gradient; return bytes sent."""
+        """Replace ``grads`` by the average of every rank's compressed gradient; return bytes sent.
+
+        Checked on every rank before anything is sent (collectives.check: the same length and
+        dtype everywhere, a writable, aligned, contiguous array, no other thread's call on the
+        communicator in progress), so a bad call raises ValueError on every rank.
+        """
+        st = state_for(comm if comm is not None else get_comm())
+        what = f"compress[{self.name}]"
+        call = st.calls.enter(what)
+        try:
+            self._agree(st)
+            check(st, grads, "avg", "auto", call=call, what=what)
+            flat = grads.reshape(-1)  # (a view: contiguous on every rank, checked)
+            self._check_grads(flat)  # same verdict everywhere: same n and dtype, same compressor
+            sent = self._allreduce(st, flat)
+            st.calls.post_check(st, call, what)
+        finally:
+            st.calls.leave(call)
+        return sent
+
+    def _allreduce(self, st, grads) -> int:
         raise NotImplementedError
 
 
@@ -224,10 +244,7 @@ class _Gathered(Compressor):
         self.decode_add(msg, out)
         return out
 
-    def allreduce_avg(self, grads, comm=None) -> int:
-        self._check_grads(grads)
-        st = state_for(comm if comm is not None else get_comm())
-        self._agree(st)
+    def _allreduce(self, st, grads) -> int:
         xp = backend.array_module(grads)
         msg = self.encode(grads)
         p = st.size
@@ -446,10 +463,7 @@ class FP16(Compressor):
         self.clamped += _clamp(xp, h, grads)
         return h
 
-    def allreduce_avg(self, grads, comm=None) -> int:
-        self._check_grads(grads)
-        st = state_for(comm if comm is not None else get_comm())
-        self._agree(st)
+    def _allreduce(self, st, grads) -> int:
         xp = backend.array_module(grads)
         h = self.encode(grads)
         p, r, n = st.size, st.rank, self.n

@@ -19,6 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import _MPI_OP, finish_avg
+from .wide import narrow
 
 
 def allreduce(st, buf, op: str):
@@ -27,7 +28,7 @@ def allreduce(st, buf, op: str):
         st.comm.Allreduce(MPI.IN_PLACE, wide, op=_MPI_OP[op])
         if op == "avg":
             finish_avg(wide, st.size)
-        buf[...] = wide
+        narrow(buf, wide)  # (beyond ±65504: inf, without a warning)
         return buf
     st.comm.Allreduce(MPI.IN_PLACE, buf, op=_MPI_OP[op])
     if op == "avg":

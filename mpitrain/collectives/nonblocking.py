@@ -15,9 +15,11 @@ backprop) or from driving the handles on a communication thread
 (``CommThread``, needs MPI_THREAD_MULTIPLE).
 
 Starting a handle runs the blocking ``allreduce``'s agreement check (one small
-Allgather), so a mismatch raises ValueError on every rank right there, and then
-starts the algorithm at once, so the MPI collectives inside (native's
-Iallreduce) begin in the same order on every rank whatever the progress timing.
+Allgather), so a mismatch -- or a buffer the algorithm could not use, or a call
+overlapping another thread's on the same communicator (guard.py) -- raises
+ValueError on every rank right there, and then starts the algorithm at once, so the
+MPI collectives inside (native's Iallreduce) begin in the same order on every rank
+whatever the progress timing. float16 sums run in float32 (wide.py).
 Every outstanding operation gets its own tag and scratch, so several may be in
 flight at once; start them in the same order on every rank.
 """
@@ -30,30 +32,31 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
-from . import _MPI_OP, check, choose, finish_avg, state_for
-from . import hier, ring, tree
+from . import _MPI_OP, check, choose, enter, finish_avg
+from . import hier, ring, tree, wide
 from .. import backend
-from ..runtime import get_comm
 
 TAG_BASE, TAG_SPAN = 1000, 4096  # tags TAG_BASE .. TAG_BASE+TAG_SPAN-1 on the private communicator
 
 
 def _native_steps(st, buf, op):
     flat = buf.reshape(-1)
-    wide = flat.astype(np.float32) if flat.dtype == np.float16 else flat
-    yield st.comm.Iallreduce(MPI.IN_PLACE, wide, op=_MPI_OP[op])
+    w = flat.astype(np.float32) if flat.dtype == np.float16 else flat
+    yield st.comm.Iallreduce(MPI.IN_PLACE, w, op=_MPI_OP[op])
     if op == "avg":
-        finish_avg(wide, st.size)
-    if wide is not flat:
-        flat[...] = wide
+        finish_avg(w, st.size)
+    if w is not flat:
+        wide.narrow(flat, w)
 
 
 class Handle:
     """One outstanding all-reduce. ``progress()`` -> bool (done?), ``wait()`` -> buf."""
 
-    def __init__(self, st, buf, op, algorithm):
+    def __init__(self, st, call, buf, op, algorithm):
+        """Made holding this rank's turn on the communicator (``call``, see iallreduce)."""
         self.buf, self._st = buf, st
-        check(st, buf, op, algorithm)  # blocking and cheap: a mismatch raises here, on every rank
+        check(st, buf, op, algorithm, call=call, what="iallreduce")  # blocking and cheap: raises on every rank
+        st.calls.post_check(st, call, "iallreduce")  # (before any message: nothing is left in flight)
         self._seq = st.nb_seq = getattr(st, "nb_seq", -1) + 1
         self._tag = TAG_BASE + self._seq % TAG_SPAN
         self._gen = self._run(st, buf, op, algorithm)
@@ -67,6 +70,13 @@ class Handle:
         if algorithm == "auto":
             algorithm = choose(buf.nbytes, st.size, st)
         backend.synchronize(buf)
+        if algorithm != "native" and wide.needed(buf, op):  # float16 sums in float32 (wide.py)
+            w = st.borrow(backend.array_module(buf), np.float32, buf.size)
+            w[...] = buf.reshape(-1)
+            yield from self._run(st, w, op, algorithm)
+            wide.narrow(buf.reshape(-1), w)
+            st.give_back(w)
+            return
         xp = backend.array_module(buf)
         if algorithm == "ring":
             tmp = st.borrow(xp, buf.dtype, ring.slot_elems(buf.size, st.size, buf.itemsize))
@@ -109,8 +119,11 @@ def iallreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> H
     """Start reducing ``buf`` in place across ``comm``; returns a Handle (progress / wait)."""
     if backend.is_device(buf) and not backend.cuda_aware_mpi():
         raise ValueError("iallreduce of device buffers needs a CUDA-aware MPI; use allreduce")
-    st = state_for(comm if comm is not None else get_comm())
-    return Handle(st, buf, op, algorithm)
+    st, call = enter(comm, "iallreduce")
+    try:
+        return Handle(st, call, buf, op, algorithm)
+    finally:
+        st.calls.leave(call)
 
 
 class CommThread:

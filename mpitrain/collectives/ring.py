@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 
-from . import TAG_RING, finish_avg, reducer
+from . import TAG_RING, finish_avg, reducer, wide
 from .partition import chunk_bounds, segments
 from .. import backend
 
@@ -72,7 +72,9 @@ def plan(n: int, p: int, rank: int, seg_elems: int):
 
 
 def allreduce(st, buf, op: str, seg_bytes: int | None = None):
-    """Blocking ring all-reduce of ``buf`` on the library state ``st``."""
+    """Blocking ring all-reduce of ``buf`` on the library state ``st`` (float16 sums in float32: wide.py)."""
+    if wide.needed(buf, op):
+        return wide.blocking(st, buf, op, lambda s, w, o: allreduce(s, w, o, seg_bytes))
     for req in steps(st, buf, op, seg_bytes=seg_bytes):
         req.Wait()
     return buf
