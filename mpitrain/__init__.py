@@ -10,4 +10,18 @@ def allreduce(buf, comm=None, *, op="sum", algorithm="auto"):
     return _allreduce(buf, comm, op=op, algorithm=algorithm)
 
 
-__all__ = ["allreduce", "__version__"]
+def reduce_scatter(buf, comm=None, *, op="sum", algorithm="auto"):
+    """Reduce ``buf`` across ``comm``; return this rank's chunk (see mpitrain.collectives.scatter)."""
+    from .collectives import reduce_scatter as _rs
+
+    return _rs(buf, comm, op=op, algorithm=algorithm)
+
+
+def allgather(buf, comm=None, *, algorithm="auto"):
+    """Fill ``buf`` in place with every rank's chunk (see mpitrain.collectives.scatter)."""
+    from .collectives import allgather as _ag
+
+    return _ag(buf, comm, algorithm=algorithm)
+
+
+__all__ = ["allreduce", "reduce_scatter", "allgather", "__version__"]

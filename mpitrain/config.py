@@ -60,6 +60,7 @@ class TrainConfig:
     check_every: int = 100           # steps between cross-rank parameter hash checks; 0 = off
     eval_batch_size: int = 512
     step_sleep: float = 0.0          # testing aid: seconds to sleep per step
+    zero: int = 0                    # 1 = ZeRO-1: optimizer state sharded over the ranks (sync/zero.py)
     sync_every: int = 1              # 1 = average gradients every step; T > 1 = local SGD: T local
                                      # steps, then average the parameters
 
@@ -222,6 +223,7 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("comm.timeout_s", cfg.comm.timeout_s >= 0, "must be >= 0 (0 = off)"),
         ("comm.bucket_bytes", cfg.comm.bucket_bytes >= 0, "must be >= 0 (0 = off)"),
         ("train.sync_every", t.sync_every >= 1, "must be >= 1 (1 = synchronous)"),
+        ("train.zero", t.zero in (0, 1), "must be 0 (replicated optimizer state) or 1 (ZeRO-1: sharded)"),
         ("comm.topk_ratio", 0 < cfg.comm.topk_ratio <= 1, "must be in (0, 1]"),
         ("comm.sign_block", cfg.comm.sign_block >= 0, "must be >= 0 (0 = one scale per tensor)"),
         ("comm.servers", cfg.comm.servers >= 1, "must be >= 1"),
@@ -264,12 +266,16 @@ def _exclusive(cfg: JobConfig, origins: dict) -> None:
     shown = {"comm.compress": repr(c.compress), "train.sync_every": t.sync_every, "comm.mode": repr(c.mode),
              "comm.bucket_bytes": c.bucket_bytes}
     active = [k for k, v in on.items() if v]
+    if t.zero and [k for k in active if k != "comm.bucket_bytes"]:  # ZeRO-1 shards the all-reduce's halves
+        shown["train.zero"] = t.zero
+        active = ["train.zero", next(k for k in active if k != "comm.bucket_bytes")]
     if len(active) > 1:
         a, b = active[:2]
         where = origins.get(b, origins.get(a, cfg.source))
         raise UserError(f"{where}: {a} = {shown[a]} and {b} = {shown[b]} do not combine (one synchronization "
                         f"strategy per job); keep one and reset the other to its default "
-                        f"(comm.compress=\"none\", train.sync_every=1, comm.mode=\"sync\", comm.bucket_bytes=0)")
+                        f"(comm.compress=\"none\", train.sync_every=1, comm.mode=\"sync\", comm.bucket_bytes=0, "
+                        "train.zero=0)")
 
 
 def default_job_path() -> Path:

@@ -13,17 +13,18 @@ import pytest
 from conftest import MPIRUN
 from mpitrain import checkpoint, config, sync
 from mpitrain.models import MLP
-from mpitrain.optim import LRSchedule, make_optimizer
 from mpitrain.train import Loop, Run
 
 
 def _trainer(comm, algorithm="ring", optimizer="sgd", strategy=None, comm_keys=None, **train):
     """The loop of a run on a small float64 MLP (no data set): ``train_step((x, y))`` and its ``run``
     (model, strategy, opt, step). ``train`` sets [train] keys, ``comm_keys`` [comm] keys, before it
-    is made; ``strategy`` (a sync class) replaces the one the keys select."""
+    is made; ``strategy`` (a sync class) replaces the one the keys select. The reference for
+    one process: ``ref.run.model.loss_and_grad((x, y))`` then ``ref.run.opt.step(grads, 0.1)``."""
     cfg = config.JobConfig()
     cfg.comm.algorithm = algorithm
     cfg.train.optimizer = optimizer
+    cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay = 0.1, 0.9, 1e-3
     for k, v in train.items():
         setattr(cfg.train, k, v)
     for k, v in (comm_keys or {}).items():
@@ -33,9 +34,7 @@ def _trainer(comm, algorithm="ring", optimizer="sgd", strategy=None, comm_keys=N
     run.model = MLP(12, [9, 7], 5, xp=np, dtype=np.float64, seed=3)
     run.steps_per_epoch = run.total_steps = 1
     run.strategy = (strategy or sync.select(cfg))(cfg, comm)
-    run.strategy.bind(run)
-    run.opt = make_optimizer(optimizer, run.model.params, lr=0.1, momentum=0.9, weight_decay=1e-3)
-    run.schedule = LRSchedule("constant", 0.1)
+    run.strategy.bind(run)  # the optimizer (train.optimizer, lr 0.1, momentum 0.9, wd 1e-3), a constant rate
     return Loop(run)
 
 
@@ -102,11 +101,13 @@ def _final_params(d):
 
 STRATEGY_KEYS = {"sync": [], "fp16": ["comm.compress=\"fp16\""],
                  "topk": ["comm.compress=\"topk\"", "comm.topk_ratio=0.05"],
-                 "sign": ["comm.compress=\"sign\""], "local4": ["train.sync_every=4"]}
+                 "sign": ["comm.compress=\"sign\""], "local4": ["train.sync_every=4"],
+                 "zero1": ["train.zero=1", "train.optimizer=\"adam\"", "train.lr=0.003"]}
 
 
 @pytest.mark.parametrize("strategy,stop", [("sync", "kill"), ("sync", "usr1"), ("fp16", "usr1"), ("topk", "usr1"),
-                                           ("topk", "kill"), ("sign", "usr1"), ("local4", "usr1")])
+                                           ("topk", "kill"), ("sign", "usr1"), ("local4", "usr1"),
+                                           ("zero1", "usr1")])
 def test_resumed_run_is_bitwise_identical(tmp_path, strategy, stop):
     """Uninterrupted vs. stopped mid-epoch-3 (killed, or SIGUSR1 -> checkpoint) and resumed, for every
     strategy: its own state (error-feedback residuals of every rank, local steps) is in the checkpoint."""

@@ -231,7 +231,11 @@ _ALG = {name: i for i, name in enumerate(ALGORITHMS)}
 _DEV, _CARRY, _THREADS = 1, 2, 4  # bits of a row's column 5: on the GPU, carrying data, other threads alive
 
 
-def _codes(row, buf, op, algorithm, st=None, call=None) -> None:
+KINDS = ("allreduce", "reduce_scatter", "allgather")  # folded into the algorithm code: calls of different
+_KIND_STEP = 16                                        # collectives on different ranks disagree, never hang
+
+
+def _codes(row, buf, op, algorithm, st=None, call=None, kind: int = 0) -> None:
     """Local validation folded into integers, so that the check itself is collective (guard.py)."""
     problem, flags = _guard.buffer_problem(buf, _DT)
     n = dt = 0
@@ -244,8 +248,9 @@ def _codes(row, buf, op, algorithm, st=None, call=None) -> None:
             flags |= _THREADS
     if _guard.thread_problem():
         problem = _guard.THREAD_LEVEL
+    alg = _ALG.get(algorithm, -1) if isinstance(algorithm, str) else -1
     row[:META] = (n, dt, _OPC.get(op, -1) if isinstance(op, str) else -1,
-                  _ALG.get(algorithm, -1) if isinstance(algorithm, str) else -1, problem, flags)
+                  alg + _KIND_STEP * kind if alg >= 0 else -1, problem, flags)
 
 
 _PROBLEMS = {
@@ -274,8 +279,9 @@ def _describe(row) -> str:
                 "the main thread may call MPI (mpi4py's default, mpi4py.rc.thread_level = 'multiple', allows it)")
     if problem:
         return _PROBLEMS[problem]
-    return (f"{n} x {DTYPES[dt]}{' on the GPU' if flags & _DEV else ''}, op={OPS[opc] if opc >= 0 else '?'}, "
-            f"algorithm={ALGORITHMS[alg] if alg >= 0 else '?'}")
+    kind, alg = divmod(alg, _KIND_STEP) if alg >= 0 else (0, -1)
+    return (f"{KINDS[kind] + ' of ' if kind else ''}{n} x {DTYPES[dt]}{' on the GPU' if flags & _DEV else ''}, "
+            f"op={OPS[opc] if opc >= 0 else '?'}, algorithm={ALGORITHMS[alg] if alg >= 0 else '?'}")
 
 
 def _explain(st: _State, op, algorithm, what: str = "allreduce") -> None:
@@ -303,7 +309,8 @@ def _agree_but_threads(g) -> bool:
     return bool((sig == sig[0]).all())
 
 
-def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what: str = "allreduce") -> bool:
+def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what: str = "allreduce",
+          kind: int = 0) -> bool:
     """Raise the same ValueError on every rank when the ranks' calls disagree or are invalid.
 
     With ``payload``, a message of at most SMALL_BYTES travels in the same
@@ -312,7 +319,7 @@ def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what
     ``call.post`` when the call must end with ``st.calls.post_check`` (other threads alive).
     """
     row = st._row
-    _codes(row, buf, op, algorithm, st, call)
+    _codes(row, buf, op, algorithm, st, call, kind)
     bad = row[4] or row[2] < 0 or row[3] < 0
     nbytes = int(row[0]) * buf.itemsize if not bad else 0
     carry = payload and not bad and not row[5] & _DEV and nbytes <= st.small
@@ -388,3 +395,24 @@ def _allreduce(st, call, buf, op, algorithm):
         return staging.allreduce(algorithm, run, st, buf, op)
     backend.synchronize(buf)
     return run(st, buf, op)
+
+
+def reduce_scatter(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
+    """Reduce ``buf`` across ``comm``; return this rank's chunk, a view (scatter.py: the ring's partition)."""
+    from .scatter import reduce_scatter as _rs
+
+    return _rs(buf, comm, op=op, algorithm=algorithm)
+
+
+def allgather(buf, comm=None, *, algorithm: str = "auto"):
+    """Fill ``buf`` in place with every rank's chunk (scatter.py); return ``buf``."""
+    from .scatter import allgather as _ag
+
+    return _ag(buf, comm, algorithm=algorithm)
+
+
+def owned_chunk(n: int, p: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of the chunk ``rank`` holds after reduce_scatter: chunk (rank + 1) mod p."""
+    from .ring import owned
+
+    return owned(n, p, rank)

@@ -33,7 +33,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import _MPI_OP, check, choose, enter, finish_avg
-from . import hier, ring, tree, wide
+from . import hier, ring, scatter, tree, wide
 from .. import backend
 
 TAG_BASE, TAG_SPAN = 1000, 4096  # tags TAG_BASE .. TAG_BASE+TAG_SPAN-1 on the private communicator
@@ -52,14 +52,19 @@ def _native_steps(st, buf, op):
 class Handle:
     """One outstanding all-reduce. ``progress()`` -> bool (done?), ``wait()`` -> buf."""
 
-    def __init__(self, st, call, buf, op, algorithm):
-        """Made holding this rank's turn on the communicator (``call``, see iallreduce)."""
+    def __init__(self, st, call, buf, op, algorithm, phase="both"):
+        """Made holding this rank's turn on the communicator (``call``, see iallreduce); ``phase`` "rs":
+        the reduce-scatter half only (ireduce_scatter, scatter.py)."""
         self.buf, self._st = buf, st
-        check(st, buf, op, algorithm, call=call, what="iallreduce")  # blocking and cheap: raises on every rank
-        st.calls.post_check(st, call, "iallreduce")  # (before any message: nothing is left in flight)
+        what = "iallreduce" if phase == "both" else "ireduce_scatter"
+        # blocking and cheap: raises on every rank
+        check(st, buf, op, algorithm, call=call, what=what, kind=0 if phase == "both" else scatter.RS)
+        if phase != "both":
+            algorithm = scatter._resolve(st, buf, algorithm, what)
+        st.calls.post_check(st, call, what)  # (before any message: nothing is left in flight)
         self._seq = st.nb_seq = getattr(st, "nb_seq", -1) + 1
         self._tag = TAG_BASE + self._seq % TAG_SPAN
-        self._gen = self._run(st, buf, op, algorithm)
+        self._gen = self._run(st, buf, op, algorithm) if phase == "both" else self._half(st, buf, op, algorithm)
         self._pending = None
         self.done = False
         self._advance()  # start now: collectives begin in creation order on every rank
@@ -92,6 +97,24 @@ class Handle:
             return
         st.give_back(tmp)  # only once complete: MPI is done with it
 
+    def _half(self, st, buf, op, algorithm):
+        """The reduce-scatter half (float16: in float32 scratch, this rank's chunk rounded once)."""
+        if st.size == 1 or buf.size == 0:
+            return
+        backend.synchronize(buf)
+        flat, xp = buf.reshape(-1), backend.array_module(buf)
+        w = flat
+        if wide.needed(flat, op):
+            w = st.borrow(xp, np.float32, flat.size)
+            w[...] = flat
+        tmp = st.borrow(xp, w.dtype, ring.slot_elems(w.size, st.size, w.itemsize))
+        yield from scatter.steps(st, w, op, algorithm, "rs", tag=self._tag, slots=tmp)
+        st.give_back(tmp)
+        if w is not flat:
+            lo, hi = scatter.owned_chunk(flat.size, st.size, st.rank)
+            wide.narrow(flat[lo:hi], w[lo:hi])
+            st.give_back(w)
+
     def progress(self) -> bool:
         """Advance as far as possible without blocking; True once complete."""
         while not self.done:
@@ -122,6 +145,17 @@ def iallreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> H
     st, call = enter(comm, "iallreduce")
     try:
         return Handle(st, call, buf, op, algorithm)
+    finally:
+        st.calls.leave(call)
+
+
+def ireduce_scatter(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> Handle:
+    """Start the reduce-scatter half of ``buf`` (this rank's chunk: scatter.owned_chunk); a Handle."""
+    if backend.is_device(buf) and not backend.cuda_aware_mpi():
+        raise ValueError("ireduce_scatter of device buffers needs a CUDA-aware MPI; use reduce_scatter")
+    st, call = enter(comm, "ireduce_scatter")
+    try:
+        return Handle(st, call, buf, op, algorithm, phase="rs")
     finally:
         st.calls.leave(call)
 

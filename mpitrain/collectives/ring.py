@@ -56,15 +56,28 @@ def slot_elems(n: int, p: int, itemsize: int) -> int:
     return DEPTH * min(seg, -(-n // p))
 
 
-def plan(n: int, p: int, rank: int, seg_elems: int):
+PHASES = {"both": (0, 2), "rs": (0, 1), "ag": (1, 2)}  # in units of p-1 steps
+
+
+def owned(n: int, p: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of the chunk rank ``rank`` holds finished after the reduce-scatter: chunk rank+1.
+
+    (Chunk k starts on rank k and is reduced along k, k+1, ..., k+p-1 = k-1, which finishes it.)
+    """
+    return chunk_bounds(n, p, (rank + 1) % p)
+
+
+def plan(n: int, p: int, rank: int, seg_elems: int, phase: str = "both"):
     """The ordered list of (step, lo, hi) receives this rank performs.
 
-    Steps 0..p-2 are reduce-scatter, p-1..2p-3 all-gather. The left neighbour
-    sends the same (step, segment) sequence in the same order, so one tag is
-    enough (MPI does not overtake messages between one pair on one tag).
+    Steps 0..p-2 are reduce-scatter, p-1..2p-3 all-gather (``phase`` "rs" or
+    "ag": only those). The left neighbour sends the same (step, segment) sequence
+    in the same order, so one tag is enough (MPI does not overtake messages
+    between one pair on one tag).
     """
     units = []
-    for t in range(2 * (p - 1)):
+    a0, a1 = PHASES[phase]
+    for t in range(a0 * (p - 1), a1 * (p - 1)):
         k = (rank - t - 1) % p if t < p - 1 else (rank - (t - (p - 1))) % p
         lo, hi = chunk_bounds(n, p, k)
         units += [(t, a, b) for a, b in segments(lo, hi, seg_elems)]
@@ -80,12 +93,16 @@ def allreduce(st, buf, op: str, seg_bytes: int | None = None):
     return buf
 
 
-def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING, slots=None):
+def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING, slots=None,
+          phase: str = "both"):
     """The ring as a generator: it yields each request it must see completed before going on.
 
     ``allreduce`` drives it with ``Wait``; a non-blocking handle drives it with
     ``Test`` between other work (collectives/nonblocking.py). ``slots`` is the
     scratch for DEPTH in-flight segments (default: the state's shared scratch).
+    ``phase``: "both" (the all-reduce), "rs" (the reduce-scatter half: rank r ends
+    holding ``owned(n, p, r)`` reduced, the rest of ``buf`` partial) or "ag" (the
+    all-gather half: every rank contributes its owned chunk, all receive the rest).
     """
     comm, r, p = st.comm, st.rank, st.size
     xp = backend.array_module(buf)
@@ -98,18 +115,19 @@ def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING
     width = min(seg, -(-n // p))  # one slot: the longest segment
     left, right = (r - 1) % p, (r + 1) % p
     last_rs = p - 2  # the step after which this rank's chunk is final
-    units = plan(n, p, r, seg)
-    if slots is None:
+    t0, t_end = (a * (p - 1) for a in PHASES[phase])
+    units = plan(n, p, r, seg, phase)
+    if slots is None and t0 == 0:
         slots = st.scratch(xp, flat.dtype, DEPTH * width)
     sends = {}  # (send step, lo) -> request still in flight
     issued = set()  # (send step, lo) of every send started so far
     dev = backend.is_device(flat)  # CUDA-aware MPI: finish the reduce kernel before MPI reads
 
-    # step 0 of the reduce-scatter: send my own chunk, segment by segment
-    lo0, hi0 = chunk_bounds(n, p, r)
+    # the first step: the reduce-scatter sends my own chunk, the all-gather alone my finished one
+    lo0, hi0 = chunk_bounds(n, p, r) if t0 == 0 else owned(n, p, r)
     for a, b in segments(lo0, hi0, seg):
-        sends[(0, a)] = comm.Isend(flat[a:b], dest=right, tag=tag)
-        issued.add((0, a))
+        sends[(t0, a)] = comm.Isend(flat[a:b], dest=right, tag=tag)
+        issued.add((t0, a))
 
     recvs = [None] * len(units)
     posted = 0  # receives are posted in unit order, at most DEPTH ahead
@@ -117,7 +135,7 @@ def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING
     def postable(j):
         """An all-gather receive lands in place: only after that region's reduce-scatter send began."""
         t, a, _ = units[j]
-        return t <= last_rs or (t - (p - 1), a) in issued
+        return t <= last_rs or t0 > 0 or (t - (p - 1), a) in issued
 
     def post_upto(limit):
         nonlocal posted
@@ -147,7 +165,7 @@ def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING
                 finish_avg(view, p)
             if dev:
                 backend.synchronize(view)
-        if t < 2 * (p - 1) - 1:
+        if t < t_end - 1:
             sends[(t + 1, a)] = comm.Isend(flat[a:b], dest=right, tag=tag)
             issued.add((t + 1, a))
         yield from post_upto(i + 1 + DEPTH)

@@ -3,6 +3,8 @@
     comm.compress = fp16|topk|sign   Compressed    the gradients travel compressed (compressed.py)
     train.sync_every = T > 1         LocalSGD      T local steps, then average parameters (local_sgd.py)
     comm.mode = "ps"                 ParameterServer  asynchronous servers and workers (ps/)
+    train.zero = 1                   Zero          ZeRO-1: reduce-scatter, step on this rank's shard of
+                                                   the optimizer state, all-gather the parameters (zero.py)
     otherwise                        AllReduce     average the gradients every step, optionally in
                                                    buckets overlapped with backprop (allreduce.py)
 
@@ -27,6 +29,10 @@ def select(cfg) -> type[Strategy]:
         return LocalSGD
     if cfg.comm.compress != "none":
         return Compressed
+    if cfg.train.zero:
+        from .zero import Zero
+
+        return Zero
     return AllReduce
 
 

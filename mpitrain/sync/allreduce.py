@@ -6,10 +6,12 @@ One all-reduce per step (``comm.algorithm``), or, with ``comm.bucket_bytes > 0``
 leave while backprop still runs (like DDP):
 
     grads:  | last layer | ... | first layer |      backprop fills it from offset 0
-            |--bucket 0--|--bucket 1--| ... |      each time the finished prefix has grown by
-                  iallreduce   iallreduce          bucket_bytes it goes to a non-blocking all-reduce,
-                                                   progressed after every layer ("progress") or by
-                                                   a communication thread ("thread")
+            |--bucket 0--|--bucket 1--| ... |      fixed cuts of bucket_bytes (the last shorter);
+                  iallreduce   iallreduce          once the finished prefix covers a bucket it goes
+                                                   to a non-blocking all-reduce, progressed after every
+                                                   layer ("progress") or by a communication thread
+                                                   ("thread"). Fixed cuts: ZeRO (zero.py) shards the
+                                                   same buckets, so both reduce along the same chains.
 
 Bytes per rank and step: 2(p-1)/p · n · itemsize (``allreduce_bytes``).
 """
@@ -21,6 +23,13 @@ from ..collectives import allreduce
 from ..collectives.nonblocking import CommThread, iallreduce
 from ..runtime import UserError
 from .base import Strategy, allreduce_bytes
+
+
+def bucket_cuts(n: int, limit: int) -> list[tuple[int, int]]:
+    """The buckets [s, e) of an n-element gradient: ``limit`` elements each, the last shorter (0 = one)."""
+    if limit <= 0 or n == 0:
+        return [(0, n)]
+    return [(s, min(s + limit, n)) for s in range(0, n, limit)]
 
 
 class AllReduce(Strategy):
@@ -42,29 +51,39 @@ class AllReduce(Strategy):
             raise UserError("comm.bucket_bytes > 0 with train.backend='cupy' needs a CUDA-aware MPI "
                             f"({backend.cuda_aware_info()[1]}); set comm.bucket_bytes=0")
 
+    def cuts(self, n: int) -> list[tuple[int, int]]:
+        itemsize = self.run.model.grads.itemsize
+        return bucket_cuts(n, max(1, self.bucket_bytes // itemsize) if self.bucket_bytes > 0 else 0)
+
+    def _launch(self, view):
+        """A non-blocking reduction of one finished bucket."""
+        return iallreduce(view, self.comm, op="avg", algorithm=self.algorithm)
+
     def grad_hook(self, step):
         if self.bucket_bytes <= 0:
             return None
         run, grads = self.run, self.run.model.grads
-        limit = max(1, self.bucket_bytes // grads.itemsize)
+        cuts = self.cuts(grads.size)
         if self.overlap == "thread" and self._thread is None:
             self._thread = CommThread()
-        sent, first = 0, True
+        nxt, first = 0, True
 
         def ready(hi):
-            nonlocal sent, first
+            nonlocal nxt, first
             if first:  # before the first bucket leaves: what the faults and the watchdog see as "the step"
                 first = False
                 run.faults.at(step, grads[:hi])
                 run.watchdog.arrive(step)
-            if hi - sent >= limit or hi == grads.size:
+            if nxt < len(cuts) and cuts[nxt][1] <= hi:
                 backend.synchronize(grads)
-                h = iallreduce(grads[sent:hi], self.comm, op="avg", algorithm=self.algorithm)
+            while nxt < len(cuts) and cuts[nxt][1] <= hi:
+                s, e = cuts[nxt]
+                h = self._launch(grads[s:e])
                 if self._thread is not None:
                     self._thread.submit(h)
                 else:
                     self._handles.append(h)
-                sent = hi
+                nxt += 1
             for h in self._handles:
                 h.progress()
 

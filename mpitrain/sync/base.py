@@ -6,7 +6,8 @@ branches of its own:
     hook = s.grad_hook(step)                      before backward: on_grad_ready(hi), or None
     loss = model.loss_and_grad(batch, hook)       (buckets: finished prefixes leave while backprop runs)
     s.after_backward(step)                        the local gradients are final: make them the agreed ones
-    ... non-finite policy, clipping, optimizer step ...
+    s.update(loss, step)                          non-finite policy, clipping, optimizer step (ZeRO: on
+                                                  this rank's shard, then the parameters all-gathered)
     s.after_step(step)                            e.g. local SGD averages the parameters every T steps
     s.synced()                                    do the replicas hold identical parameters right now?
     s.epoch_end(step)                             the epoch's last step is done
@@ -91,6 +92,17 @@ class Strategy:
     def after_backward(self, step: int) -> None:
         self.run.faults.at(step, self.run.model.grads)
 
+    def update(self, loss: float, step: int) -> bool:
+        """The optimizer step on the agreed gradients; False when a non-finite gradient skipped it."""
+        run, grads = self.run, self.run.model.grads
+        with run.timers("compute"):
+            if not bool(run.xp.isfinite(grads).all()):
+                run.policy.nonfinite(loss, step, run.epoch, collective=self.grads_agree)
+                return False
+            run.policy.clip(grads)
+            run.opt.step(grads, run.schedule(step))
+        return True
+
     def after_step(self, step: int) -> None:
         pass
 
@@ -101,6 +113,14 @@ class Strategy:
         pass
 
     # -------------------------------------------------------------- checkpoint
+    def optimizer_state(self) -> dict:
+        """Collective: the full optimizer state as a replicated optimizer holds it (rank 0's is saved)."""
+        return self.run.opt.state_dict()
+
+    def load_optimizer_state(self, ck) -> None:
+        """Every rank: the optimizer state of checkpoint ``ck`` (full length) into this rank's optimizer."""
+        self.run.load_optimizer(self.run.opt, ck)
+
     def state_dict(self) -> dict:
         """Collective: every rank calls it; what rank 0 returns goes into the checkpoint."""
         return {}

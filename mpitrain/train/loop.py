@@ -4,7 +4,7 @@
       for batch_r in this rank's shard:
         loss = model.loss_and_grad(batch_r, strategy.grad_hook(step))     compute
         strategy.after_backward(step)                                     e.g. allreduce(avg)
-        non-finite? -> policy (skip | error);  clip;  opt.step(grads, lr(step))
+        strategy.update(loss, step)        non-finite? policy (skip | error); clip; opt.step(grads, lr(step))
         strategy.after_step(step)                                         e.g. local SGD's average
         every check_every steps (when synced): prove the replicas are identical (hash)
         a signal? (agreed when synced) -> checkpoint, exit 75
@@ -43,12 +43,8 @@ class Loop:
             batch = tuple(run.xp.asarray(a) for a in batch)
             loss, correct = model.loss_and_grad(batch, on_grad_ready=strategy.grad_hook(run.step))
         strategy.after_backward(run.step)
-        with run.timers("compute"):
-            if not bool(run.xp.isfinite(model.grads).all()):
-                run.policy.nonfinite(loss, run.step, run.epoch, collective=strategy.grads_agree)
-                return float("nan"), 0
-            run.policy.clip(model.grads)
-            run.opt.step(model.grads, run.schedule(run.step))
+        if not strategy.update(loss, run.step):  # it times its own compute and communication
+            return float("nan"), 0
         return loss, correct
 
     def should_stop(self) -> bool:

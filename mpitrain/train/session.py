@@ -18,7 +18,7 @@ import signal
 
 import numpy as np
 
-from .. import __version__, backend, checkpoint, models, sync, watchdog
+from .. import __version__, backend, checkpoint, models, sync, units, watchdog
 from ..faults import Faults
 from ..metrics import Timers
 from ..optim import LRSchedule, make_optimizer
@@ -86,7 +86,8 @@ class Run:
         self.first_step = self.step
         log0(f"mpitrain {__version__}: {self.strategy.describe_ranks()}, {self.model.describe()}, "
              f"{self.train_rows} training rows, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
-             f"{self.data_ranks}, sync={self.strategy.label}, backend={t.backend}")
+             f"{self.data_ranks}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
+             f"{units.format_size(self.optimizer_bytes())}/rank")
 
     def _data_info(self) -> None:
         """Every rank learns the data set's spec and sizes from a rank that reads training data."""
@@ -143,7 +144,7 @@ class Run:
     def restore_replicated(self, ck) -> None:
         """Resume a run whose parameters and optimizer state are replicated on every rank."""
         self.model.params[...] = self.xp.asarray(ck["params"])
-        self.load_optimizer(self.opt, ck)
+        self.strategy.load_optimizer_state(ck)
         self.strategy.load_state_dict(ck.get("strategy", {}), ck["ranks"])
         self.step, self.epoch, self.start_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
         self.last_test = tuple(ck.get("last_test") or self.last_test)
@@ -226,6 +227,8 @@ class Run:
         (``collective=False``: rank 0 alone calls it and gets the path)."""
         if state is None:
             state = self.strategy.state_dict()
+        if optimizer is None:
+            optimizer = self.strategy.optimizer_state()
         ok = None
         if self.rank == 0:
             if not self._claimed:
@@ -237,7 +240,7 @@ class Run:
                 hook = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731 - testing aid
             ok = str(checkpoint.save(
                 self.cfg.checkpoint.dir, params=backend.to_numpy(self.model.params if params is None else params),
-                optimizer=self.opt.state_dict() if optimizer is None else optimizer, step=step,
+                optimizer=optimizer, step=step,
                 epoch=self.epoch if epoch is None else epoch, step_in_epoch=step_in_epoch,
                 config=self.cfg.to_dict(), ranks=self.size, keep=self.cfg.checkpoint.keep, before_rename=hook,
                 state=state, extra={"last_test": [float(v) for v in self.last_test], "run_id": self.run_id,
