@@ -14,6 +14,9 @@ Public API:
                  test_rows=4000, chunk_rows=8192, overwrite=False, log=None)
   import_file(src, out, *, shards=4, seed=0, test_fraction=0.2, classes=None,
               shuffle=True, overwrite=False, log=None)
+  make_graphs(out, *, graphs=4000, test_graphs=None, nodes=(10, 30), seed=0, shards=4, ...)
+  import_graphs(src.npz, out, *, shards=4, seed=0, test_fraction=0.2, ...)
+      graph sets (graphs.py, graph_make.py); open_dataset returns a GraphReader for them
   check_dataset(path) -> CheckReport (.ok, .problems, .files, .format())
 
 The make/import/check functions are serial (call them on one rank); the CLI
@@ -22,9 +25,11 @@ Data knows nothing of models.
 """
 
 from .check import CheckReport, check_dataset
+from .graph_make import import_graphs, make_graphs
+from .graphs import GraphSet
 from .make import import_file, make_digits, make_synthetic
 from .reader import Reader, ensure_dataset, open_dataset
 from .spec import DataSpec
 
 __all__ = ["open_dataset", "ensure_dataset", "make_digits", "make_synthetic", "import_file",
-           "check_dataset", "Reader", "CheckReport", "DataSpec"]
+           "check_dataset", "Reader", "CheckReport", "DataSpec", "make_graphs", "import_graphs", "GraphSet"]

@@ -373,6 +373,11 @@ def open_dataset(path, comm=None, *, batch_size: int, seed: int = 0, verify: boo
     comm = comm if comm is not None else get_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     path = Path(path)
+    from .graph_reader import graph_manifest, open_graphs
+
+    gm = graph_manifest(path)
+    if gm is not None:  # a graph set (manifest kind "graphs"): its own reader, the same surface
+        return open_graphs(path, comm, gm, batch_size=batch_size, seed=seed, verify=verify)
     err, st, exc = None, None, None
     try:
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
@@ -447,7 +452,7 @@ def ensure_dataset(path, dataset, comm=None, *, shards: int | None = None, seed:
                    classes: int | None = None) -> Path:
     """Make sure ``path`` holds a data set; make a built-in one on rank 0 if it is missing.
 
-    ``dataset``: "digits" or "synthetic" are made when ``path`` has no manifest.json;
+    ``dataset``: "digits", "synthetic" or "graphs" (``rows``: graphs) are made when ``path`` has no manifest.json;
     anything else (or empty) raises UserError telling the user to run ``data make`` or
     ``data import``. ``rows``/``features``/``classes`` size a synthetic set (None: the
     defaults of ``make_synthetic``; ignored for digits). Collective over ``comm``; errors
@@ -470,6 +475,10 @@ def ensure_dataset(path, dataset, comm=None, *, shards: int | None = None, seed:
             say = lambda s: log0(s, comm=comm)  # noqa: E731
             if name == "digits":
                 make_digits(path, shards=k, seed=seed, log=say)
+            elif name == "graphs":
+                from .graph_make import make_graphs
+
+                make_graphs(path, shards=k, seed=seed, log=say, **({"graphs": int(rows)} if rows else {}))
             else:
                 size = {key: int(v) for key, v in
                         (("rows", rows), ("features", features), ("classes", classes)) if v}

@@ -178,8 +178,8 @@ class Run:
         data, comm = data or self.data, comm if comm is not None else self.comm
         loss_sum, correct, count = 0.0, 0, 0
         xp = self.xp
-        for x, y in data.test_batches(self.cfg.train.eval_batch_size):
-            batch = (xp.asarray(x), xp.asarray(y))
+        for arrays in data.test_batches(self.cfg.train.eval_batch_size):  # (x, y), or a graph batch's five
+            batch = tuple(xp.asarray(a) for a in arrays)
             ls, c = self.model.evaluate(batch)
             loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
         tot = np.array([loss_sum, correct, count, self.strategy.sent_bytes], dtype=np.float64)
