@@ -3,7 +3,8 @@
     DIR/manifest.json  DIR/train-00000.h5 ... DIR/test.h5      (format: shards.py)
 
 Public API:
-  open_dataset(path, comm=None, *, batch_size, seed=0, verify=True) -> Reader
+  open_dataset(path, comm=None, *, batch_size, seed=0, verify=True) -> Reader | GraphReader
+      (open.py: dispatches on the manifest's kind; graph sets get graph_reader.GraphReader)
       collective; rank r reads only its shards (round-robin) or its row range
       (when shards < ranks). Reader: features, classes, spec (a DataSpec), train_rows, rows_local,
       steps_per_epoch, batches(epoch, start=0), test_batches(batch_size), close().
@@ -28,7 +29,8 @@ from .check import CheckReport, check_dataset
 from .graph_make import import_graphs, make_graphs
 from .graphs import GraphSet
 from .make import import_file, make_digits, make_synthetic
-from .reader import Reader, ensure_dataset, open_dataset
+from .open import open_dataset
+from .reader import Reader, ensure_dataset
 from .spec import DataSpec
 
 __all__ = ["open_dataset", "ensure_dataset", "make_digits", "make_synthetic", "import_file",

@@ -58,17 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="rows generated and written at a time; bounds memory (default 8192)")
     sy.set_defaults(func=cmd_make)
 
-    gr = mksub.add_parser(
-        "graphs", help="a seeded graph-classification set (label: how colours are connected)",
-        description="A seeded synthetic graph-classification set: nodes coloured red/blue half and half; "
-                    "label 1 when more than half of the edges join nodes of the same colour. Mean node "
-                    "features say nothing about the label; message passing does (docs/graphs.md).")
-    common(gr, "seed of the graphs (default 0)")
-    gr.add_argument("--graphs", type=int, default=4000, metavar="N", help="training graphs (default 4000)")
-    gr.add_argument("--test-graphs", type=int, default=None, metavar="N",
-                    help="held-out graphs, generated after the training ones (default N/4)")
-    gr.add_argument("--nodes", default="10:30", metavar="A:B", help="nodes per graph, A to B (default 10:30)")
-    gr.set_defaults(func=cmd_make)
+    _add_make_graphs(mksub, common)
 
     im = sub.add_parser(
         "import", help="import your own data from .npz or .csv",
@@ -96,6 +86,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "exits non-zero on any problem.")
     ck.add_argument("dir", metavar="DIR", help="the data set directory")
     ck.set_defaults(func=cmd_check)
+
+
+def _add_make_graphs(mksub, common) -> None:
+    gr = mksub.add_parser(
+        "graphs", help="a seeded graph-classification set (label: how colours are connected)",
+        description="A seeded synthetic graph-classification set: nodes coloured red/blue half and half; "
+                    "label 1 when more than half of the edges join nodes of the same colour. Mean node "
+                    "features say nothing about the label; message passing does (docs/graphs.md).")
+    common(gr, "seed of the graphs (default 0)")
+    gr.add_argument("--graphs", type=int, default=4000, metavar="N", help="training graphs (default 4000)")
+    gr.add_argument("--test-graphs", type=int, default=None, metavar="N",
+                    help="held-out graphs, generated after the training ones (default N/4)")
+    gr.add_argument("--nodes", default="10:30", metavar="A:B", help="nodes per graph, A to B (default 10:30)")
+    gr.set_defaults(func=cmd_make)
 
 
 def on_root(fn) -> int:

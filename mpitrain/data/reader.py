@@ -373,11 +373,6 @@ def open_dataset(path, comm=None, *, batch_size: int, seed: int = 0, verify: boo
     comm = comm if comm is not None else get_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     path = Path(path)
-    from .graph_reader import graph_manifest, open_graphs
-
-    gm = graph_manifest(path)
-    if gm is not None:  # a graph set (manifest kind "graphs"): its own reader, the same surface
-        return open_graphs(path, comm, gm, batch_size=batch_size, seed=seed, verify=verify)
     err, st, exc = None, None, None
     try:
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
