@@ -133,7 +133,8 @@ def picture(args):
             same = red[und[:, 0]] == red[und[:, 1]]
             for (a, b), s in zip(und, same):
                 ax.plot(*pos[[a, b]].T, color="0.2" if s else "0.75", lw=1.2 if s else 0.8, zorder=1)
-            ax.scatter(*pos.T, c=np.where(red, "#d62728", "#1f77b4"), s=28, zorder=2, edgecolors="k", linewidths=0.4)
+            ax.scatter(*pos.T, c=np.where(red, "#d62728", "#1f77b4"), s=28, zorder=2, edgecolors="k",
+                       linewidths=0.4)
             ax.set_title(f"graph {i}: {int(same.sum())}/{len(und)} same", fontsize=8)
             ax.set_aspect("equal")
             ax.axis("off")

@@ -121,7 +121,8 @@ def _cli(*argv):
 
 
 def test_cli_make_check_import(tmp_path, capsys):
-    assert _cli("make", "graphs", "--out", str(tmp_path / "c"), "--graphs", "40", "--nodes", "4:6", "--shards", "2") == 0
+    assert _cli("make", "graphs", "--out", str(tmp_path / "c"), "--graphs", "40", "--nodes", "4:6",
+                "--shards", "2") == 0
     assert "40 train graphs" in capsys.readouterr().out
     assert _cli("check", str(tmp_path / "c")) == 0
     assert _cli("make", "graphs", "--out", str(tmp_path / "bad"), "--nodes", "9:3") == 1

@@ -156,7 +156,8 @@ def validate(g: GraphSet, where, *, classes: int, features: int, edge_features: 
     if bad.any():
         e = int(np.flatnonzero(bad.any(axis=1))[0])
         gi = int(np.searchsorted(g.edge_ptr, e, side="right") - 1)
-        raise DataProblem(where, f"graph {first + gi}: edge {e - int(g.edge_ptr[gi])} = {tuple(g.edges[e])} "
+        pair = tuple(int(v) for v in g.edges[e])
+        raise DataProblem(where, f"graph {first + gi}: edge {e - int(g.edge_ptr[gi])} = {pair} "
                                  f"is out of range for its {int(sizes[gi])} nodes")
     if G and (g.y.min() < 0 or g.y.max() >= classes):
         gi = int(np.flatnonzero((g.y < 0) | (g.y >= classes))[0])
