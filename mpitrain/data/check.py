@@ -47,13 +47,19 @@ class CheckReport:
     def format(self) -> str:
         lines = [f"data set {self.path}"]
         m = self.manifest
-        if m:
+        if m and m.get("kind") == "graphs":
+            made = (m.get("made") or {}).get("how", "?")
+            lines.append(f"  {m['train_rows']} train graphs in {len(m['shards'])} shards, {m['test']['rows']} test "
+                         f"graphs, {m['features']} node features, {m.get('edge_features', 0)} edge features, "
+                         f"{m['classes']} classes, schema v{m['schema_version']} ({made})")
+        elif m:
             made = (m.get("made") or {}).get("how", "?")
             lines.append(f"  {m['train_rows']} train rows in {len(m['shards'])} shards, "
                          f"{m['test']['rows']} test rows, {m['features']} features, "
                          f"{m['classes']} classes, schema v{m['schema_version']} ({made})")
         for r in self.files:
-            rows = "" if r.rows is None else f"{r.rows:>9} rows"
+            unit = "graphs" if m and m.get("kind") == "graphs" else "rows"
+            rows = "" if r.rows is None else f"{r.rows:>9} {unit}"
             status = "ok" if r.problem is None else f"FAIL: {r.problem}"
             lines.append(f"  {Path(r.file).name:<20} {r.kind:<8} {rows:>14}  {status}")
         for n in self.notes:

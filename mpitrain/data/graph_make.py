@@ -189,8 +189,7 @@ def import_graphs(src, out, *, shards: int = DEFAULT_SHARDS, seed: int = 0, test
     if train is None or len(train) == 0:
         raise UserError(f"{tag()} {src}: holds no graphs")
     if shuffle:
-        train = GraphSet.concat([train.subset(i, i + 1) for i in
-                                 np.random.default_rng([int(seed), 0x1A9]).permutation(len(train))])
+        train = train.reorder(np.random.default_rng([int(seed), 0x1A9]).permutation(len(train)))
     if test is None:
         nt = _split(len(train), test_fraction, src)
         if nt < 1:

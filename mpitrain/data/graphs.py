@@ -95,6 +95,16 @@ class GraphSet:
         edges += np.repeat(ptr[:-1], es).astype(np.int32)[:, None]
         return self.x[_ranges(n0, ns)], edges, self.edge_attr[eidx], ptr, self.y[idx]
 
+    def reorder(self, idx) -> "GraphSet":
+        """Graphs ``idx`` in that order as a GraphSet of their own (edges local again)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        x, edges, ea, ptr, y = self.pack(idx)
+        es = self.edge_ptr[idx + 1] - self.edge_ptr[idx]
+        eptr = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(es, out=eptr[1:])
+        edges -= np.repeat(ptr[:-1], es).astype(np.int32)[:, None]
+        return GraphSet(x, edges, ea, ptr, eptr, y)
+
     def subset(self, lo: int, hi: int) -> "GraphSet":
         """Graphs [lo, hi) as a GraphSet of their own (pointers rebased to 0)."""
         a, b = self.node_ptr[lo], self.node_ptr[hi]
