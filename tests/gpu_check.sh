@@ -3,7 +3,8 @@
 #
 #   1. the GPU tests of tests/test_gpu.py: under mpirun on $NP ranks (-m "mpi and gpu") and
 #      serially (-m "gpu and not mpi": model/optimizers on CuPy, a short training run on 2
-#      ranks sharing one GPU, the GPU bench); MPITRAIN_REQUIRE_GPU=1 turns a skip into a failure;
+#      ranks sharing one GPU, the GPU bench; the MPNN and graph-mlp on CuPy vs NumPy in
+#      tests/test_graphs.py); MPITRAIN_REQUIRE_GPU=1 turns a skip into a failure;
 #   2. a short training run, train.backend=cupy, $NP ranks sharing the GPU(s): test accuracy;
 #   3. the speed check: jobs/synthetic.toml with backend=numpy and backend=cupy, samples/s;
 #   4. the GPU bench: ring and native on device buffers up to $MAX, with the memcpy and the
@@ -62,7 +63,7 @@ step "MPI GPU tests ($NP ranks)" timeout -k 10 "$PER_RUN" mpirun -n "$NP" python
     -m "mpi and gpu" -p no:cacheprovider --timeout="$PER_TEST" --timeout-method=thread -q -rs tests/test_gpu.py
 
 step "serial GPU tests" timeout -k 10 "$PER_RUN" python -m pytest -m "gpu and not mpi" -p no:cacheprovider \
-    --timeout="$PER_TEST" -q -rs -s tests/test_gpu.py
+    --timeout="$PER_TEST" -q -rs -s tests/test_gpu.py tests/test_graphs.py
 
 step "training, backend=cupy, $NP ranks sharing the GPU(s)" timeout -k 10 "$PER_RUN" mpirun -n "$NP" \
     python -m mpitrain train --set train.backend=cupy --set train.share_gpu=true --set train.epochs=5 \

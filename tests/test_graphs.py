@@ -390,3 +390,24 @@ def test_stopped_and_resumed_mpnn_run_is_bitwise_identical(tmp_path, small_graph
     a, b = checkpoint.latest(tmp_path / "a" / "ck"), checkpoint.latest(tmp_path / "b" / "ck")
     assert a["step"] == b["step"] == 75
     assert a["params"].tobytes() == b["params"].tobytes(), "the resumed MPNN run differs from the uninterrupted one"
+
+
+@pytest.mark.gpu
+def test_mpnn_and_graph_mlp_on_cupy_match_numpy():
+    from mpitrain import backend
+
+    if not backend.gpu_available():
+        assert os.environ.get("MPITRAIN_REQUIRE_GPU") != "1", backend.gpu_unavailable_reason()
+        pytest.skip(f"needs a CUDA GPU: {backend.gpu_unavailable_reason()}")
+    import cupy
+
+    batch = _edge_attr_batch(graphs=6, fe=2)
+    for make in (lambda xp: MPNN(4, 2, 2, width=6, rounds=2, hidden=[5], readout="mean", residual=True, xp=xp,
+                                 dtype=np.float64, seed=2),
+                 lambda xp: GraphMLP(4, [5], 2, xp=xp, dtype=np.float64, seed=2)):
+        cpu, gpu = make(np), make(cupy)
+        assert np.array_equal(cpu.params, cupy.asnumpy(gpu.params)), "host-drawn initial values agree"
+        lc, cc = cpu.loss_and_grad(batch)
+        lg, cg = gpu.loss_and_grad(tuple(cupy.asarray(a) for a in batch))
+        assert abs(lc - lg) < 1e-10 and cc == cg
+        np.testing.assert_allclose(cupy.asnumpy(gpu.grads), cpu.grads, rtol=1e-9, atol=1e-12)
