@@ -216,13 +216,8 @@ def write_graph_file(path, g: GraphSet, *, classes: int, kind: str = "train", of
     return entry
 
 
-def read_graph_file(path, *, manifest: dict, entry: dict, kind: str, verify: bool = True,
-                    lo: int = 0, hi: int | None = None) -> GraphSet:
-    """Graphs [lo, hi) of one file, checked against the manifest; DataProblem naming file and graph.
-
-    Structure and attributes are always checked; with ``verify`` the graphs read are validated and,
-    when the whole file is read, its checksum is recomputed.
-    """
+def open_graph_file(path, *, manifest: dict, entry: dict, kind: str):
+    """Open one graph file read-only, its structure and attributes checked (no graphs read)."""
     import h5py
 
     path = Path(path)
@@ -232,34 +227,58 @@ def read_graph_file(path, *, manifest: dict, entry: dict, kind: str, verify: boo
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
         raise DataProblem(path, f"unreadable: truncated or not an HDF5 file ({e})") from None
-    with f:
+    try:
         _check_attrs(f, path, manifest, entry, kind)
-        rows = int(entry["rows"])
-        hi = rows if hi is None else hi
-        try:
-            nptr, eptr = f["node_ptr"][lo:hi + 1], f["edge_ptr"][lo:hi + 1]
-            if len(nptr) != hi - lo + 1 or len(eptr) != hi - lo + 1:
-                raise DataProblem(path, f"node_ptr/edge_ptr hold fewer than {rows + 1} entries "
-                                        f"({len(f['node_ptr'])}, {len(f['edge_ptr'])}; sizes disagree)")
-            a, b, c, d = int(nptr[0]), int(nptr[-1]), int(eptr[0]), int(eptr[-1])
-            if not (0 <= a <= b <= len(f["x"]) and 0 <= c <= d <= len(f["edges"])):
-                raise DataProblem(path, f"node_ptr/edge_ptr point outside the file's {len(f['x'])} nodes / "
-                                        f"{len(f['edges'])} edges (sizes disagree)")
-            ea = f["edge_attr"][c:d] if "edge_attr" in f else None
-            g = GraphSet(f["x"][a:b], f["edges"][c:d], ea, nptr - a, eptr - c, f["y"][lo:hi])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataProblem(path, f"unreadable arrays ({e}); the file is damaged") from None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def read_graphs(f, path, lo: int, hi: int) -> GraphSet:
+    """Graphs [lo, hi) of an open graph file (pointers rebased); DataProblem when the arrays disagree."""
+    try:
+        nptr, eptr = f["node_ptr"][lo:hi + 1], f["edge_ptr"][lo:hi + 1]
+        if len(nptr) != hi - lo + 1 or len(eptr) != hi - lo + 1:
+            raise DataProblem(path, f"node_ptr/edge_ptr hold fewer than {hi + 1} entries "
+                                    f"({len(f['node_ptr'])}, {len(f['edge_ptr'])}; sizes disagree)")
+        a, b, c, d = int(nptr[0]), int(nptr[-1]), int(eptr[0]), int(eptr[-1])
+        if not (0 <= a <= b <= len(f["x"]) and 0 <= c <= d <= len(f["edges"])):
+            raise DataProblem(path, f"node_ptr/edge_ptr point outside the file's {len(f['x'])} nodes / "
+                                    f"{len(f['edges'])} edges (sizes disagree)")
+        ea = f["edge_attr"][c:d] if "edge_attr" in f else None
+        return GraphSet(f["x"][a:b], f["edges"][c:d], ea, nptr - a, eptr - c, f["y"][lo:hi])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataProblem(path, f"unreadable arrays ({e}); the file is damaged") from None
+
+
+def read_graph_file(path, *, manifest: dict, entry: dict, kind: str, verify: bool = True,
+                    lo: int = 0, hi: int | None = None) -> GraphSet:
+    """Graphs [lo, hi) of one file, checked against the manifest; DataProblem naming file and graph.
+
+    Structure and attributes are always checked; with ``verify`` the graphs read are validated and,
+    when the whole file is read, its checksum is recomputed.
+    """
+    rows = int(entry["rows"])
+    hi = rows if hi is None else hi
+    with open_graph_file(path, manifest=manifest, entry=entry, kind=kind) as f:
+        g = read_graphs(f, path, lo, hi)
     if verify:
-        validate(g, path, classes=manifest["classes"], features=manifest["features"],
-                 edge_features=manifest.get("edge_features", 0), first=lo)
-        if lo == 0 and hi == rows:
-            arrays = g.arrays()
-            if g.edge_features == 0:
-                arrays.pop("edge_attr")
-            if checksum_graphs(arrays) != entry["checksum"]:
-                raise DataProblem(path, "checksum mismatch: the contents changed since the set was made "
-                                        "(corrupted or edited)")
+        verify_graphs(g, path, manifest, entry, lo=lo, whole=lo == 0 and hi == rows)
     return g
+
+
+def verify_graphs(g: GraphSet, path, manifest: dict, entry: dict, *, lo: int, whole: bool) -> None:
+    """validate() against the manifest; the checksum too when ``g`` is the whole file."""
+    validate(g, path, classes=manifest["classes"], features=manifest["features"],
+             edge_features=manifest.get("edge_features", 0), first=lo)
+    if whole:
+        arrays = g.arrays()
+        if g.edge_features == 0:
+            arrays.pop("edge_attr")
+        if checksum_graphs(arrays) != entry["checksum"]:
+            raise DataProblem(path, "checksum mismatch: the contents changed since the set was made "
+                                    "(corrupted or edited)")
 
 
 def _check_attrs(f, path, manifest, entry, kind) -> None:
