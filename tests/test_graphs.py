@@ -45,8 +45,8 @@ def test_make_is_seeded_independent_of_shards_and_label_follows_the_rule(tmp_pat
     a, b = _set(tmp_path, "a", shards=2), _set(tmp_path, "b", shards=5)
     ra, rb = open_dataset(a, batch_size=4), open_dataset(b, batch_size=4)
     for k in ("x", "edges", "node_ptr", "edge_ptr", "y"):
-        assert np.array_equal(getattr(ra._train, k), getattr(rb._train, k)), k
-    g = ra._train
+        assert np.array_equal(getattr(ra.local_graphs(), k), getattr(rb.local_graphs(), k)), k
+    g = ra.local_graphs()
     red = g.x[:, 0] > 0.5
     for i in range(len(g)):
         e = g.edges[g.edge_ptr[i]:g.edge_ptr[i + 1]] + g.node_ptr[i]
@@ -134,25 +134,26 @@ def test_cli_make_check_import(tmp_path, capsys):
                 "--test-fraction", "0.2") == 0
     assert "2 edge features" in capsys.readouterr().out
     r = open_dataset(tmp_path / "i", batch_size=2)
-    assert r.spec.edge_features == 2 and len(r._train) == 24 and len(r._test) == 6
-    t = r._train
+    assert r.spec.edge_features == 2 and len(r.local_graphs()) == 24 and len(r.test_graphs()) == 6
+    t = r.local_graphs()
     assert np.array_equal(t.x, g.subset(6, 30).x) and np.array_equal(t.edges, g.subset(6, 30).edges)
     assert np.array_equal(t.edge_attr, ea[g.edge_ptr[6]:])
     assert _cli("import", str(tmp_path / "g.npz"), "--out", str(tmp_path / "s"), "--shards", "2") == 0
     sh = open_dataset(tmp_path / "s", batch_size=2)
-    both = GraphSet.concat([sh._train, sh._test])
+    both = GraphSet.concat([sh.local_graphs(), sh.test_graphs()])
     key = lambda gs: sorted(gs.x[gs.node_ptr[i]:gs.node_ptr[i + 1]].tobytes() + gs.edges[  # noqa: E731
         gs.edge_ptr[i]:gs.edge_ptr[i + 1]].tobytes() for i in range(len(gs)))
-    assert len(sh._train) == 24 and key(both) == key(g), "a shuffled import holds the same graphs"
+    assert sh.rows_local == 24 and key(both) == key(g), "a shuffled import holds the same graphs"
     np.savez(tmp_path / "bad.npz", x=g.x, edges=g.edges + 50, node_ptr=g.node_ptr, edge_ptr=g.edge_ptr, y=g.y)
     assert _cli("import", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "j")) == 1
     err = capsys.readouterr().err
     assert "out of range" in err and "graph 0" in err and "Traceback" not in err, err
 
 
-def test_reader_packs_covers_shuffles_and_resumes(tmp_path):
+@pytest.mark.parametrize("block,window", [(1024, 4), (7, 2)])
+def test_reader_packs_covers_shuffles_and_resumes(tmp_path, block, window):
     d = _set(tmp_path, graphs=120, shards=3)
-    r = open_dataset(d, batch_size=8, seed=5)
+    r = open_dataset(d, batch_size=8, seed=5, block_graphs=block, window_blocks=window)
     assert r.steps_per_epoch == 15
     ep0 = list(r.batches(0))
     seen = []
@@ -163,7 +164,7 @@ def test_reader_packs_covers_shuffles_and_resumes(tmp_path):
         assert (np.diff(e[:, 1]) >= 0).all(), "receivers sorted in the packed batch"
         seen += [x[a:b].tobytes() for a, b in zip(ptr[:-1], ptr[1:])]
     assert len(set(seen)) == 120, "every training graph once per epoch"
-    again = list(open_dataset(d, batch_size=8, seed=5).batches(0, start=6))
+    again = list(open_dataset(d, batch_size=8, seed=5, block_graphs=block, window_blocks=window).batches(0, start=6))
     for a, b in zip(ep0[6:], again):
         assert all(np.array_equal(u, v) for u, v in zip(a, b)), "resume at step 6 = the uninterrupted tail"
     assert not np.array_equal(ep0[0][0], next(iter(r.batches(1)))[0]), "epochs differ"
@@ -329,9 +330,9 @@ def test_mpi_reader_partitions_graphs_and_fails_together(comm, shared_tmp):
     comm.Barrier()
     r = open_dataset(d, comm, batch_size=2, seed=1)
     mine = {round(float(x[:, 2].sum()), 5) for b in r.batches(0) for x in [b[0]]}
-    ids = comm.allgather(sorted(round(float(v), 5) for v in r._train.x[:, 2]))
+    ids = comm.allgather(sorted(round(float(v), 5) for v in r.local_graphs().x[:, 2]))
     assert sum(len(i) for i in ids) == len({v for i in ids for v in i}), "ranks hold disjoint graphs"
-    assert mine and r.steps_per_epoch == min(comm.allgather(len(r._train))) // 2
+    assert mine and r.steps_per_epoch == min(comm.allgather(r.rows_local)) // 2
     comm.Barrier()
     if rank == 0:
         with h5py.File(d / f"train-0000{size - 1 if size < 3 else 2}.h5", "r+") as f:

@@ -5,18 +5,24 @@ Ownership is the rows reader's (reader.plan_segments), with graphs for rows::
     K >= p  round-robin shards: rank r opens shards r, r+p, ...
     K <  p  the global graphs [0, G) cut into p contiguous ranges, read as slices of the shards
 
-Each rank loads its own graphs at open (memory: its share of the set, nodes + edges) and
-validates them (edges in range, offsets monotone, sizes agree, labels, finite values; the
-checksum of each file it reads whole). One ``allgather`` then shares (error, signature,
-graphs): a problem on any rank is a UserError on every rank, naming the rank, file and graph.
+Streaming, as the rows reader does it: this rank's graphs are cut into blocks of ``block_graphs``
+consecutive graphs; each epoch the block order is shuffled, ``window_blocks`` blocks at a time are
+read and their graphs permuted, and consecutive b graphs of that stream are packed into one batch::
 
-    epoch e:  perm = permutation(graphs_r) seeded by (seed, e, rank)
-              batch k = pack(perm[k*b : (k+1)*b])       b graphs -> one block-diagonal graph
-    steps_per_epoch = min over ranks (graphs_r // b)    agreed at open; the rest dropped per epoch
+    epoch e:  blocks in order permutation(blocks)           seeded by (seed, e, rank, 0)
+              window w: its graphs in permutation(graphs)   seeded by (seed, e, rank, 1, w)
+              stream = window 0's graphs, window 1's, ...;  batch k = pack(stream[k*b : (k+1)*b])
+    steps_per_epoch = min over ranks (graphs_r // b)        agreed at open; the rest dropped per epoch
 
-``batches(epoch, start=k)`` yields exactly what an uninterrupted pass yields from batch k on
-(the permutation is recomputed, nothing is read). ``test_batches(b)``: this rank's contiguous
-part of the test graphs, in order. Cost per batch: one gather of its nodes and edges.
+``batches(epoch, start=k)`` skips the windows before batch k without reading them and then yields
+exactly what an uninterrupted pass yields. Memory: one window (+ one partial batch), never the whole
+share. ``test_batches(b)``: this rank's contiguous part of the test graphs, in order, b at a time.
+
+At open every rank checks the files it reads (structure, attributes) and, with ``verify``, every
+graph it will read (edges in range, offsets monotone, sizes agree, labels, finite values; the
+checksum of each file it reads whole), one file at a time. One ``allgather`` then shares (error,
+signature, graphs): a problem on any rank is a UserError on every rank, naming the rank, file and
+graph. Cost per batch: one gather of its nodes and edges (GraphSet.pack).
 """
 
 from __future__ import annotations
@@ -26,16 +32,18 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import UserError, log0, tag
-from .graphs import GraphSet, read_graph_file
+from .graphs import GraphSet, open_graph_file, read_graphs, verify_graphs
 from .shards import DataProblem, split_bounds
 from .spec import spec_of
+
+BLOCK_GRAPHS = 1024
 
 
 class GraphReader:
     """This rank's graphs; see the module docstring. Same surface as reader.Reader."""
 
-    def __init__(self, *, path, comm, manifest, batch_size, seed, train: GraphSet, test: GraphSet,
-                 steps_per_epoch, graphs_per_rank):
+    def __init__(self, *, path, comm, manifest, batch_size, seed, files, segments, test_file, test_range,
+                 steps_per_epoch, graphs_per_rank, block_graphs=BLOCK_GRAPHS, window_blocks=4):
         self.path, self.comm = Path(path), comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.manifest = manifest
@@ -45,12 +53,16 @@ class GraphReader:
         self.test_rows = int(manifest["test"]["rows"])
         self.num_shards = len(manifest["shards"])
         self.batch_size, self.seed = int(batch_size), int(seed)
-        self._train, self._test = train, test
-        self.rows_local = len(train)
-        self.test_rows_local = len(test)
+        self._files, self._test, self.test_range = files, test_file, test_range
+        self.segments = segments
+        self.rows_local = sum(hi - lo for _, lo, hi in segments)
+        self.test_rows_local = test_range[1] - test_range[0]
         self.rows_per_rank = graphs_per_rank
         self.steps_per_epoch = int(steps_per_epoch)
         self.dropped_per_epoch = self.rows_local - self.steps_per_epoch * self.batch_size
+        self.block_graphs, self.window_blocks = int(block_graphs), int(window_blocks)
+        self._blocks = [(s, a, min(a + self.block_graphs, hi)) for s, lo, hi in segments
+                        for a in range(lo, hi, self.block_graphs)]
         self.closed = False
 
     def describe(self) -> str:
@@ -65,9 +77,21 @@ class GraphReader:
         if self.closed:
             raise ValueError("reader is closed")
 
-    def order(self, epoch: int) -> np.ndarray:
-        """This rank's graph order in ``epoch`` (seeded by seed, epoch, rank)."""
-        return np.random.default_rng([self.seed, int(epoch), self.rank, 0]).permutation(self.rows_local)
+    def _read(self, s, a, b) -> GraphSet:
+        return read_graphs(self._files[s], self.path / self.manifest["shards"][s]["file"], a, b)
+
+    def local_graphs(self) -> GraphSet:
+        """All of this rank's training graphs in file order (reads them; for tools and tests)."""
+        self._check_open()
+        return GraphSet.concat([self._read(s, lo, hi) for s, lo, hi in self.segments]) if self.segments else \
+            _empty(self.manifest)
+
+    def test_graphs(self) -> GraphSet:
+        """This rank's part of the test graphs."""
+        self._check_open()
+        lo, hi = self.test_range
+        return read_graphs(self._test, self.path / self.manifest["test"]["file"], lo, hi) if hi > lo else \
+            _empty(self.manifest)
 
     def batches(self, epoch: int, start: int = 0):
         """Yield exactly ``steps_per_epoch - start`` packed batches (spec.py, kind graphs)."""
@@ -80,21 +104,51 @@ class GraphReader:
         return self._stream(epoch, start)
 
     def _stream(self, epoch, start):
-        perm, b = self.order(epoch), self.batch_size
-        for k in range(start, self.steps_per_epoch):
-            yield self._train.pack(perm[k * b:(k + 1) * b])
+        b = self.batch_size
+        total, need = self.steps_per_epoch * b, start * b
+        order = np.random.default_rng([self.seed, epoch, self.rank, 0]).permutation(len(self._blocks))
+        pos, carry, emitted, W = 0, None, 0, self.window_blocks
+        for w, i0 in enumerate(range(0, len(self._blocks), W)):
+            if pos >= total:
+                break
+            win = [self._blocks[j] for j in order[i0:i0 + W]]
+            n = sum(hi - lo for _, lo, hi in win)
+            if pos + n <= need:  # before the resume point: not read
+                pos += n
+                continue
+            graphs = GraphSet.concat([self._read(*blk) for blk in win])
+            perm = np.random.default_rng([self.seed, epoch, self.rank, 1, w]).permutation(n)
+            graphs = graphs.reorder(perm[max(need - pos, 0):min(total - pos, n)])
+            pos += n
+            if carry is not None:
+                graphs = GraphSet.concat([carry, graphs])
+            full = len(graphs) // b
+            for k in range(full):
+                emitted += 1
+                yield graphs.pack(np.arange(k * b, (k + 1) * b))
+            carry = graphs.subset(full * b, len(graphs)) if len(graphs) > full * b else None
+        assert carry is None and emitted == self.steps_per_epoch - start, (emitted, carry)
 
     def test_batches(self, batch_size: int):
         self._check_open()
         batch_size = int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return (self._test.pack(np.arange(a, min(a + batch_size, len(self._test))))
-                for a in range(0, len(self._test), batch_size))
+        return self._test_stream(batch_size)
+
+    def _test_stream(self, bs):
+        lo, hi = self.test_range
+        path = self.path / self.manifest["test"]["file"]
+        for a in range(lo, hi, bs):
+            g = read_graphs(self._test, path, a, min(a + bs, hi))
+            yield g.pack(np.arange(len(g)))
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
-        self._train = self._test = None
+        _close_all(list(self._files.values()) + [self._test])
+        self._files, self._test = {}, None
 
     def __enter__(self):
         return self
@@ -104,32 +158,49 @@ class GraphReader:
         return False
 
 
-def _load_local(path: Path, m: dict, rank: int, size: int, verify: bool):
+def _empty(m) -> GraphSet:
+    return GraphSet(np.zeros((0, m["features"])), np.zeros((0, 2)), np.zeros((0, m.get("edge_features", 0))),
+                    np.zeros(1), np.zeros(1), np.zeros(0))
+
+
+def _close_all(files) -> None:
+    for f in files:
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _open_local(path: Path, m: dict, rank: int, size: int, verify: bool, st: dict) -> None:
+    """Open (and with ``verify`` check, one file at a time) what this rank reads; fills ``st``."""
     from .reader import plan_segments
 
-    parts = []
-    for s, lo, hi in plan_segments([e["rows"] for e in m["shards"]], size, rank):
-        e = m["shards"][s]
-        parts.append(read_graph_file(path / e["file"], manifest=m, entry=e, kind="train", verify=verify,
-                                     lo=lo, hi=hi))
-    te = m["test"]
-    tlo, thi = split_bounds(te["rows"], size)[rank]
-    test = read_graph_file(path / te["file"], manifest=m, entry=te, kind="test", verify=verify, lo=tlo, hi=thi)
-    empty = GraphSet(np.zeros((0, m["features"])), np.zeros((0, 2)), np.zeros((0, m.get("edge_features", 0))),
-                     np.zeros(1), np.zeros(1), np.zeros(0))
-    return GraphSet.concat(parts) if parts else empty, test
+    st["segments"] = plan_segments([e["rows"] for e in m["shards"]], size, rank)
+    for s, lo, hi in st["segments"]:
+        e, fp = m["shards"][s], path / m["shards"][s]["file"]
+        st["files"][s] = open_graph_file(fp, manifest=m, entry=e, kind="train")
+        if verify:
+            verify_graphs(read_graphs(st["files"][s], fp, lo, hi), fp, m, e, lo=lo, whole=lo == 0 and hi == e["rows"])
+    te, fp = m["test"], path / m["test"]["file"]
+    st["test_range"] = tlo, thi = split_bounds(te["rows"], size)[rank]
+    if thi > tlo:
+        st["test"] = open_graph_file(fp, manifest=m, entry=te, kind="test")
+        if verify:
+            verify_graphs(read_graphs(st["test"], fp, tlo, thi), fp, m, te, lo=tlo, whole=thi - tlo == te["rows"])
 
 
-def open_graphs(path, comm, manifest: dict, *, batch_size: int, seed: int = 0, verify: bool = True) -> GraphReader:
+def open_graphs(path, comm, manifest: dict, *, batch_size: int, seed: int = 0, verify: bool = True,
+                block_graphs: int = BLOCK_GRAPHS, window_blocks: int = 4) -> GraphReader:
     """Open graph set ``path`` (its manifest already read) for this rank; collective over ``comm``."""
     from .reader import _hint
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    err, train, test = None, None, None
+    err, st = None, {"files": {}, "test": None, "segments": []}
     try:
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise UserError(f"{tag()} batch_size must be a positive integer (got {batch_size!r})")
-        train, test = _load_local(Path(path), manifest, rank, size, verify)
+        _open_local(Path(path), manifest, rank, size, verify, st)
     except DataProblem as e:
         err = f"{tag()} {e.file}: {e.reason}; {_hint(manifest, path)}"
     except UserError as e:
@@ -138,31 +209,36 @@ def open_graphs(path, comm, manifest: dict, *, batch_size: int, seed: int = 0, v
         err = f"{tag()} {type(e).__name__}: {e}"
     sig = {"features": manifest["features"], "classes": manifest["classes"], "train_rows": manifest["train_rows"],
            "batch_size": batch_size, "seed": int(seed)}
-    n = len(train) if train is not None else -1
+    n = sum(hi - lo for _, lo, hi in st["segments"]) if err is None else -1
     gathered = comm.allgather((err, sig, n)) if size > 1 else [(err, sig, n)]
+
+    def fail(text):
+        _close_all(list(st["files"].values()) + [st["test"]])
+        raise UserError(text)
+
     bad = [(r, g[0]) for r, g in enumerate(gathered) if g[0] is not None]
     if bad:
         r, text = bad[0]
-        if r == rank:
-            raise UserError(text)
-        raise UserError(f"{tag()} cannot open data set {path}: rank {r} failed: {text}")
+        fail(text if r == rank else f"{tag()} cannot open data set {path}: rank {r} failed: {text}")
     if any(g[1] != sig for g in gathered):
-        raise UserError(f"{tag()} {path}: ranks disagree on the data set or on batch_size/seed "
-                        f"({[g[1] for g in gathered]}); every rank must read the same set with the same job")
+        fail(f"{tag()} {path}: ranks disagree on the data set or on batch_size/seed "
+             f"({[g[1] for g in gathered]}); every rank must read the same set with the same job")
     per_rank = [g[2] for g in gathered]
     steps = min(per_rank) // int(batch_size)
     if steps == 0:
         r = int(np.argmin(per_rank))
-        raise UserError(f"{tag()} {path}: rank {r} holds only {per_rank[r]} training graphs, fewer than "
-                        f"batch_size={batch_size} ({manifest['train_rows']} graphs in {len(manifest['shards'])} "
-                        f"shards over {size} ranks); use a smaller batch size, fewer ranks or more graphs")
+        fail(f"{tag()} {path}: rank {r} holds only {per_rank[r]} training graphs, fewer than "
+             f"batch_size={batch_size} ({manifest['train_rows']} graphs in {len(manifest['shards'])} "
+             f"shards over {size} ranks); use a smaller batch size, fewer ranks or more graphs")
     used = steps * int(batch_size) * size
     if used < 0.9 * manifest["train_rows"]:
         log0(f"warning: data set {path}: only {used} of {manifest['train_rows']} training graphs are used per "
              f"epoch ({len(manifest['shards'])} shards over {size} ranks, batch {batch_size}); remake it with a "
              f"shard count that is a multiple of {size}", comm=comm)
     return GraphReader(path=path, comm=comm, manifest=manifest, batch_size=int(batch_size), seed=seed,
-                       train=train, test=test, steps_per_epoch=steps, graphs_per_rank=per_rank)
+                       files=st["files"], segments=st["segments"], test_file=st["test"],
+                       test_range=st["test_range"], steps_per_epoch=steps, graphs_per_rank=per_rank,
+                       block_graphs=block_graphs, window_blocks=window_blocks)
 
 
 def graph_manifest(path) -> dict | None:
