@@ -333,6 +333,7 @@ def test_mpi_reader_partitions_graphs_and_fails_together(comm, shared_tmp):
     ids = comm.allgather(sorted(round(float(v), 5) for v in r.local_graphs().x[:, 2]))
     assert sum(len(i) for i in ids) == len({v for i in ids for v in i}), "ranks hold disjoint graphs"
     assert mine and r.steps_per_epoch == min(comm.allgather(r.rows_local)) // 2
+    r.close()
     comm.Barrier()
     if rank == 0:
         with h5py.File(d / f"train-0000{size - 1 if size < 3 else 2}.h5", "r+") as f:
