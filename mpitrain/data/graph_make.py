@@ -20,7 +20,8 @@ Import (``import_graphs``): an .npz with the arrays of graphs.py (x, edges, node
 optional edge_attr; optional x_test, edges_test, node_ptr_test, edge_ptr_test, y_test[, edge_attr_test]
 as the test set), shuffled (seeded), split and sharded. Edges are re-sorted by receiver per graph.
 
-Cost: O(total nodes + edges) time and memory (the whole set is built in memory, then sharded).
+Cost: O(total nodes + edges) time; memory: one shard for ``make`` (graphs are generated shard by shard),
+the whole file for ``import``.
 """
 
 from __future__ import annotations
@@ -95,18 +96,22 @@ def parse_nodes(text) -> tuple[int, int]:
     return a, b
 
 
-def write_graph_set(out, train: GraphSet, test: GraphSet, *, shards: int, classes: int, made: dict,
+def write_graph_set(out, n_train: int, train_part, test_part, *, shards: int, classes: int, made: dict,
                     overwrite: bool = False, log=None) -> dict:
-    """Shard ``train`` into ``out`` with ``test`` as test.h5; manifest last. Returns the manifest."""
-    _check_sizes(shards, len(train), out)
+    """Write ``train_part(lo, hi)`` (a GraphSet of training graphs [lo, hi)) shard by shard and
+    ``test_part()`` as test.h5 into ``out``; the manifest last. Memory: one shard. Returns the manifest."""
+    _check_sizes(shards, n_train, out)
     out = _prepare_out(out, overwrite)
-    entries = []
-    for i, (lo, hi) in enumerate(split_bounds(len(train), shards)):
-        entries.append(write_graph_file(out / shard_name(i), train.subset(lo, hi), classes=classes, offset=lo))
+    entries, nodes, edges, part = [], 0, 0, None
+    for i, (lo, hi) in enumerate(split_bounds(n_train, shards)):
+        part = train_part(lo, hi)
+        entries.append(write_graph_file(out / shard_name(i), part, classes=classes, offset=lo))
+        nodes, edges = nodes + len(part.x), edges + len(part.edges)
+    test = test_part()
     test_entry = write_graph_file(out / TEST_FILE, test, classes=classes, kind="test")
     manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "kind": KIND,
-                "features": int(train.features), "edge_features": int(train.edge_features),
-                "classes": int(classes), "train_rows": len(train), "shards": entries, "test": test_entry,
+                "features": int(part.features), "edge_features": int(part.edge_features),
+                "classes": int(classes), "train_rows": int(n_train), "shards": entries, "test": test_entry,
                 "made": made}
     write_json_atomic(out / MANIFEST, manifest)
     keep = {e["file"] for e in entries}
@@ -114,28 +119,28 @@ def write_graph_set(out, train: GraphSet, test: GraphSet, *, shards: int, classe
         if is_shard_name(p.name) and p.name not in keep:
             p.unlink(missing_ok=True)
     if log is not None:
-        log(f"{len(train)} train graphs ({int(train.node_ptr[-1])} nodes, {len(train.edges)} edges) in {shards} "
-            f"shards + {len(test)} test graphs -> {out}")
+        log(f"{n_train} train graphs ({nodes} nodes, {edges} edges) in {shards} shards + {len(test)} test "
+            f"graphs -> {out}")
     return manifest
 
 
 def make_graphs(out, *, graphs: int = 4000, test_graphs: int | None = None, nodes=(10, 30), seed: int = 0,
                 shards: int = DEFAULT_SHARDS, overwrite: bool = False, log=None) -> dict:
-    """Write the seeded synthetic graph-classification set (module docstring)."""
+    """Write the seeded synthetic graph-classification set (module docstring), one shard at a time."""
     lo, hi = parse_nodes(nodes) if isinstance(nodes, str) else (int(nodes[0]), int(nodes[1]))
     test_graphs = max(1, graphs // 4) if test_graphs is None else int(test_graphs)
     if not isinstance(graphs, int) or graphs < 1 or test_graphs < 1:
         raise UserError(f"{tag()} {out}: --graphs and --test-graphs must be >= 1 (got {graphs}, {test_graphs})")
     _check_sizes(shards, graphs, out)
     prog = Progress(graphs + test_graphs, "making graphs", log)
-    train = synthetic_graphs(seed, 0, graphs, (lo, hi), prog)
-    test = synthetic_graphs(seed, graphs, graphs + test_graphs, (lo, hi), prog)
     argv = ["make", "graphs", "--out", str(out), "--graphs", str(graphs), "--test-graphs", str(test_graphs),
             "--nodes", f"{lo}:{hi}", "--seed", str(seed), "--shards", str(shards)]
     made = _made("make graphs", {"graphs": graphs, "test_graphs": test_graphs, "nodes": [lo, hi], "seed": seed,
                                  "shards": shards, "rule": "label = more than half the edges join same colours"},
                  argv)
-    m = write_graph_set(out, train, test, shards=shards, classes=2, made=made, overwrite=overwrite, log=None)
+    m = write_graph_set(out, graphs, lambda a, b: synthetic_graphs(seed, a, b, (lo, hi), prog),
+                        lambda: synthetic_graphs(seed, graphs, graphs + test_graphs, (lo, hi), prog), shards=shards,
+                        classes=2, made=made, overwrite=overwrite, log=None)
     prog.finish(f"{graphs} train graphs in {shards} shards + {test_graphs} test graphs -> {out}")
     return m
 
@@ -207,7 +212,8 @@ def import_graphs(src, out, *, shards: int = DEFAULT_SHARDS, seed: int = 0, test
             "--test-fraction", str(test_fraction)] + ([] if shuffle else ["--no-shuffle"])
     made = _made("import graphs", {"source": str(src.resolve()), "shards": shards, "seed": seed,
                                    "shuffle": shuffle}, argv)
-    return write_graph_set(out, sort_by_receiver(train), sort_by_receiver(test), shards=shards, classes=classes,
+    train, test = sort_by_receiver(train), sort_by_receiver(test)
+    return write_graph_set(out, len(train), train.subset, lambda: test, shards=shards, classes=classes,
                            made=made, overwrite=overwrite, log=log)
 
 
