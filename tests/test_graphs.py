@@ -368,23 +368,15 @@ def small_graphs(tmp_path_factory):
     return d
 
 
-def test_two_rank_mpnn_jobs_with_buckets_and_ps_and_the_baseline(tmp_path, small_graphs):
-    m, out = _job(2, tmp_path / "b", small_graphs, "comm.bucket_bytes=4096", "train.epochs=4", "checkpoint.every=2")
-    assert "MPNN" in out and m["strategy"] == "ring+buckets(4096)" and m["test_accuracy"] >= 0.85, m
-    assert (tmp_path / "b" / "ck").is_dir()
-    m, _ = _job(2, tmp_path / "p", small_graphs, 'comm.mode="ps"', "train.epochs=3", "checkpoint.every=0")
-    assert m["strategy"].startswith("ps") and m["epochs"] == 3 and m["test_accuracy"] >= 0.75, m
-    m, _ = _job(2, tmp_path / "m", small_graphs, 'model.kind="graph-mlp"', "train.epochs=3", "checkpoint.every=0")
-    assert m["test_accuracy"] < 0.65, f"the mean-feature baseline should be near chance: {m}"
-
-
-def test_stopped_and_resumed_mpnn_run_is_bitwise_identical(tmp_path, small_graphs):
-    """SIGUSR1 at step 37 (mid epoch 2 of 25-step epochs): checkpoint, exit 75, --resume; the graph reader
-    restarts the epoch at that step and the result equals the uninterrupted run's, bit for bit."""
+def test_two_rank_mpnn_with_buckets_trains_and_a_stopped_run_resumes_bitwise(tmp_path, small_graphs):
+    """Buckets overlapped with backprop; SIGUSR1 at step 37 (mid epoch 2 of 25-step epochs): checkpoint,
+    exit 75, --resume; the graph reader restarts the epoch at that step and the final parameters equal
+    the uninterrupted run's, bit for bit."""
     from mpitrain import checkpoint
 
-    common = ("train.epochs=3", "checkpoint.every=1")
-    _job(2, tmp_path / "a", small_graphs, *common)
+    common = ("comm.bucket_bytes=4096", "train.epochs=3", "checkpoint.every=1")
+    m, out = _job(2, tmp_path / "a", small_graphs, *common)
+    assert "MPNN" in out and m["strategy"] == "ring+buckets(4096)" and m["test_accuracy"] >= 0.85, m
     _, out = _job(2, tmp_path / "b", small_graphs, *common, env={"MPITRAIN_FAULT": "0:37:usr1"}, rc=75)
     assert "stopped by signal SIGUSR1" in out
     _, out = _job(2, tmp_path / "b", small_graphs, *common, args=["--resume"])
@@ -392,6 +384,13 @@ def test_stopped_and_resumed_mpnn_run_is_bitwise_identical(tmp_path, small_graph
     a, b = checkpoint.latest(tmp_path / "a" / "ck"), checkpoint.latest(tmp_path / "b" / "ck")
     assert a["step"] == b["step"] == 75
     assert a["params"].tobytes() == b["params"].tobytes(), "the resumed MPNN run differs from the uninterrupted one"
+
+
+def test_two_rank_mpnn_with_the_parameter_server_and_the_baseline(tmp_path, small_graphs):
+    m, _ = _job(2, tmp_path / "p", small_graphs, 'comm.mode="ps"', "train.epochs=3", "checkpoint.every=0")
+    assert m["strategy"].startswith("ps") and m["epochs"] == 3 and m["test_accuracy"] >= 0.75, m
+    m, _ = _job(2, tmp_path / "m", small_graphs, 'model.kind="graph-mlp"', "train.epochs=3", "checkpoint.every=0")
+    assert m["test_accuracy"] < 0.65, f"the mean-feature baseline should be near chance: {m}"
 
 
 @pytest.mark.gpu
