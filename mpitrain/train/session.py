@@ -82,7 +82,8 @@ class Run:
             self.strategy.restore(ck)
         self.first_step = self.step
         log0(f"mpitrain {__version__}: {self.strategy.describe_ranks()}, {self.model.describe()}, "
-             f"{self.train_rows} training rows, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
+             f"{self.train_rows} training {'graphs' if self.spec.kind == 'graphs' else 'rows'}, "
+             f"{self.steps_per_epoch} steps/epoch of {t.batch_size} x "
              f"{self.data_ranks}, sync={self.strategy.label}, backend={t.backend}")
 
     def _data_info(self) -> None:
