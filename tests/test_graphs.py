@@ -144,6 +144,12 @@ def test_cli_make_check_import(tmp_path, capsys):
     key = lambda gs: sorted(gs.x[gs.node_ptr[i]:gs.node_ptr[i + 1]].tobytes() + gs.edges[  # noqa: E731
         gs.edge_ptr[i]:gs.edge_ptr[i + 1]].tobytes() for i in range(len(gs)))
     assert sh.rows_local == 24 and key(both) == key(g), "a shuffled import holds the same graphs"
+    h = synthetic_graphs(2, 0, 5, (4, 7))
+    np.savez(tmp_path / "t.npz", x=g.x, edges=g.edges, node_ptr=g.node_ptr, edge_ptr=g.edge_ptr, y=g.y,
+             x_test=h.x, edges_test=h.edges, node_ptr_test=h.node_ptr, edge_ptr_test=h.edge_ptr, y_test=h.y)
+    assert _cli("import", str(tmp_path / "t.npz"), "--out", str(tmp_path / "t"), "--shards", "3") == 0
+    tt = open_dataset(tmp_path / "t", batch_size=2)
+    assert tt.rows_local == 30 and np.array_equal(tt.test_graphs().x, h.x), "the *_test arrays are the test set"
     np.savez(tmp_path / "bad.npz", x=g.x, edges=g.edges + 50, node_ptr=g.node_ptr, edge_ptr=g.edge_ptr, y=g.y)
     assert _cli("import", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "j")) == 1
     err = capsys.readouterr().err
