@@ -31,9 +31,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"                # models/ registry: mlp
+    kind: str = "mlp"                # models/ registry: mlp | mpnn | graph-mlp
     hidden: list[int] = field(default_factory=lambda: [128])  # MLP widths
     activation: str = "relu"         # relu | tanh
+    width: int = 32                  # mpnn: node state width
+    rounds: int = 2                  # mpnn: message-passing rounds
+    readout: str = "sum"             # mpnn: sum | mean over each graph's nodes
+    residual: bool = False           # mpnn: h + g(h, messages) where the widths allow
 
 
 @dataclass
@@ -108,7 +112,8 @@ class JobConfig:
 
 SECTIONS = {f.name: f.type for f in fields(JobConfig) if f.name != "source"}
 CHOICES = {
-    ("model", "kind"): ("mlp",),
+    ("model", "kind"): ("mlp", "mpnn", "graph-mlp"),
+    ("model", "readout"): ("sum", "mean"),
     ("model", "activation"): ("relu", "tanh"),
     ("train", "optimizer"): ("sgd", "adam"),
     ("train", "schedule"): ("constant", "step", "cosine"),
@@ -118,7 +123,7 @@ CHOICES = {
     ("comm", "overlap"): ("progress", "thread"),
     ("comm", "mode"): ("sync", "ps"),
     ("comm", "compress"): ("none", "fp16", "topk", "sign"),
-    ("data", "dataset"): ("digits", "synthetic", ""),
+    ("data", "dataset"): ("digits", "synthetic", "graphs", ""),
 }
 
 
@@ -215,6 +220,8 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
          f"needs {_hidden_weights(cfg.model.hidden):,} weights between hidden layers, more than "
          f"{MAX_HIDDEN_WEIGHTS:,} (2**31; every rank holds all parameters, gradients and optimizer "
          "state): use narrower or fewer layers"),
+        ("model.width", cfg.model.width >= 1, "must be >= 1"),
+        ("model.rounds", cfg.model.rounds >= 1, "must be >= 1"),
         ("data.shards", cfg.data.shards >= 1, "must be >= 1"),
         ("data.rows", cfg.data.rows >= 0, "must be >= 0"),
         ("data.features", cfg.data.features >= 0, "must be >= 0"),

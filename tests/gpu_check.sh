@@ -205,7 +205,7 @@ TRAIN_SET=(--set train.share_gpu=true --set data.path="$WORK/data/digits" --set 
 STEPS=(
   "info ($NP ranks)|60|mpirun -n $NP $PY -m mpitrain info"
   "MPI GPU tests ($NP ranks)|$PER_RUN|mpirun -n $NP $PY -m mpi4py -m pytest --with-mpi -m 'mpi and gpu' -p no:cacheprovider --timeout=$PER_TEST --timeout-method=thread -q -rs tests/test_gpu.py"
-  "serial GPU tests|$PER_RUN|$PY -m pytest -m 'gpu and not mpi' -p no:cacheprovider --timeout=$PER_TEST -q -rs -s tests/test_gpu.py"
+  "serial GPU tests|$PER_RUN|$PY -m pytest -m 'gpu and not mpi' -p no:cacheprovider --timeout=$PER_TEST -q -rs -s tests/test_gpu.py tests/test_graphs.py"
   "training, digits, backend=cupy, $NP ranks sharing the GPU(s)|$PER_RUN|mpirun -n $NP $PY -m mpitrain train --set train.backend=cupy --set train.epochs=5 ${TRAIN_SET[*]} --metrics-out $WORK/train-cupy.json"
   "speed: jobs/synthetic.toml, backend=numpy, $NP ranks|$PER_RUN|mpirun -n $NP $PY -m mpitrain train jobs/synthetic.toml --set train.backend=numpy --set train.share_gpu=true --set train.epochs=1 --set data.path=$WORK/data/synthetic --metrics-out $WORK/synthetic-numpy.json"
   "speed: jobs/synthetic.toml, backend=cupy, $NP ranks|$PER_RUN|mpirun -n $NP $PY -m mpitrain train jobs/synthetic.toml --set train.backend=cupy --set train.share_gpu=true --set train.epochs=1 --set data.path=$WORK/data/synthetic --metrics-out $WORK/synthetic-cupy.json"

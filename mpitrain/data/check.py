@@ -5,7 +5,9 @@ shard offsets, row totals); for each shard and the test file: present, opens (no
 truncated), x float32 [rows, features] / y int64 [rows], attributes agree with the
 manifest (schema version, features, classes, rows, offset, checksum), labels in
 [0, classes), no NaN/Inf in x, and the content checksum recomputed from the rows
-equals the recorded one. Leftover temporary files and shard files the manifest
+equals the recorded one. Graph sets (manifest kind "graphs", graphs.py): per file the arrays,
+edges in range of their graph, offsets monotone, sizes agreeing, labels, finite values and the
+checksum, each problem naming the file and the graph. Leftover temporary files and shard files the manifest
 does not list are reported as notes (harmless, safe to delete).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .graphs import is_graph_manifest, read_graph_file
 from .shards import (MANIFEST, TMP_MARK, DataProblem, block_rows_for, is_shard_name, open_checked,
                      read_manifest, scan)
 
@@ -44,13 +47,19 @@ class CheckReport:
     def format(self) -> str:
         lines = [f"data set {self.path}"]
         m = self.manifest
-        if m:
+        if m and m.get("kind") == "graphs":
+            made = (m.get("made") or {}).get("how", "?")
+            lines.append(f"  {m['train_rows']} train graphs in {len(m['shards'])} shards, {m['test']['rows']} test "
+                         f"graphs, {m['features']} node features, {m.get('edge_features', 0)} edge features, "
+                         f"{m['classes']} classes, schema v{m['schema_version']} ({made})")
+        elif m:
             made = (m.get("made") or {}).get("how", "?")
             lines.append(f"  {m['train_rows']} train rows in {len(m['shards'])} shards, "
                          f"{m['test']['rows']} test rows, {m['features']} features, "
                          f"{m['classes']} classes, schema v{m['schema_version']} ({made})")
         for r in self.files:
-            rows = "" if r.rows is None else f"{r.rows:>9} rows"
+            unit = "graphs" if m and m.get("kind") == "graphs" else "rows"
+            rows = "" if r.rows is None else f"{r.rows:>9} {unit}"
             status = "ok" if r.problem is None else f"FAIL: {r.problem}"
             lines.append(f"  {Path(r.file).name:<20} {r.kind:<8} {rows:>14}  {status}")
         for n in self.notes:
@@ -71,6 +80,8 @@ def check_dataset(path) -> CheckReport:
         return rep
     rep.manifest = m
     rep.files.append(FileReport(str(path / MANIFEST), "manifest", None, None))
+    if is_graph_manifest(m):
+        return _check_graphs(path, m, rep)
     br = block_rows_for(m["features"])
     entries = [(e, "train") for e in m["shards"]] + [(m["test"], "test")]
     for entry, kind in entries:
@@ -94,5 +105,22 @@ def check_dataset(path) -> CheckReport:
         if p.name.startswith(".") and TMP_MARK in p.name:
             rep.notes.append(f"{p.name}: temporary file left by an interrupted writer (safe to delete)")
         elif is_shard_name(p.name) and p.name not in listed:
+            rep.notes.append(f"{p.name}: not listed in {MANIFEST} (ignored; safe to delete)")
+    return rep
+
+
+def _check_graphs(path: Path, m: dict, rep: CheckReport) -> CheckReport:
+    """Every graph file, read whole and validated (graphs.read_graph_file)."""
+    for entry, kind in [(e, "train") for e in m["shards"]] + [(m["test"], "test")]:
+        fp = path / entry["file"]
+        problem = None
+        try:
+            read_graph_file(fp, manifest=m, entry=entry, kind=kind, verify=True)
+        except DataProblem as e:
+            problem = e.reason
+        rep.files.append(FileReport(str(fp), kind, entry["rows"], problem))
+    listed = {e["file"] for e in m["shards"]} | {m["test"]["file"]}
+    for p in sorted(path.iterdir()):
+        if is_shard_name(p.name) and p.name not in listed:
             rep.notes.append(f"{p.name}: not listed in {MANIFEST} (ignored; safe to delete)")
     return rep

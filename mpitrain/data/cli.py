@@ -1,4 +1,4 @@
-"""``python -m mpitrain data {make,import,check}``.
+"""``python -m mpitrain data {make,import,check}`` (rows and graph sets).
 
 Safe under ``mpirun -n N``: rank 0 does the work (writing, checking) while the
 other ranks wait without spinning; the exit status is shared, so every rank exits
@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "test.h5 and manifest.json).")
     sub = parser.add_subparsers(dest="data_command", metavar="{make,import,check}", required=True)
 
-    mk = sub.add_parser("make", help="make a built-in data set (digits, synthetic)",
+    mk = sub.add_parser("make", help="make a built-in data set (digits, synthetic, graphs)",
                         description="Make a built-in data set.")
-    mksub = mk.add_subparsers(dest="dataset", metavar="{digits,synthetic}", required=True)
+    mksub = mk.add_subparsers(dest="dataset", metavar="{digits,synthetic,graphs}", required=True)
 
     def common(p, seed_help):
         p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="rows generated and written at a time; bounds memory (default 8192)")
     sy.set_defaults(func=cmd_make)
 
+    _add_make_graphs(mksub, common)
+
     im = sub.add_parser(
         "import", help="import your own data from .npz or .csv",
         description="Import a data set. FILE.npz: arrays 'x' [N, ...] (flattened to [N, D]) and "
@@ -69,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "LAST COLUMN; UTF-8 (a byte-order mark is fine), any line ends; a header line is "
                     "optional (detected when the first line is not numeric, or is the column numbers "
                     "0..K-1 pandas writes; a pandas index column is dropped). The file is loaded into memory, shuffled (seeded), split into "
-                    "train/test and sharded.")
+                    "train/test and sharded. A graph .npz (arrays x, edges, node_ptr, edge_ptr, y, optional "
+                    "edge_attr and *_test) becomes a graph set (docs/graphs.md).")
     im.add_argument("file", metavar="FILE", help="a .npz or .csv file")
     common(im, "seed of the shuffle and train/test split (default 0)")
     im.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
@@ -87,6 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "exits non-zero on any problem.")
     ck.add_argument("dir", metavar="DIR", help="the data set directory")
     ck.set_defaults(func=cmd_check)
+
+
+def _add_make_graphs(mksub, common) -> None:
+    gr = mksub.add_parser(
+        "graphs", help="a seeded graph-classification set (label: how colours are connected)",
+        description="A seeded synthetic graph-classification set: nodes coloured red/blue half and half; "
+                    "label 1 when more than half of the edges join nodes of the same colour. Mean node "
+                    "features say nothing about the label; message passing does (docs/graphs.md).")
+    common(gr, "seed of the graphs (default 0)")
+    gr.add_argument("--graphs", type=int, default=4000, metavar="N", help="training graphs (default 4000)")
+    gr.add_argument("--test-graphs", type=int, default=None, metavar="N",
+                    help="held-out graphs, generated after the training ones (default N/4)")
+    gr.add_argument("--nodes", default="10:30", metavar="A:B", help="nodes per graph, A to B (default 10:30)")
+    gr.set_defaults(func=cmd_make)
 
 
 def on_root(fn) -> int:
@@ -129,7 +146,12 @@ def cmd_make(args) -> int:
     from .make import make_digits, make_synthetic
 
     def work():
-        if args.dataset == "digits":
+        if args.dataset == "graphs":
+            from .graph_make import make_graphs
+
+            m = make_graphs(args.out, graphs=args.graphs, test_graphs=args.test_graphs, nodes=args.nodes,
+                            seed=args.seed, shards=args.shards, overwrite=args.force, log=_log)
+        elif args.dataset == "digits":
             m = make_digits(args.out, shards=args.shards, seed=args.seed,
                             test_fraction=args.test_fraction, overwrite=args.force, log=_log,
                             allow_no_test=args.allow_no_test)
@@ -148,6 +170,14 @@ def cmd_import(args) -> int:
     from .importer import import_file
 
     def work():
+        from .graph_make import import_graphs, is_graph_npz
+
+        if str(args.file).lower().endswith(".npz") and is_graph_npz(args.file):
+            m = import_graphs(args.file, args.out, shards=args.shards, seed=args.seed,
+                              test_fraction=args.test_fraction, classes=args.classes,
+                              shuffle=not args.no_shuffle, overwrite=args.force, log=_log)
+            _summary(args.out, m)
+            return 0
         m = import_file(args.file, args.out, shards=args.shards, seed=args.seed,
                         test_fraction=args.test_fraction, classes=args.classes,
                         shuffle=not args.no_shuffle, overwrite=args.force, log=_log,
@@ -174,5 +204,10 @@ def cmd_check(args) -> int:
 
 
 def _summary(out, m) -> None:
+    if m.get("kind") == "graphs":
+        _log(f"wrote {out}: {m['train_rows']} train graphs in {len(m['shards'])} shards, {m['test']['rows']} test "
+             f"graphs, {m['features']} node features, {m.get('edge_features', 0)} edge features, "
+             f"{m['classes']} classes")
+        return
     _log(f"wrote {out}: {m['train_rows']} train rows in {len(m['shards'])} shards, "
          f"{m['test']['rows']} test rows, {m['features']} features, {m['classes']} classes")

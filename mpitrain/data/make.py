@@ -35,7 +35,7 @@ from .shards import (FORMAT, MANIFEST, SCHEMA_VERSION, TEST_FILE, TMP_MARK, Shar
                      is_shard_name, shard_name, split_bounds, write_json_atomic)
 
 DEFAULT_SHARDS = 4
-BUILTINS = ("digits", "synthetic")
+BUILTINS = ("digits", "synthetic", "graphs")
 GEN_UNIT = 1024  # synthetic rows generated per seeded unit
 PROGRESS_EVERY = 1.0  # seconds between progress lines
 

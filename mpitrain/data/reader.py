@@ -448,7 +448,7 @@ def ensure_dataset(path, dataset, comm=None, *, shards: int | None = None, seed:
                    classes: int | None = None) -> Path:
     """Make sure ``path`` holds a data set; make a built-in one on rank 0 if it is missing.
 
-    ``dataset``: "digits" or "synthetic" are made when ``path`` has no manifest.json;
+    ``dataset``: "digits", "synthetic" or "graphs" (``rows``: graphs) are made when ``path`` has no manifest.json;
     anything else (or empty) raises UserError telling the user to run ``data make`` or
     ``data import``. ``rows``/``features``/``classes`` size a synthetic set (None: the
     defaults of ``make_synthetic``; ignored for digits). Collective over ``comm``; errors
@@ -471,6 +471,10 @@ def ensure_dataset(path, dataset, comm=None, *, shards: int | None = None, seed:
             say = lambda s: log0(s, comm=comm)  # noqa: E731
             if name == "digits":
                 make_digits(path, shards=k, seed=seed, log=say)
+            elif name == "graphs":
+                from .graph_make import make_graphs
+
+                make_graphs(path, shards=k, seed=seed, log=say, **({"graphs": int(rows)} if rows else {}))
             else:
                 size = {key: int(v) for key, v in
                         (("rows", rows), ("features", features), ("classes", classes)) if v}

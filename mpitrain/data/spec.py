@@ -2,6 +2,11 @@
 
     kind              one batch is ...                                  fields
     features+labels   (x float32 [b, features], y int64 [b])            features, classes
+    graphs            (x float32 [N, features], edges int32 [E, 2],     features (node), edge_features,
+                       edge_attr float32 [E, edge_features],            classes
+                       node_ptr int64 [b+1], y int64 [b])
+                      b graphs packed into one block-diagonal graph of N nodes and E directed edges
+                      (sender, receiver), sorted by receiver; graph g owns nodes node_ptr[g]:node_ptr[g+1]
 
 A model declares the kinds it consumes (``Model.consumes``); the registry
 compares them at start-up and names both when they do not fit. Data knows
@@ -13,15 +18,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 FEATURES_LABELS = "features+labels"
+GRAPHS = "graphs"
 
 
 @dataclass(frozen=True)
 class DataSpec:
     kind: str = FEATURES_LABELS
-    features: int = 0
+    features: int = 0          # row features, or node features for graphs
     classes: int = 0
+    edge_features: int = 0     # graphs: features per edge (0: none)
 
     def describe(self) -> str:
+        if self.kind == GRAPHS:
+            return (f"{self.kind} ({self.features} node features, {self.edge_features} edge features, "
+                    f"{self.classes} classes)")
         return f"{self.kind} ({self.features} features, {self.classes} classes)"
 
     def to_dict(self) -> dict:
@@ -29,5 +39,7 @@ class DataSpec:
 
 
 def spec_of(manifest: dict) -> DataSpec:
-    """The spec of a data set from its manifest (every format written today is features+labels)."""
-    return DataSpec(manifest.get("kind", FEATURES_LABELS), int(manifest["features"]), int(manifest["classes"]))
+    """The spec of a data set from its manifest (``kind`` absent: features+labels)."""
+    kind = manifest.get("kind", FEATURES_LABELS)
+    return DataSpec(kind, int(manifest["features"]), int(manifest["classes"]),
+                    int(manifest.get("edge_features", 0)))

@@ -85,7 +85,8 @@ class Run:
             self.strategy.restore(ck)
         self.first_step = self.step
         log0(f"mpitrain {__version__}: {self.strategy.describe_ranks()}, {self.model.describe()}, "
-             f"{self.train_rows} training rows, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
+             f"{self.train_rows} training {'graphs' if self.spec.kind == 'graphs' else 'rows'}, "
+             f"{self.steps_per_epoch} steps/epoch of {t.batch_size} x "
              f"{self.data_ranks}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
 
@@ -205,8 +206,8 @@ class Run:
         data, comm = data or self.data, comm if comm is not None else self.comm
         loss_sum, correct, count = 0.0, 0, 0
         xp = self.xp
-        for x, y in data.test_batches(self.cfg.train.eval_batch_size):
-            batch = (xp.asarray(x), xp.asarray(y))
+        for arrays in data.test_batches(self.cfg.train.eval_batch_size):  # (x, y), or a graph batch's five
+            batch = tuple(xp.asarray(a) for a in arrays)
             ls, c = self.model.evaluate(batch)
             loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
         tot = np.array([loss_sum, correct, count, self.strategy.sent_bytes], dtype=np.float64)
