@@ -30,9 +30,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"                # models/ registry: mlp
+    kind: str = "mlp"                # models/ registry: mlp | gpt
     hidden: list[int] = field(default_factory=lambda: [128])  # MLP widths
     activation: str = "relu"         # relu | tanh
+    n_layer: int = 4                 # gpt: transformer blocks
+    n_head: int = 4                  # gpt: attention heads (n_embd % n_head == 0)
+    n_embd: int = 128                # gpt: channels
+    block_size: int = 128            # gpt: context length (tokens); a batch row is block_size + 1 tokens
+    vocab_size: int = 0              # gpt: 0 = the data set's (256 for byte tokens)
+    tie_embeddings: bool = True      # gpt: the LM head is the token embedding
 
 
 @dataclass
@@ -105,7 +111,7 @@ class JobConfig:
 
 SECTIONS = {f.name: f.type for f in fields(JobConfig) if f.name != "source"}
 CHOICES = {
-    ("model", "kind"): ("mlp",),
+    ("model", "kind"): ("mlp", "gpt"),
     ("model", "activation"): ("relu", "tanh"),
     ("train", "optimizer"): ("sgd", "adam"),
     ("train", "schedule"): ("constant", "step", "cosine"),
@@ -203,6 +209,12 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("train.eval_batch_size", t.eval_batch_size >= 1, "must be >= 1"),
         ("train.step_sleep", t.step_sleep >= 0, "must be >= 0"),
         ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "widths must be >= 1"),
+        ("model.n_layer", cfg.model.n_layer >= 1, "must be >= 1"),
+        ("model.n_head", cfg.model.n_head >= 1, "must be >= 1"),
+        ("model.n_embd", cfg.model.n_embd >= 1 and cfg.model.n_embd % max(cfg.model.n_head, 1) == 0,
+         "must be >= 1 and a multiple of model.n_head"),
+        ("model.block_size", cfg.model.block_size >= 1, "must be >= 1"),
+        ("model.vocab_size", cfg.model.vocab_size == 0 or cfg.model.vocab_size >= 2, "must be >= 2 (or 0 = the data's)"),
         ("data.shards", cfg.data.shards >= 1, "must be >= 1"),
         ("data.rows", cfg.data.rows >= 0, "must be >= 0"),
         ("data.features", cfg.data.features >= 0, "must be >= 0"),

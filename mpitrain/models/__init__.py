@@ -1,6 +1,6 @@
 """Models: one interface (base.Model) and a registry keyed by ``model.kind``.
 
-    KINDS = {"mlp": MLP}           build(kind, options, spec, xp=, seed=) -> Model
+    KINDS = {"mlp": MLP, "gpt": GPT}         build(kind, options, spec, xp=, seed=) -> Model
 
 Adding a model (docs/architecture.md): write a Model subclass in its own module, list it in
 KINDS, add its keys to config.ModelConfig. The data set's spec (data/spec.py) must be one of
@@ -13,9 +13,10 @@ import numpy as np
 
 from ..runtime import UserError
 from .base import Model
+from .gpt import GPT
 from .mlp import MLP
 
-KINDS: dict[str, type[Model]] = {"mlp": MLP}
+KINDS: dict[str, type[Model]] = {"mlp": MLP, "gpt": GPT}
 
 
 def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.float32) -> Model:
@@ -30,4 +31,4 @@ def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.floa
     return cls.from_spec(spec, {k: options[k] for k in cls.options_keys}, xp=xp, seed=seed, dtype=dtype)
 
 
-__all__ = ["Model", "MLP", "KINDS", "build"]
+__all__ = ["Model", "MLP", "GPT", "KINDS", "build"]
