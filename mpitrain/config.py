@@ -21,7 +21,7 @@ from .runtime import UserError
 @dataclass
 class DataConfig:
     path: str = "data/digits"        # directory of shard files; made on first use for built-ins
-    dataset: str = "digits"          # built-in to make when path is missing: digits | synthetic | ""
+    dataset: str = "digits"          # built-in to make when path is missing: digits | synthetic | pycode | ""
     shards: int = 4                  # shards to make for a built-in
     rows: int = 0                    # synthetic only: rows (0 = the generator's default)
     features: int = 0                # synthetic only: features (0 = default)
@@ -121,7 +121,7 @@ CHOICES = {
     ("comm", "overlap"): ("progress", "thread"),
     ("comm", "mode"): ("sync", "ps"),
     ("comm", "compress"): ("none", "fp16", "topk", "sign"),
-    ("data", "dataset"): ("digits", "synthetic", ""),
+    ("data", "dataset"): ("digits", "synthetic", "pycode", ""),
 }
 
 

@@ -156,3 +156,108 @@ def test_matches_pytorch_reference(tie):
         sl = slice(off, off + math.prod(shape))
         err = np.abs(m.grads[sl] - ref_grad[sl]).max() / max(np.abs(ref_grad[sl]).max(), 1e-12)
         assert err < 1e-6, (name, err)
+
+
+# ------------------------------------------------------------------------------------- token data
+
+def _text(tmp_path, n=3000, name="a.txt", seed=0):
+    rng = np.random.default_rng(seed)
+    data = bytes(rng.integers(32, 127, size=n).astype(np.uint8))
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p, data
+
+
+def test_import_text_round_trip_and_check(tmp_path, comm):
+    from mpitrain.data import check_dataset, import_text
+    from mpitrain.data.token_reader import open_tokens
+
+    a, da = _text(tmp_path, 2000, "a.txt", 0)
+    (tmp_path / "d").mkdir()
+    b, db = _text(tmp_path / "d", 1000, "b.txt", 1)
+    m = import_text([a, tmp_path / "d"], tmp_path / "set", shards=3, val_fraction=0.1)
+    stream = np.frombuffer(da + db, dtype=np.uint8)
+    assert m["kind"] == "tokens" and m["dtype"] == "uint8" and m["vocab_size"] == 256
+    assert m["train_tokens"] == 2700 and m["val"]["tokens"] == 300
+    assert [s["sha256"] for s in m["sources"]] == [__import__("hashlib").sha256(d).hexdigest() for d in (da, db)]
+    assert check_dataset(tmp_path / "set").ok
+    if comm.Get_size() > 1:
+        return
+    r = open_tokens(tmp_path / "set", comm, batch_size=4, seed=1, window=9)
+    assert r.spec.kind == "tokens" and r.spec.vocab_size == 256 and r.train_rows == 2700
+    assert r.steps_per_epoch == ((2700 - 8) // 8) // 4
+    got = list(r.batches(0))
+    assert len(got) == r.steps_per_epoch
+    for x, y in got:                        # every window is a run of the stream, shifted by one
+        assert x.shape == (4, 8) and np.array_equal(x[:, 1:], y[:, :-1])
+        for row_x, row_y in zip(x, y):
+            s = bytes(row_x.astype(np.uint8)) + bytes([int(row_y[-1])])
+            assert s in stream[:2700].tobytes()
+    assert all(np.array_equal(p[0], q[0]) for p, q in zip(r.batches(0, start=5), got[5:]))  # resumable
+    assert not np.array_equal(next(r.batches(1))[0], got[0][0])          # a new order per epoch
+    val = list(r.test_batches(10))
+    assert sum(len(x) for x, _ in val) == (300 - 1) // 8
+    assert np.array_equal(val[0][0][0], stream[2700:2708])
+    assert len(list(r.test_batches(1, limit=3))) == 3
+    r.close()
+
+
+def test_token_set_damage_and_uint16(tmp_path, comm):
+    import h5py
+
+    from mpitrain.data import check_dataset
+    from mpitrain.data.tokens import write_token_set
+
+    if comm.Get_size() > 1:
+        pytest.skip("serial")
+    rng = np.random.default_rng(0)
+    m = write_token_set(tmp_path / "w", rng.integers(0, 300, 500), rng.integers(0, 300, 50), vocab_size=300,
+                        shards=2, made={}, sources=[])
+    assert m["dtype"] == "uint16" and check_dataset(tmp_path / "w").ok
+    with h5py.File(tmp_path / "w" / "train-00001.h5", "r+") as f:
+        f["tokens"][3] = 299 if f["tokens"][3] != 299 else 298
+    rep = check_dataset(tmp_path / "w")
+    assert not rep.ok and "checksum mismatch" in rep.problems[0] and "train-00001.h5" in rep.problems[0]
+
+
+def test_make_pycode_small(tmp_path, comm):
+    import sys
+
+    from mpitrain.data.tokens import make_pycode, stdlib_sources
+
+    if comm.Get_size() > 1:
+        pytest.skip("serial")
+    srcs = stdlib_sources()
+    rel = [p.as_posix() for p in srcs]
+    assert rel == sorted(rel)
+    assert not any("/test/" in s or "site-packages" in s or s.rsplit("/", 1)[-1].startswith("test_") for s in rel)
+    m = make_pycode(tmp_path / "pc", shards=2, max_bytes=300_000)
+    assert m["made"]["params"]["python"] == sys.version.split()[0]
+    splits = {s["path"]: s["split"] for s in m["sources"]}
+    assert set(splits.values()) == {"train", "val"} and len(splits) == len(m["sources"])
+    total = sum(s["bytes"] for s in m["sources"])
+    assert total <= 300_000 and m["train_tokens"] + m["val"]["tokens"] == total
+
+
+@pytest.mark.mpi
+def test_mpi_token_reader_ranks_read_disjoint_ranges(comm, shared_tmp):
+    from mpitrain.data import open_dataset
+    from mpitrain.data.tokens import write_token_set
+
+    if comm.Get_rank() == 0:
+        write_token_set(shared_tmp / "t", np.arange(4000) % 251, np.arange(400) % 251, vocab_size=256, shards=3,
+                        made={}, sources=[])
+    comm.Barrier()
+    r = open_dataset(shared_tmp / "t", comm, batch_size=2, seed=0, window=5)
+    firsts = {int(x[0, 0]) for x, _ in r.batches(0)}
+    spes = comm.allgather(r.steps_per_epoch)
+    assert len(set(spes)) == 1 and spes[0] == ((4000 // comm.Get_size() - 4) // 4) // 2
+    lo = sum(comm.allgather(r.rows_local)[:comm.Get_rank()])
+    assert lo == (4000 * comm.Get_rank()) // comm.Get_size() or abs(lo - 4000 * comm.Get_rank() / comm.Get_size()) < 2
+    assert len(firsts) > 1
+    n_val = comm.allreduce(sum(len(x) for x, _ in r.test_batches(7)))
+    assert n_val == sum(max((len(range(a, b)) - 1) // 4, 0) for a, b in
+                        __import__("mpitrain.data.shards", fromlist=["x"]).split_bounds(400, comm.Get_size()))
+    r.close()
+    with pytest.raises(Exception, match="block_size"):
+        open_dataset(shared_tmp / "t", comm, batch_size=2)

@@ -7,6 +7,7 @@ Public API:
       collective; rank r reads only its shards (round-robin) or its row range
       (when shards < ranks). Reader: features, classes, spec (a DataSpec), train_rows, rows_local,
       steps_per_epoch, batches(epoch, start=0), test_batches(batch_size), close().
+      A "tokens" set (tokens.py) opens a TokenReader of ``window``-token rows (token_reader.py).
   ensure_dataset(path, dataset, comm=None, *, shards=None, seed=0) -> Path
       makes a built-in set ("digits", "synthetic") on rank 0 if path has none.
   make_digits(out, *, shards=4, seed=0, test_fraction=0.2, overwrite=False, log=None)
@@ -15,6 +16,7 @@ Public API:
   import_file(src, out, *, shards=4, seed=0, test_fraction=0.2, classes=None,
               shuffle=True, overwrite=False, log=None)
   check_dataset(path) -> CheckReport (.ok, .problems, .files, .format())
+  import_text(paths, out, *, shards=4, val_fraction=0.1, ...), make_pycode(out, *, max_bytes=0, ...)
 
 The make/import/check functions are serial (call them on one rank); the CLI
 (``python -m mpitrain data ...``) runs them on rank 0 under mpirun.
@@ -25,6 +27,7 @@ from .check import CheckReport, check_dataset
 from .make import import_file, make_digits, make_synthetic
 from .reader import Reader, ensure_dataset, open_dataset
 from .spec import DataSpec
+from .tokens import import_text, make_pycode
 
 __all__ = ["open_dataset", "ensure_dataset", "make_digits", "make_synthetic", "import_file",
-           "check_dataset", "Reader", "CheckReport", "DataSpec"]
+           "check_dataset", "Reader", "CheckReport", "DataSpec", "import_text", "make_pycode"]

@@ -21,8 +21,8 @@ from .shards import (MANIFEST, TMP_MARK, DataProblem, block_rows_for, is_shard_n
 @dataclass
 class FileReport:
     file: str
-    kind: str            # manifest | train | test
-    rows: int | None
+    kind: str            # manifest | train | test | val
+    rows: int | None     # tokens for a token data set
     problem: str | None  # None when the file is fine
 
 
@@ -44,13 +44,18 @@ class CheckReport:
     def format(self) -> str:
         lines = [f"data set {self.path}"]
         m = self.manifest
-        if m:
+        if m and m.get("kind") == "tokens":
+            lines.append(f"  {m['train_tokens']:,} train tokens in {len(m['shards'])} shards, {m['val']['tokens']:,} "
+                         f"val tokens, vocab {m['vocab_size']} ({m.get('dtype')}), "
+                         f"{len(m.get('sources', []))} source file(s) ({(m.get('made') or {}).get('how', '?')})")
+        elif m:
             made = (m.get("made") or {}).get("how", "?")
             lines.append(f"  {m['train_rows']} train rows in {len(m['shards'])} shards, "
                          f"{m['test']['rows']} test rows, {m['features']} features, "
                          f"{m['classes']} classes, schema v{m['schema_version']} ({made})")
         for r in self.files:
-            rows = "" if r.rows is None else f"{r.rows:>9} rows"
+            unit = "tokens" if (m or {}).get("kind") == "tokens" else "rows"
+            rows = "" if r.rows is None else f"{r.rows:>9} {unit}"
             status = "ok" if r.problem is None else f"FAIL: {r.problem}"
             lines.append(f"  {Path(r.file).name:<20} {r.kind:<8} {rows:>14}  {status}")
         for n in self.notes:
@@ -62,8 +67,13 @@ class CheckReport:
 
 def check_dataset(path) -> CheckReport:
     """Validate the data set in ``path``; never raises for bad data (see the report)."""
+    from .tokens import KIND as TOKENS, check_tokens, manifest_kind
+
     path = Path(path)
     rep = CheckReport(str(path))
+    if manifest_kind(path) == TOKENS:
+        check_tokens(path, rep)
+        return rep
     try:
         m = read_manifest(path)
     except DataProblem as e:
