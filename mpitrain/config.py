@@ -46,7 +46,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32             # per rank
     lr: float = 0.1
-    optimizer: str = "sgd"           # sgd | adam
+    optimizer: str = "sgd"           # sgd | adam | adamw
     momentum: float = 0.9
     weight_decay: float = 0.0
     beta1: float = 0.9               # adam
@@ -67,6 +67,10 @@ class TrainConfig:
     step_sleep: float = 0.0          # testing aid: seconds to sleep per step
     sync_every: int = 1              # 1 = average gradients every step; T > 1 = local SGD: T local
                                      # steps, then average the parameters
+    max_steps: int = 0               # > 0: train this many optimizer steps (epochs then ignored); 0 = by epochs
+    accum_steps: int = 1             # micro-batches per optimizer step (gradient accumulation)
+    eval_every: int = 0              # > 0: evaluate (val/test loss) every this many steps; 0 = at epoch ends only
+    eval_batches: int = 0            # > 0: at most this many eval batches per rank per evaluation; 0 = all
 
 
 @dataclass
@@ -87,6 +91,7 @@ class CommConfig:
 class CheckpointConfig:
     dir: str = "checkpoints/digits"
     every: int = 1                   # epochs; 0 = off
+    every_steps: int = 0             # > 0: also every this many steps; 0 = off
     keep: int = 3                    # newest checkpoints kept
 
 
@@ -113,7 +118,7 @@ SECTIONS = {f.name: f.type for f in fields(JobConfig) if f.name != "source"}
 CHOICES = {
     ("model", "kind"): ("mlp", "gpt"),
     ("model", "activation"): ("relu", "tanh"),
-    ("train", "optimizer"): ("sgd", "adam"),
+    ("train", "optimizer"): ("sgd", "adam", "adamw"),
     ("train", "schedule"): ("constant", "step", "cosine"),
     ("train", "backend"): ("numpy", "cupy"),
     ("train", "nonfinite"): ("error", "skip"),
@@ -227,6 +232,11 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("comm.servers", cfg.comm.servers >= 1, "must be >= 1"),
         ("comm.max_staleness", cfg.comm.max_staleness >= 0, "must be >= 0 (0 = lock-step)"),
         ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0 (0 = off)"),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps >= 0, "must be >= 0 (0 = off)"),
+        ("train.max_steps", t.max_steps >= 0, "must be >= 0 (0 = by epochs)"),
+        ("train.accum_steps", t.accum_steps >= 1, "must be >= 1 (1 = no accumulation)"),
+        ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = at epoch ends only)"),
+        ("train.eval_batches", t.eval_batches >= 0, "must be >= 0 (0 = all)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
     ]
     for key, ok, why in rules:

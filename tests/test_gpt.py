@@ -261,3 +261,124 @@ def test_mpi_token_reader_ranks_read_disjoint_ranges(comm, shared_tmp):
     r.close()
     with pytest.raises(Exception, match="block_size"):
         open_dataset(shared_tmp / "t", comm, batch_size=2)
+
+
+# ------------------------------------------------------------------------------------- training
+
+def _gpt_loop(comm, optimizer="adamw", **train):
+    """A Loop over a tiny float64 GPT (no data set), like tests/test_train.py's ``_trainer``."""
+    from mpitrain import config, sync
+    from mpitrain.optim import LRSchedule
+    from mpitrain.train import Loop, Run
+
+    cfg = config.JobConfig()
+    cfg.train.optimizer, cfg.train.weight_decay = optimizer, 0.1
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    run = Run(cfg, comm)
+    run.xp, run.peak_flops = np, 0.0
+    run.model = GPT(**TINY, dtype=np.float64, seed=3)
+    run.steps_per_epoch = run.total_steps = 1
+    run.strategy = sync.select(cfg)(cfg, comm)
+    run.strategy.bind(run)
+    run.schedule = LRSchedule("constant", 0.01)
+    return Loop(run)
+
+
+def test_adamw_decays_only_its_segments():
+    from mpitrain.optim import Adam, make_optimizer
+
+    p0 = np.linspace(-1, 1, 10)
+    g = np.linspace(0.5, -0.3, 10)
+    a, b = p0.copy(), p0.copy()
+    w = make_optimizer("adamw", a, lr=0.1, weight_decay=0.5, decay_segments=[(2, 5)])
+    ref = Adam(b, 0.1)
+    w.step(g)
+    want = p0.copy()
+    want[2:5] *= 1 - 0.1 * 0.5
+    ref.params[...] = want
+    ref.step(g)
+    assert np.array_equal(a, b) and w.state_dict()["kind"] == "adamw"
+
+
+def test_accumulation_equals_one_big_batch(comm):
+    if comm.Get_size() > 1:
+        pytest.skip("serial")
+    tok = _tokens(B=4, T=6, seed=5)
+    acc, ref = _gpt_loop(comm, accum_steps=2), _gpt_loop(comm)
+    for _ in range(3):
+        acc.accum_step([(tok[:2, :-1], tok[:2, 1:]), (tok[2:, :-1], tok[2:, 1:])])
+        ref.train_step((tok[:, :-1], tok[:, 1:]))
+    np.testing.assert_allclose(acc.run.model.params, ref.run.model.params, rtol=1e-10, atol=1e-13)
+    assert not np.allclose(acc.run.model.params, GPT(**TINY, dtype=np.float64, seed=3).params)
+
+
+@pytest.mark.mpi
+def test_mpi_gpt_n_ranks_match_one_rank_with_n_times_the_batch(comm):
+    r, p, b = comm.Get_rank(), comm.Get_size(), 2
+    tok = _tokens(B=p * b, T=6, seed=9)   # the same global batch on every rank
+    dist, ref = _gpt_loop(comm), _gpt_loop(comm)
+    for k in range(3):
+        dist.train_step((tok[r * b:(r + 1) * b, :-1], tok[r * b:(r + 1) * b, 1:]))
+        ref.run.model.loss_and_grad((tok,))
+        ref.run.opt.step(ref.run.model.grads, 0.01)
+        dist.run.step = ref.run.step = k + 1
+    np.testing.assert_allclose(dist.run.model.params, ref.run.model.params, rtol=1e-10, atol=1e-13)
+    digests = comm.allgather(dist.run.model.params.tobytes())
+    assert all(d == digests[0] for d in digests), "replicas differ"
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+def _mpirun(n, args, cwd, env=None, timeout=240):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import MPIRUN
+
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", *args], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    from mpitrain.data import make_pycode
+
+    d = tmp_path_factory.mktemp("pycode") / "pc"
+    make_pycode(d, shards=2, max_bytes=150_000)
+    return d
+
+
+def _tiny_job(corpus, ckpt, *extra):
+    keys = [f"data.path={corpus}", f"checkpoint.dir={ckpt}", "model.n_embd=16", "model.block_size=16",
+            "train.batch_size=4", "train.max_steps=12", "train.eval_every=6", "train.eval_batches=2",
+            "checkpoint.every_steps=5", *extra]
+    return ["train", "jobs/gpt-tiny.toml"] + [a for k in keys for a in ("--set", k)]
+
+
+def test_gpt_job_metrics_final_checkpoint_and_bitwise_resume(tmp_path, small_corpus):
+    """2 ranks: max_steps ends the run with a checkpoint; killed at step 8 and resumed from step 5's
+    checkpoint it ends bitwise equal to the uninterrupted run; --metrics-out has the LM numbers."""
+    from pathlib import Path
+
+    from mpitrain import checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "m.json"
+    a = _mpirun(2, [*_tiny_job(small_corpus, tmp_path / "a"), "--metrics-out", str(out)], root)
+    assert a.returncode == 0, a.stdout + a.stderr
+    m = __import__("json").loads(out.read_text())
+    assert m["steps"] == 12 and m["val_loss"] > 0 and m["val_bpb"] == pytest.approx(m["val_loss"] / math.log(2))
+    assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and [e["step"] for e in m["evals"]] == [6, 12]
+    assert m["val_loss"] < math.log(256), "it learned something"
+    assert checkpoint.latest(tmp_path / "a")["step"] == 12, "a final checkpoint at max_steps"
+    b = _mpirun(2, _tiny_job(small_corpus, tmp_path / "b"), root, env={"MPITRAIN_FAULT": "0:8:kill"})
+    assert b.returncode != 0 and checkpoint.latest(tmp_path / "b")["step"] == 5
+    c = _mpirun(2, [*_tiny_job(small_corpus, tmp_path / "b"), "--resume"], root)
+    assert c.returncode == 0 and "resumed from" in c.stdout, c.stdout + c.stderr
+    pa, pb = checkpoint.latest(tmp_path / "a"), checkpoint.latest(tmp_path / "b")
+    assert pa["step"] == pb["step"] == 12 and pa["params"].tobytes() == pb["params"].tobytes()
+    d = _mpirun(2, [*_tiny_job(small_corpus, tmp_path / "b"), "--resume"], root)
+    assert d.returncode == 0 and "already complete (12/12 steps)" in d.stdout, d.stdout + d.stderr
