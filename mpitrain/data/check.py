@@ -67,7 +67,7 @@ class CheckReport:
 
 def check_dataset(path) -> CheckReport:
     """Validate the data set in ``path``; never raises for bad data (see the report)."""
-    from .tokens import KIND as TOKENS, check_tokens, manifest_kind
+    from .tokens import KIND as TOKENS, manifest_kind
 
     path = Path(path)
     rep = CheckReport(str(path))
@@ -106,3 +106,28 @@ def check_dataset(path) -> CheckReport:
         elif is_shard_name(p.name) and p.name not in listed:
             rep.notes.append(f"{p.name}: not listed in {MANIFEST} (ignored; safe to delete)")
     return rep
+
+
+def check_tokens(path, rep) -> None:
+    """Fill a data.check.CheckReport for a token data set: every file, vocab range, checksums."""
+    from .tokens import open_token_file, read_token_manifest, token_checksum
+
+    try:
+        m = read_token_manifest(path)
+    except DataProblem as e:
+        rep.files.append(FileReport(e.file, "manifest", None, e.reason))
+        return
+    rep.manifest = m
+    rep.files.append(FileReport(str(Path(path) / MANIFEST), "manifest", None, None))
+    for entry, kind in [(e, "train") for e in m["shards"]] + [(m["val"], "val")]:
+        fp, problem = Path(path) / entry["file"], None
+        try:
+            with open_token_file(fp, m, entry, kind) as f:
+                t = f["tokens"][...]
+            if t.size and int(t.max()) >= m["vocab_size"]:
+                problem = f"token {int(t.max())} outside the vocabulary [0, {m['vocab_size']})"
+            elif token_checksum(t) != entry["checksum"]:
+                problem = "checksum mismatch: the contents changed since the set was made (corrupted or edited)"
+        except DataProblem as e:
+            problem = e.reason
+        rep.files.append(FileReport(str(fp), kind, entry["tokens"], problem))

@@ -58,21 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="rows generated and written at a time; bounds memory (default 8192)")
     sy.set_defaults(func=cmd_make)
 
-    pc = mksub.add_parser(
-        "pycode", help="byte tokens of the Python standard library's own .py sources (for GPT)",
-        description="The .py files of this Python's standard library (sysconfig stdlib path; no test "
-                    "packages, no site-packages), sorted, as byte tokens (vocab 256). Each file goes to "
-                    "train or val by a hash of its path, so a file is never in both. The manifest records "
-                    "the Python version and the sha256 of every file.")
-    pc.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    pc.add_argument("--shards", type=int, default=DEFAULT_SHARDS, metavar="K",
-                    help=f"train shard files (default {DEFAULT_SHARDS})")
-    pc.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                    help="fraction of the files held out (by path hash; default 0.1)")
-    pc.add_argument("--max-bytes", type=int, default=0, metavar="N",
-                    help="take whole files in sorted order up to N bytes (default 0 = all)")
-    pc.add_argument("--force", action="store_true", help="replace a data set already in --out")
-    pc.set_defaults(func=cmd_make)
+    _add_pycode(mksub)
 
     im = sub.add_parser(
         "import", help="import your own data from .npz or .csv",
@@ -104,6 +90,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "exits non-zero on any problem.")
     ck.add_argument("dir", metavar="DIR", help="the data set directory")
     ck.set_defaults(func=cmd_check)
+
+
+def _add_pycode(mksub) -> None:
+    pc = mksub.add_parser(
+        "pycode", help="byte tokens of the Python standard library's own .py sources (for GPT)",
+        description="The .py files of this Python's standard library (sysconfig stdlib path; no test "
+                    "packages, no site-packages), sorted, as byte tokens (vocab 256). Each file goes to "
+                    "train or val by a hash of its path, so a file is never in both. The manifest records "
+                    "the Python version and the sha256 of every file.")
+    pc.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    pc.add_argument("--shards", type=int, default=DEFAULT_SHARDS, metavar="K",
+                    help=f"train shard files (default {DEFAULT_SHARDS})")
+    pc.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                    help="fraction of the files held out (by path hash; default 0.1)")
+    pc.add_argument("--max-bytes", type=int, default=0, metavar="N",
+                    help="take whole files in sorted order up to N bytes (default 0 = all)")
+    pc.add_argument("--force", action="store_true", help="replace a data set already in --out")
+    pc.set_defaults(func=cmd_make)
 
 
 def on_root(fn) -> int:

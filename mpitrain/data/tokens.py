@@ -278,28 +278,3 @@ def open_token_file(path: Path, m: dict, entry: dict, kind: str):
         f.close()
         raise
     return f
-
-
-def check_tokens(path, rep) -> None:
-    """Fill a data.check.CheckReport for a token data set: every file, vocab range, checksums."""
-    from .check import FileReport
-
-    try:
-        m = read_token_manifest(path)
-    except DataProblem as e:
-        rep.files.append(FileReport(e.file, "manifest", None, e.reason))
-        return
-    rep.manifest = m
-    rep.files.append(FileReport(str(Path(path) / MANIFEST), "manifest", None, None))
-    for entry, kind in [(e, "train") for e in m["shards"]] + [(m["val"], "val")]:
-        fp, problem = Path(path) / entry["file"], None
-        try:
-            with open_token_file(fp, m, entry, kind) as f:
-                t = f["tokens"][...]
-            if t.size and int(t.max()) >= m["vocab_size"]:
-                problem = f"token {int(t.max())} outside the vocabulary [0, {m['vocab_size']})"
-            elif token_checksum(t) != entry["checksum"]:
-                problem = "checksum mismatch: the contents changed since the set was made (corrupted or edited)"
-        except DataProblem as e:
-            problem = e.reason
-        rep.files.append(FileReport(str(fp), kind, entry["tokens"], problem))

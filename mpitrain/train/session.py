@@ -246,8 +246,14 @@ class Run:
                 optimizer=self.opt.state_dict() if optimizer is None else optimizer, step=step,
                 epoch=self.epoch if epoch is None else epoch, step_in_epoch=step_in_epoch,
                 config=self.cfg.to_dict(), ranks=self.size, keep=self.cfg.checkpoint.keep, before_rename=hook,
-                state=state, extra={"last_test": [float(v) for v in self.last_test], **(extra or {})}))
+                state=state, extra={"last_test": [float(v) for v in self.last_test], **self._model_extra(),
+                                    **(extra or {})}))
         return self.comm.bcast(ok, root=0) if collective else ok
+
+    def _model_extra(self) -> dict:
+        """What rebuilds the model without the data set (``generate``): its kind and shape."""
+        cfg = getattr(self.model, "config", None)
+        return {"model_config": {"kind": self.model.kind, **cfg()}} if cfg is not None else {}
 
     def close(self) -> None:
         self.stop.restore()
