@@ -142,7 +142,7 @@ def _torch_loss(torch, m, tok):
     logits = h @ (P["wte"] if m.tie else P["lm_head"]).T
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     loss.backward()
-    return float(loss), flat.grad.numpy()
+    return float(loss.detach()), flat.grad.numpy()
 
 
 @pytest.mark.parametrize("tie", [True, False])
