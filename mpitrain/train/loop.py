@@ -201,7 +201,8 @@ class Loop:
         if trace:
             run.trace = Trace(self.comm)
             run.timers.trace = run.trace
-        bar = ProgressBar(run.steps_per_epoch, epochs=run.results.epochs, comm=self.comm)
+        per_epoch = min(run.steps_per_epoch, self.max_steps) if self.max_steps else run.steps_per_epoch
+        bar = ProgressBar(per_epoch, epochs=run.results.epochs, comm=self.comm)
         run.results.start()
         if self.max_steps:
             self.complete = run.complete(run.step, self.max_steps, "steps")

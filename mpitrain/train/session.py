@@ -193,8 +193,9 @@ class Run:
             return False
         loss, acc = self.last_test
         log0(f"the run in {self.cfg.checkpoint.dir} is already complete ({done}/{total} {unit}); nothing to "
-             f"train. Its final test accuracy {acc:.4f}, test loss {loss:.4f}. Raise train.epochs to train "
-             "further, or start a new run in another checkpoint.dir")
+             f"train. Its final test accuracy {acc:.4f}, test loss {loss:.4f}. Raise "
+             f"{'train.max_steps' if unit == 'steps' else 'train.epochs'} to train further, or start a new run "
+             "in another checkpoint.dir")
         return True
 
     def load_optimizer(self, opt, ck, state=None) -> None:
