@@ -414,3 +414,38 @@ def test_generate_samples_and_its_errors(tmp_path, capsys):
                           extra={"model_config": {"kind": "mlp"}})
     with pytest.raises(UserError, match="kind 'mlp'; generate needs"):
         cli_main(["generate", "--checkpoint", str(mlp), "--prompt", "x", "--tokens", "1"])
+
+
+def test_data_cli_text_import_pycode_and_a_model_that_does_not_fit(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from mpitrain.cli import main as cli_main
+
+    a, _ = _text(tmp_path, 4000)
+    assert cli_main(["data", "import", str(a), "--out", str(tmp_path / "t"), "--shards", "2",
+                     "--val-fraction", "0.25"]) == 0
+    assert "3,000 train tokens in 2 shards, 1,000 val tokens" in capsys.readouterr().out
+    assert cli_main(["data", "check", str(tmp_path / "t")]) == 0
+    assert cli_main(["data", "make", "pycode", "--out", str(tmp_path / "p"), "--max-bytes", "50000"]) == 0
+    assert cli_main(["data", "import", str(a), "--out", str(tmp_path / "t")]) == 1   # exists: --force
+    assert "pass --force" in capsys.readouterr().err
+    p = subprocess.run([sys.executable, "-m", "mpitrain", "train", "--set", f"data.path={tmp_path / 't'}",
+                        "--set", "checkpoint.every=0", "--set", "train.batch_size=2"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "model.kind = 'mlp' trains on features+labels data, but the data set yields tokens (vocab 256)" in p.stderr
+
+
+def test_new_keys_are_validated():
+    from mpitrain import config
+    from mpitrain.runtime import UserError
+
+    cfg = config.load("jobs/gpt-tiny.toml" if __import__("os").path.exists("jobs/gpt-tiny.toml") else
+                      __import__("pathlib").Path(__file__).resolve().parents[1] / "jobs" / "gpt-tiny.toml")
+    assert cfg.model.kind == "gpt" and cfg.train.optimizer == "adamw" and cfg.train.max_steps == 60
+    for bad, key in [("train.accum_steps=0", "train.accum_steps"), ("model.n_head=3", "model.n_embd"),
+                     ("train.max_steps=-1", "train.max_steps"), ("checkpoint.every_steps=-2", "checkpoint.every_steps"),
+                     ("model.kind=\"gpt2\"", "model.kind")]:
+        with pytest.raises(UserError, match=key):
+            config.load(None, [bad])
