@@ -268,7 +268,7 @@ def test_mpi_token_reader_ranks_read_disjoint_ranges(comm, shared_tmp):
 
 # ------------------------------------------------------------------------------------- training
 
-def _gpt_loop(comm, optimizer="adamw", **train):
+def _gpt_loop(comm, optimizer="adamw", comm_keys=None, **train):
     """A Loop over a tiny float64 GPT (no data set), like tests/test_train.py's ``_trainer``."""
     from mpitrain import config, sync
     from mpitrain.optim import LRSchedule
@@ -278,6 +278,8 @@ def _gpt_loop(comm, optimizer="adamw", **train):
     cfg.train.optimizer, cfg.train.weight_decay = optimizer, 0.1
     for k, v in train.items():
         setattr(cfg.train, k, v)
+    for k, v in (comm_keys or {}).items():
+        setattr(cfg.comm, k, v)
     run = Run(cfg, comm)
     run.xp, run.peak_flops = np, 0.0
     run.model = GPT(**TINY, dtype=np.float64, seed=3)
@@ -329,6 +331,21 @@ def test_mpi_gpt_n_ranks_match_one_rank_with_n_times_the_batch(comm):
     np.testing.assert_allclose(dist.run.model.params, ref.run.model.params, rtol=1e-10, atol=1e-13)
     digests = comm.allgather(dist.run.model.params.tobytes())
     assert all(d == digests[0] for d in digests), "replicas differ"
+
+
+@pytest.mark.mpi
+def test_mpi_gpt_buckets_with_accumulation_match_one_allreduce(comm):
+    """Buckets leave on the GPT's on_grad_ready prefixes, through the accumulation wrapper."""
+    r, b = comm.Get_rank(), 2
+    tok = _tokens(B=comm.Get_size() * 2 * b, T=6, seed=11)
+    mine = tok[r * 2 * b:(r + 1) * 2 * b]
+    loops = [_gpt_loop(comm, accum_steps=2, comm_keys={"bucket_bytes": 4000}), _gpt_loop(comm, accum_steps=2)]
+    for loop in loops:
+        for k in range(2):
+            loop.accum_step([(mine[:b, :-1], mine[:b, 1:]), (mine[b:, :-1], mine[b:, 1:])])
+            loop.run.step = k + 1
+    np.testing.assert_allclose(loops[0].run.model.params, loops[1].run.model.params, rtol=1e-12, atol=1e-14)
+    assert loops[0].run.strategy.sent_bytes == loops[1].run.strategy.sent_bytes > 0 or comm.Get_size() == 1
 
 
 # ---------------------------------------------------------------------------------- end to end
