@@ -408,6 +408,16 @@ def test_gpt_job_metrics_final_checkpoint_and_bitwise_resume(tmp_path, small_cor
                      "import ", "--tokens", "12", "--top-k", "5", "--seed", "1"]) == 0
 
 
+def test_local_sgd_run_that_ends_by_max_steps_mid_epoch_ends_in_agreement(tmp_path, small_corpus):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = _mpirun(2, _tiny_job(small_corpus, tmp_path / "c", "train.sync_every=4", "train.max_steps=6",
+                             "train.eval_every=0", "checkpoint.every_steps=0"), root)
+    assert p.returncode == 0, p.stdout + p.stderr   # the run's end checks that the replicas agree
+    assert "done:" in p.stdout
+
+
 def test_generate_samples_and_its_errors(tmp_path, capsys):
     from mpitrain import checkpoint
     from mpitrain.cli import main as cli_main

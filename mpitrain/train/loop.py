@@ -145,9 +145,10 @@ class Loop:
             if synced and self.should_stop():
                 return i
         if ended and i < run.steps_per_epoch:  # max_steps mid-epoch: the run's last evaluation and checkpoint
+            run.strategy.epoch_end(run.step)   # the run ends here (local SGD: average the replicas)
             self._evaluate(bar)
-            run.results.epoch(round(run.epoch + i / run.steps_per_epoch, 3), run.step, run.total_bytes, stats, self.test,
-                              self.samples, run.timers.fraction("comm"))
+            run.results.epoch(round(run.epoch + i / run.steps_per_epoch, 3), run.step, run.total_bytes, stats,
+                              self.test, self.samples, run.timers.fraction("comm"))
             if run.checkpointing() and self.saved_step != run.step:
                 run.save(i)
                 self.saved_step = run.step
