@@ -373,14 +373,15 @@ def small_corpus(tmp_path_factory):
 
 def _tiny_job(corpus, ckpt, *extra):
     keys = [f"data.path={corpus}", f"checkpoint.dir={ckpt}", "model.n_embd=16", "model.block_size=16",
-            "train.batch_size=4", "train.max_steps=12", "train.eval_every=6", "train.eval_batches=2",
+            "train.batch_size=2", "train.accum_steps=2", "train.max_steps=12", "train.eval_every=6", "train.eval_batches=2",
             "checkpoint.every_steps=5", *extra]
     return ["train", "jobs/gpt-tiny.toml"] + [a for k in keys for a in ("--set", k)]
 
 
 def test_gpt_job_metrics_final_checkpoint_and_bitwise_resume(tmp_path, small_corpus):
-    """2 ranks: max_steps ends the run with a checkpoint; killed at step 8 and resumed from step 5's
-    checkpoint it ends bitwise equal to the uninterrupted run; --metrics-out has the LM numbers."""
+    """2 ranks, 2 micro-steps per step: max_steps ends the run with a checkpoint; killed at step 8 and
+    resumed from step 5's checkpoint it ends bitwise equal to the uninterrupted run; --metrics-out
+    has the LM numbers."""
     from pathlib import Path
 
     from mpitrain import checkpoint
