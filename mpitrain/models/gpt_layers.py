@@ -53,16 +53,33 @@ def layernorm_backward(xp, dout, cache, w, dw, db):
 # ---------------------------------------------------------------------------- gelu (tanh)
 
 def gelu_forward(xp, h):
-    """h (N, H) -> g (N, H), cache (h, tanh term)."""
-    t = xp.tanh(GELU_K * (h + 0.044715 * h * h * h))          # (N, H)
-    return 0.5 * h * (1.0 + t), (h, t)
+    """h (N, H) -> g (N, H), cache (h, tanh term). In place on temporaries (a step's biggest arrays)."""
+    t = h * h                                                 # (N, H)
+    t *= GELU_K * 0.044715
+    t += GELU_K
+    t *= h                                                    # sqrt(2/pi) (h + 0.044715 h^3)
+    xp.tanh(t, out=t)
+    g = t + 1.0
+    g *= h
+    g *= 0.5
+    return g, (h, t)
 
 
 def gelu_backward(xp, dg, cache):
-    """dg (N, H) -> dh (N, H)."""
+    """dg (N, H) -> dh (N, H) = dg (0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3·0.044715 h^2))."""
     h, t = cache
-    dt = GELU_K * (1.0 + 3 * 0.044715 * h * h)                # d(inner)/dh
-    return dg * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * dt)
+    a = h * h
+    a *= 3 * 0.044715 * GELU_K
+    a += GELU_K                                               # d(inner)/dh
+    b = t * t
+    xp.subtract(1.0, b, out=b)
+    b *= h
+    b *= a
+    b += t
+    b += 1.0
+    b *= 0.5
+    b *= dg
+    return b
 
 
 # ---------------------------------------------------------------------------- attention
