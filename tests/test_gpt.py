@@ -405,7 +405,7 @@ def test_gpt_job_metrics_final_checkpoint_and_bitwise_resume(tmp_path, small_cor
     assert d.returncode == 0 and "already complete (12/12 steps)" in d.stdout, d.stdout + d.stderr
 
     from mpitrain.cli import main as cli_main        # generate from the job's newest checkpoint
-    assert cli_main(["generate", "jobs/gpt-tiny.toml", "--set", f"checkpoint.dir={tmp_path / 'a'}", "--prompt",
+    assert cli_main(["generate", str(root / "jobs" / "gpt-tiny.toml"), "--set", f"checkpoint.dir={tmp_path / 'a'}", "--prompt",
                      "import ", "--tokens", "12", "--top-k", "5", "--seed", "1"]) == 0
 
 
@@ -469,8 +469,7 @@ def test_new_keys_are_validated():
     from mpitrain import config
     from mpitrain.runtime import UserError
 
-    cfg = config.load("jobs/gpt-tiny.toml" if __import__("os").path.exists("jobs/gpt-tiny.toml") else
-                      __import__("pathlib").Path(__file__).resolve().parents[1] / "jobs" / "gpt-tiny.toml")
+    cfg = config.load(__import__("pathlib").Path(__file__).resolve().parents[1] / "jobs" / "gpt-tiny.toml")
     assert cfg.model.kind == "gpt" and cfg.train.optimizer == "adamw" and cfg.train.max_steps == 60
     for bad, key in [("train.accum_steps=0", "train.accum_steps"), ("model.n_head=3", "model.n_embd"),
                      ("train.max_steps=-1", "train.max_steps"), ("checkpoint.every_steps=-2", "checkpoint.every_steps"),
