@@ -1,4 +1,4 @@
-"""Subcommands: train (the default), bench, compare, data, info, checkpoint."""
+"""Subcommands: train (the default), bench, compare, data, info, checkpoint, generate."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("train", "bench", "compare", "data", "info", "checkpoint")
+COMMANDS = ("train", "bench", "compare", "data", "info", "checkpoint", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, compare, info, train
+    from . import bench, compare, generate, info, train
     from .data import cli as data_cli
 
     ap = argparse.ArgumentParser(
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "table + plot (launches its own mpirun)"))
     data_cli.add_arguments(sub.add_parser("data", help="make, import and check HDF5 shards"))
     info.add_arguments(sub.add_parser("info", help="MPI library, ranks, hosts, backend"))
+    generate.add_arguments(sub.add_parser("generate", help="continue a prompt with a trained GPT checkpoint"))
     try:
         from . import checkpoint
 

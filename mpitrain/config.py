@@ -22,7 +22,7 @@ from .runtime import UserError
 @dataclass
 class DataConfig:
     path: str = "data/digits"        # directory of shard files; made on first use for built-ins
-    dataset: str = "digits"          # built-in to make when path is missing: digits | synthetic | ""
+    dataset: str = "digits"          # built-in to make when path is missing: digits | synthetic | pycode | ""
     shards: int = 4                  # shards to make for a built-in
     rows: int = 0                    # synthetic only: rows (0 = the generator's default)
     features: int = 0                # synthetic only: features (0 = default)
@@ -31,13 +31,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"                # models/ registry: mlp | mpnn | graph-mlp
+    kind: str = "mlp"                # models/ registry: mlp | gpt | mpnn | graph-mlp
     hidden: list[int] = field(default_factory=lambda: [128])  # MLP widths
     activation: str = "relu"         # relu | tanh
     width: int = 32                  # mpnn: node state width
     rounds: int = 2                  # mpnn: message-passing rounds
     readout: str = "sum"             # mpnn: sum | mean over each graph's nodes
     residual: bool = False           # mpnn: h + g(h, messages) where the widths allow
+    n_layer: int = 4                 # gpt: transformer blocks
+    n_head: int = 4                  # gpt: attention heads (n_embd % n_head == 0)
+    n_embd: int = 128                # gpt: channels
+    block_size: int = 128            # gpt: context length (tokens); a batch row is block_size + 1 tokens
+    vocab_size: int = 0              # gpt: 0 = the data set's (256 for byte tokens)
+    tie_embeddings: bool = True      # gpt: the LM head is the token embedding
 
 
 @dataclass
@@ -45,7 +51,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32             # per rank
     lr: float = 0.1
-    optimizer: str = "sgd"           # sgd | adam
+    optimizer: str = "sgd"           # sgd | adam | adamw
     momentum: float = 0.9
     weight_decay: float = 0.0
     beta1: float = 0.9               # adam
@@ -67,6 +73,10 @@ class TrainConfig:
     zero: int = 0                    # 1 = ZeRO-1: optimizer state sharded over the ranks (sync/zero.py)
     sync_every: int = 1              # 1 = average gradients every step; T > 1 = local SGD: T local
                                      # steps, then average the parameters
+    max_steps: int = 0               # > 0: train this many optimizer steps (epochs then ignored); 0 = by epochs
+    accum_steps: int = 1             # micro-batches per optimizer step (gradient accumulation)
+    eval_every: int = 0              # > 0: evaluate (val/test loss) every this many steps; 0 = at epoch ends only
+    eval_batches: int = 0            # > 0: at most this many eval batches per rank per evaluation; 0 = all
 
 
 @dataclass
@@ -88,6 +98,7 @@ class CommConfig:
 class CheckpointConfig:
     dir: str = "checkpoints/digits"
     every: int = 1                   # epochs; 0 = off
+    every_steps: int = 0             # > 0: also every this many steps; 0 = off
     keep: int = 3                    # newest checkpoints kept
 
 
@@ -112,10 +123,10 @@ class JobConfig:
 
 SECTIONS = {f.name: f.type for f in fields(JobConfig) if f.name != "source"}
 CHOICES = {
-    ("model", "kind"): ("mlp", "mpnn", "graph-mlp"),
+    ("model", "kind"): ("mlp", "gpt", "mpnn", "graph-mlp"),
     ("model", "readout"): ("sum", "mean"),
     ("model", "activation"): ("relu", "tanh"),
-    ("train", "optimizer"): ("sgd", "adam"),
+    ("train", "optimizer"): ("sgd", "adam", "adamw"),
     ("train", "schedule"): ("constant", "step", "cosine"),
     ("train", "backend"): ("numpy", "cupy"),
     ("train", "nonfinite"): ("error", "skip"),
@@ -123,7 +134,7 @@ CHOICES = {
     ("comm", "overlap"): ("progress", "thread"),
     ("comm", "mode"): ("sync", "ps"),
     ("comm", "compress"): ("none", "fp16", "topk", "sign"),
-    ("data", "dataset"): ("digits", "synthetic", "graphs", ""),
+    ("data", "dataset"): ("digits", "synthetic", "graphs", "pycode", ""),
 }
 
 
@@ -222,6 +233,12 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
          "state): use narrower or fewer layers"),
         ("model.width", cfg.model.width >= 1, "must be >= 1"),
         ("model.rounds", cfg.model.rounds >= 1, "must be >= 1"),
+        ("model.n_layer", cfg.model.n_layer >= 1, "must be >= 1"),
+        ("model.n_head", cfg.model.n_head >= 1, "must be >= 1"),
+        ("model.n_embd", cfg.model.n_embd >= 1 and cfg.model.n_embd % max(cfg.model.n_head, 1) == 0,
+         "must be >= 1 and a multiple of model.n_head"),
+        ("model.block_size", cfg.model.block_size >= 1, "must be >= 1"),
+        ("model.vocab_size", cfg.model.vocab_size == 0 or cfg.model.vocab_size >= 2, "must be >= 2 (or 0 = the data's)"),
         ("data.shards", cfg.data.shards >= 1, "must be >= 1"),
         ("data.rows", cfg.data.rows >= 0, "must be >= 0"),
         ("data.features", cfg.data.features >= 0, "must be >= 0"),
@@ -236,6 +253,11 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("comm.servers", cfg.comm.servers >= 1, "must be >= 1"),
         ("comm.max_staleness", cfg.comm.max_staleness >= 0, "must be >= 0 (0 = lock-step)"),
         ("checkpoint.every", cfg.checkpoint.every >= 0, "must be >= 0 (0 = off)"),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps >= 0, "must be >= 0 (0 = off)"),
+        ("train.max_steps", t.max_steps >= 0, "must be >= 0 (0 = by epochs)"),
+        ("train.accum_steps", t.accum_steps >= 1, "must be >= 1 (1 = no accumulation)"),
+        ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = at epoch ends only)"),
+        ("train.eval_batches", t.eval_batches >= 0, "must be >= 0 (0 = all)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
     ]
     for key, ok, why in rules:

@@ -9,6 +9,8 @@ allocates nothing.
     SGD   v <- mu*v + (g + wd*p)          p <- p - lr*v        (nesterov: p <- p - lr*(g' + mu*v))
     Adam  m <- b1*m + (1-b1)*g'           v <- b2*v + (1-b2)*g'^2
           p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)       with g' = g + wd*p
+    AdamW p <- p * (1 - lr*wd) on the decayed segments only (decoupled; e.g. not LayerNorm, biases,
+          embeddings), then the Adam step with g' = g                   (PyTorch's AdamW)
 
 (the PyTorch conventions: momentum without dampening, L2 weight decay added
 to the gradient.) ``state_dict()`` returns host copies; ``load_state_dict``
@@ -24,7 +26,7 @@ import math
 
 import numpy as np
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -217,10 +219,38 @@ class Adam(Optimizer):
         self.steps = t
 
 
+class AdamW(Adam):
+    """Adam with decoupled weight decay, applied to ``decay_segments`` ([(lo, hi), ...]; None: all)."""
+
+    kind = "adamw"
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_segments=None, *,
+                 xp=None):
+        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=0.0, xp=xp)
+        wd = float(weight_decay)
+        if not wd >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {wd}")
+        self.decoupled_wd = wd
+        self.decay_segments = [(0, params.size)] if decay_segments is None else [
+            (int(lo), int(hi)) for lo, hi in decay_segments]
+
+    def step(self, grads, lr=None):
+        lr_now = self.lr if lr is None else float(lr)
+        if self.decoupled_wd:
+            keep = 1.0 - lr_now * self.decoupled_wd
+            for lo, hi in self.decay_segments:
+                self.params[lo:hi] *= keep
+        super().step(grads, lr)
+
+
 def make_optimizer(name, params, *, lr, momentum=0.0, weight_decay=0.0, nesterov=False,
-                   betas=(0.9, 0.999), eps=1e-8, xp=None):
-    """``SGD`` or ``Adam`` by name (``"sgd"``, ``"adam"``); other names raise ValueError."""
+                   betas=(0.9, 0.999), eps=1e-8, xp=None, decay_segments=None):
+    """``SGD``, ``Adam`` or ``AdamW`` by name (``"sgd"``, ``"adam"``, ``"adamw"``); other names raise
+    ValueError. ``decay_segments`` (AdamW only): the ranges of ``params`` weight decay applies to."""
     key = str(name).lower()
+    if key == "adamw":
+        return AdamW(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_segments=decay_segments,
+                     xp=xp)
     if key == "sgd":
         return SGD(params, lr, momentum=momentum, weight_decay=weight_decay,
                    nesterov=nesterov, xp=xp)

@@ -115,3 +115,20 @@ def test_zero1_trains_and_resumes_across_zero_and_rank_counts(tmp_path):
         mb = json.loads((tmp_path / "b.json").read_text())
         assert mb["test_accuracy"] > 0.85 and mb["epochs"] == 3, mb
         (tmp_path / "ckpt" / f"ckpt-{json.loads((tmp_path / 'b.json').read_text())['steps']:08d}.h5").unlink()
+
+
+def test_a_shard_optimizer_decays_the_parts_of_the_decayed_tensors_it_holds():
+    from types import SimpleNamespace
+
+    from mpitrain import config
+    from mpitrain.train import Run
+
+    cfg = config.JobConfig()
+    cfg.train.optimizer, cfg.train.weight_decay = "adamw", 0.1
+    run = Run.__new__(Run)
+    run.cfg, run.xp = cfg, np
+    run.model = SimpleNamespace(n_params=20, decay_segments=lambda: [(2, 6), (10, 18)])
+    whole = run.make_optimizer(np.zeros(20))
+    assert whole.decay_segments == [(2, 6), (10, 18)]
+    shard = run.make_optimizer(np.zeros(8), pieces=[(4, 8), (16, 20)])  # [4, 8) then [16, 20)
+    assert shard.decay_segments == [(0, 2), (4, 6)]

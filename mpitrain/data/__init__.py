@@ -8,6 +8,7 @@ Public API:
       collective; rank r reads only its shards (round-robin) or its row range
       (when shards < ranks). Reader: features, classes, spec (a DataSpec), train_rows, test_rows,
       has_test, rows_local, steps_per_epoch, batches(epoch, start=0), test_batches(batch_size), close().
+      A "tokens" set (tokens.py) opens a TokenReader of ``window``-token rows (token_reader.py).
   ensure_dataset(path, dataset, comm=None, *, shards=None, seed=0) -> Path
       makes a built-in set ("digits", "synthetic") on rank 0 if path has none.
   make_digits(out, *, shards=4, seed=0, test_fraction=0.2, overwrite=False, log=None)
@@ -21,6 +22,7 @@ Public API:
   import_graphs(src.npz, out, *, shards=4, seed=0, test_fraction=0.2, ...)
       graph sets (graphs.py, graph_make.py); open_dataset returns a GraphReader for them
   check_dataset(path) -> CheckReport (.ok, .problems, .files, .format())
+  import_text(paths, out, *, shards=4, val_fraction=0.1, ...), make_pycode(out, *, max_bytes=0, ...)
 
 The make/import/check functions are serial (call them on one rank); the CLI
 (``python -m mpitrain data ...``) runs them on rank 0 under mpirun.
@@ -35,6 +37,7 @@ from .make import make_digits, make_synthetic
 from .open import open_dataset
 from .reader import Reader, ensure_dataset
 from .spec import DataSpec
+from .tokens import import_text, make_pycode
 
 __all__ = ["open_dataset", "ensure_dataset", "make_digits", "make_synthetic", "import_file",
-           "check_dataset", "Reader", "CheckReport", "DataSpec", "make_graphs", "import_graphs", "GraphSet"]
+           "check_dataset", "Reader", "CheckReport", "DataSpec", "make_graphs", "import_graphs", "GraphSet", "import_text", "make_pycode"]

@@ -24,8 +24,8 @@ from .shards import (MANIFEST, TMP_MARK, DataProblem, block_rows_for, is_shard_n
 @dataclass
 class FileReport:
     file: str
-    kind: str            # manifest | train | test
-    rows: int | None
+    kind: str            # manifest | train | test | val
+    rows: int | None     # tokens for a token data set
     problem: str | None  # None when the file is fine
 
 
@@ -52,13 +52,17 @@ class CheckReport:
             lines.append(f"  {m['train_rows']} train graphs in {len(m['shards'])} shards, {m['test']['rows']} test "
                          f"graphs, {m['features']} node features, {m.get('edge_features', 0)} edge features, "
                          f"{m['classes']} classes, schema v{m['schema_version']} ({made})")
+        elif m and m.get("kind") == "tokens":
+            lines.append(f"  {m['train_tokens']:,} train tokens in {len(m['shards'])} shards, {m['val']['tokens']:,} "
+                         f"val tokens, vocab {m['vocab_size']} ({m.get('dtype')}), "
+                         f"{len(m.get('sources', []))} source file(s) ({(m.get('made') or {}).get('how', '?')})")
         elif m:
             made = (m.get("made") or {}).get("how", "?")
             lines.append(f"  {m['train_rows']} train rows in {len(m['shards'])} shards, "
                          f"{m['test']['rows']} test rows, {m['features']} features, "
                          f"{m['classes']} classes, schema v{m['schema_version']} ({made})")
         for r in self.files:
-            unit = "graphs" if m and m.get("kind") == "graphs" else "rows"
+            unit = {"graphs": "graphs", "tokens": "tokens"}.get((m or {}).get("kind"), "rows")
             rows = "" if r.rows is None else f"{r.rows:>9} {unit}"
             status = "ok" if r.problem is None else f"FAIL: {r.problem}"
             lines.append(f"  {Path(r.file).name:<20} {r.kind:<8} {rows:>14}  {status}")
@@ -71,8 +75,13 @@ class CheckReport:
 
 def check_dataset(path) -> CheckReport:
     """Validate the data set in ``path``; never raises for bad data (see the report)."""
+    from .tokens import KIND as TOKENS, manifest_kind
+
     path = Path(path)
     rep = CheckReport(str(path))
+    if manifest_kind(path) == TOKENS:
+        check_tokens(path, rep)
+        return rep
     try:
         m = read_manifest(path)
     except DataProblem as e:
@@ -124,3 +133,28 @@ def _check_graphs(path: Path, m: dict, rep: CheckReport) -> CheckReport:
         if is_shard_name(p.name) and p.name not in listed:
             rep.notes.append(f"{p.name}: not listed in {MANIFEST} (ignored; safe to delete)")
     return rep
+
+
+def check_tokens(path, rep) -> None:
+    """Fill a data.check.CheckReport for a token data set: every file, vocab range, checksums."""
+    from .tokens import open_token_file, read_token_manifest, token_checksum
+
+    try:
+        m = read_token_manifest(path)
+    except DataProblem as e:
+        rep.files.append(FileReport(e.file, "manifest", None, e.reason))
+        return
+    rep.manifest = m
+    rep.files.append(FileReport(str(Path(path) / MANIFEST), "manifest", None, None))
+    for entry, kind in [(e, "train") for e in m["shards"]] + [(m["val"], "val")]:
+        fp, problem = Path(path) / entry["file"], None
+        try:
+            with open_token_file(fp, m, entry, kind) as f:
+                t = f["tokens"][...]
+            if t.size and int(t.max()) >= m["vocab_size"]:
+                problem = f"token {int(t.max())} outside the vocabulary [0, {m['vocab_size']})"
+            elif token_checksum(t) != entry["checksum"]:
+                problem = "checksum mismatch: the contents changed since the set was made (corrupted or edited)"
+        except DataProblem as e:
+            problem = e.reason
+        rep.files.append(FileReport(str(fp), kind, entry["tokens"], problem))

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     mk = sub.add_parser("make", help="make a built-in data set (digits, synthetic, graphs)",
                         description="Make a built-in data set.")
-    mksub = mk.add_subparsers(dest="dataset", metavar="{digits,synthetic,graphs}", required=True)
+    mksub = mk.add_subparsers(dest="dataset", metavar="{digits,synthetic,graphs,pycode}", required=True)
 
     def common(p, seed_help):
         p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
@@ -62,10 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sy.set_defaults(func=cmd_make)
 
     _add_make_graphs(mksub, common)
+    _add_pycode(mksub)
 
     im = sub.add_parser(
         "import", help="import your own data from .npz or .csv",
-        description="Import a data set. FILE.npz: arrays 'x' [N, ...] (flattened to [N, D]) and "
+        description="Import a data set. Text (FILE.txt, several files, or a DIR of them): their bytes, "
+                    "concatenated in order, become byte tokens (vocab 256) for a GPT; the last "
+                    "--val-fraction is the val split. FILE.npz: arrays 'x' [N, ...] (flattened to [N, D]) and "
                     "'y' [N] integer labels 0..C-1; optional 'x_test'/'y_test' become the test "
                     "set. FILE.csv: comma-separated numbers, one row per sample, the LABEL IN THE "
                     "LAST COLUMN; UTF-8 (a byte-order mark is fine), any line ends; a header line is "
@@ -73,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "0..K-1 pandas writes; a pandas index column is dropped). The file is loaded into memory, shuffled (seeded), split into "
                     "train/test and sharded. A graph .npz (arrays x, edges, node_ptr, edge_ptr, y, optional "
                     "edge_attr and *_test) becomes a graph set (docs/graphs.md).")
-    im.add_argument("file", metavar="FILE", help="a .npz or .csv file")
+    im.add_argument("file", metavar="FILE", nargs="+",
+                    help="a .npz or .csv file; or text: FILE.txt [FILE2 ...] or DIR (-> byte tokens)")
     common(im, "seed of the shuffle and train/test split (default 0)")
     im.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
                     help="fraction held out as the test set when the file has none (default 0.2)")
@@ -81,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="number of classes (default: largest label + 1)")
     im.add_argument("--no-shuffle", action="store_true",
                     help="keep the file's row order (the test set is then its first rows)")
+    im.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                    help="text: the last fraction F of the byte stream is the val split (default 0.1)")
     im.set_defaults(func=cmd_import)
 
     ck = sub.add_parser(
@@ -104,6 +110,24 @@ def _add_make_graphs(mksub, common) -> None:
                     help="held-out graphs, generated after the training ones (default N/4)")
     gr.add_argument("--nodes", default="10:30", metavar="A:B", help="nodes per graph, A to B (default 10:30)")
     gr.set_defaults(func=cmd_make)
+
+
+def _add_pycode(mksub) -> None:
+    pc = mksub.add_parser(
+        "pycode", help="byte tokens of the Python standard library's own .py sources (for GPT)",
+        description="The .py files of this Python's standard library (sysconfig stdlib path; no test "
+                    "packages, no site-packages), sorted, as byte tokens (vocab 256). Each file goes to "
+                    "train or val by a hash of its path, so a file is never in both. The manifest records "
+                    "the Python version and the sha256 of every file.")
+    pc.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    pc.add_argument("--shards", type=int, default=DEFAULT_SHARDS, metavar="K",
+                    help=f"train shard files (default {DEFAULT_SHARDS})")
+    pc.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                    help="fraction of the files held out (by path hash; default 0.1)")
+    pc.add_argument("--max-bytes", type=int, default=0, metavar="N",
+                    help="take whole files in sorted order up to N bytes (default 0 = all)")
+    pc.add_argument("--force", action="store_true", help="replace a data set already in --out")
+    pc.set_defaults(func=cmd_make)
 
 
 def on_root(fn) -> int:
@@ -146,6 +170,12 @@ def cmd_make(args) -> int:
     from .make import make_digits, make_synthetic
 
     def work():
+        if args.dataset == "pycode":
+            from .tokens import make_pycode
+
+            make_pycode(args.out, shards=args.shards, val_fraction=args.val_fraction,
+                        max_bytes=args.max_bytes, overwrite=args.force, log=_log)
+            return 0
         if args.dataset == "graphs":
             from .graph_make import make_graphs
 
@@ -169,16 +199,25 @@ def cmd_make(args) -> int:
 def cmd_import(args) -> int:
     from .importer import import_file
 
+    files = args.file
+    tabular = len(files) == 1 and files[0].lower().endswith((".npz", ".csv"))
+
     def work():
         from .graph_make import import_graphs, is_graph_npz
 
-        if str(args.file).lower().endswith(".npz") and is_graph_npz(args.file):
-            m = import_graphs(args.file, args.out, shards=args.shards, seed=args.seed,
+        if tabular and files[0].lower().endswith(".npz") and is_graph_npz(files[0]):
+            m = import_graphs(files[0], args.out, shards=args.shards, seed=args.seed,
                               test_fraction=args.test_fraction, classes=args.classes,
                               shuffle=not args.no_shuffle, overwrite=args.force, log=_log)
             _summary(args.out, m)
             return 0
-        m = import_file(args.file, args.out, shards=args.shards, seed=args.seed,
+        if not tabular:
+            from .tokens import import_text
+
+            import_text(files, args.out, shards=args.shards, val_fraction=args.val_fraction,
+                        overwrite=args.force, log=_log)
+            return 0
+        m = import_file(files[0], args.out, shards=args.shards, seed=args.seed,
                         test_fraction=args.test_fraction, classes=args.classes,
                         shuffle=not args.no_shuffle, overwrite=args.force, log=_log,
                         allow_no_test=args.allow_no_test)

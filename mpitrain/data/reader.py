@@ -366,12 +366,19 @@ def _close_all(st) -> None:
 
 
 def open_dataset(path, comm=None, *, batch_size: int, seed: int = 0, verify: bool = True,
-                 block_rows: int | None = None, window_blocks: int = 4) -> Reader:
+                 block_rows: int | None = None, window_blocks: int = 4, window: int | None = None) -> Reader:
     """Open the data set in directory ``path`` for this rank (collective over ``comm``).
 
     Raises UserError on every rank if any rank finds a problem (see module docstring).
+    A manifest of kind "tokens" opens a TokenReader (token_reader.py) of ``window``-token rows.
     """
     comm = comm if comm is not None else get_comm()
+    from .tokens import KIND as TOKENS, manifest_kind
+
+    if manifest_kind(path) == TOKENS:
+        from .token_reader import open_tokens
+
+        return open_tokens(path, comm, batch_size=batch_size, seed=seed, window=window)
     rank, size = comm.Get_rank(), comm.Get_size()
     path = Path(path)
     err, st, exc = None, None, None
@@ -465,6 +472,12 @@ def ensure_dataset(path, dataset, comm=None, *, shards: int | None = None, seed:
         if (path / MANIFEST).is_file():
             return "exists"
         name = (dataset or "").strip().lower()
+        if name == "pycode":
+            from .tokens import make_pycode
+
+            log0(f"data: {path} holds no data set yet; making the built-in 'pycode' set ({k} shards)", comm=comm)
+            make_pycode(path, shards=k, log=lambda s: log0(s, comm=comm))
+            return "made"
         if name in BUILTINS:
             log0(f"data: {path} holds no data set yet; making the built-in '{name}' set "
                  f"({k} shards, seed {seed})", comm=comm)

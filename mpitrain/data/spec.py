@@ -7,6 +7,8 @@
                        node_ptr int64 [b+1], y int64 [b])
                       b graphs packed into one block-diagonal graph of N nodes and E directed edges
                       (sender, receiver), sorted by receiver; graph g owns nodes node_ptr[g]:node_ptr[g+1]
+    tokens            (x int64 [b, T], y int64 [b, T]) = a (T+1)-token   vocab_size
+                      window split into inputs [:-1] and targets [1:]
 
 A model declares the kinds it consumes (``Model.consumes``); the registry
 compares them at start-up and names both when they do not fit. Data knows
@@ -19,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 FEATURES_LABELS = "features+labels"
 GRAPHS = "graphs"
+TOKENS = "tokens"
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,14 @@ class DataSpec:
     features: int = 0          # row features, or node features for graphs
     classes: int = 0
     edge_features: int = 0     # graphs: features per edge (0: none)
+    vocab_size: int = 0        # tokens
 
     def describe(self) -> str:
         if self.kind == GRAPHS:
             return (f"{self.kind} ({self.features} node features, {self.edge_features} edge features, "
                     f"{self.classes} classes)")
+        if self.kind == TOKENS:
+            return f"{self.kind} (vocab {self.vocab_size})"
         return f"{self.kind} ({self.features} features, {self.classes} classes)"
 
     def to_dict(self) -> dict:
@@ -41,5 +47,7 @@ class DataSpec:
 def spec_of(manifest: dict) -> DataSpec:
     """The spec of a data set from its manifest (``kind`` absent: features+labels)."""
     kind = manifest.get("kind", FEATURES_LABELS)
+    if kind == TOKENS:
+        return DataSpec(TOKENS, vocab_size=int(manifest["vocab_size"]))
     return DataSpec(kind, int(manifest["features"]), int(manifest["classes"]),
                     int(manifest.get("edge_features", 0)))

@@ -1,6 +1,6 @@
 """Models: one interface (base.Model) and a registry keyed by ``model.kind``.
 
-    KINDS = {"mlp": MLP, "mpnn": MPNN, "graph-mlp": GraphMLP}       build(kind, options, spec, xp=, seed=) -> Model
+    KINDS = {"mlp": MLP, "gpt": GPT, "mpnn": MPNN, "graph-mlp": GraphMLP}   build(kind, options, spec, xp=, seed=) -> Model
 
 Adding a model (docs/architecture.md): write a Model subclass in its own module, list it in
 KINDS, add its keys to config.ModelConfig. The data set's spec (data/spec.py) must be one of
@@ -13,11 +13,12 @@ import numpy as np
 
 from ..runtime import UserError
 from .base import Model
+from .gpt import GPT
 from .graph_mlp import GraphMLP
 from .mlp import MLP
 from .mpnn import MPNN
 
-KINDS: dict[str, type[Model]] = {"mlp": MLP}
+KINDS: dict[str, type[Model]] = {"mlp": MLP, "gpt": GPT}  # a transformer on token data (gpt.py)
 KINDS["mpnn"] = MPNN            # message passing on graph data (mpnn.py)
 KINDS["graph-mlp"] = GraphMLP   # its baseline: an MLP on each graph's mean node features
 
@@ -34,4 +35,4 @@ def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.floa
     return cls.from_spec(spec, {k: options[k] for k in cls.options_keys}, xp=xp, seed=seed, dtype=dtype)
 
 
-__all__ = ["Model", "MLP", "MPNN", "GraphMLP", "KINDS", "build"]
+__all__ = ["Model", "MLP", "GPT", "MPNN", "GraphMLP", "KINDS", "build"]

@@ -66,7 +66,7 @@ class Zero(AllReduce):
         else:
             self.pshard = run.xp.empty(self.m, dtype=model.params.dtype)
             self.gshard = run.xp.empty(self.m, dtype=model.grads.dtype)
-        run.opt = run.make_optimizer(self.pshard)
+        run.opt = run.make_optimizer(self.pshard, pieces=self.mine)
         run.schedule = run.make_schedule(run.total_steps, run.steps_per_epoch)
         self._flag = np.zeros(1, dtype=np.int64)
         self._sq = np.zeros(1, dtype=np.float64)

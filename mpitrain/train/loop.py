@@ -1,14 +1,17 @@
 """The training loop: data -> gradients -> the strategy's agreement -> step, the same on every rank.
 
-    for epoch:                                       every rank, in lock-step
-      for batch_r in this rank's shard:
-        loss = model.loss_and_grad(batch_r, strategy.grad_hook(step))     compute
+    for epoch (or until train.max_steps):            every rank, in lock-step
+      for batch_r in this rank's shard:                (train.accum_steps = A: A micro-batches, their
+        loss = model.loss_and_grad(batch_r, strategy.grad_hook(step))     gradients averaged; the hook
+                                                                          and agreement on the last only)
         strategy.after_backward(step)                                     e.g. allreduce(avg)
         strategy.update(loss, step)        non-finite? policy (skip | error); clip; opt.step(grads, lr(step))
         strategy.after_step(step)                                         e.g. local SGD's average
         every check_every steps (when synced): prove the replicas are identical (hash)
         a signal? (agreed when synced) -> checkpoint, exit 75
+        every train.eval_every steps: evaluate (eval line); every checkpoint.every_steps: checkpoint
       strategy.epoch_end; evaluate; epoch line; checkpoint every checkpoint.every epochs
+    max_steps reached mid-epoch: evaluate, epoch line, a final checkpoint when checkpointing is on
 
 Every rank starts from rank 0's parameters (broadcast, then verified by hash). Rank 0 prints;
 the other ranks only speak when something is wrong.
@@ -34,6 +37,11 @@ class Loop:
         self.samples = 0
         self.test = (float("nan"), float("nan"))
         self.complete = False  # resumed a run that had nothing left to do
+        self.accum = max(1, self.cfg.train.accum_steps)
+        self.max_steps = self.cfg.train.max_steps
+        self.saved_step = -1     # the step of the last checkpoint this run wrote
+        self.eval_s = 0.0        # seconds spent evaluating (not in tokens_per_s)
+        self._acc = None         # accumulated gradients (accum_steps > 1)
 
     # --------------------------------------------------------------- one step
     def train_step(self, batch):
@@ -44,6 +52,43 @@ class Loop:
             loss, correct = model.loss_and_grad(batch, on_grad_ready=strategy.grad_hook(run.step))
         strategy.after_backward(run.step)
         if not strategy.update(loss, run.step):  # it times its own compute and communication
+            return float("nan"), 0
+        return loss, correct
+
+    def accum_step(self, micro):
+        """One optimizer step over A micro-batches: (mean loss, correct summed)."""
+        run, strategy, model = self.run, self.run.strategy, self.run.model
+        xp, A = run.xp, len(micro)
+        with run.timers("compute"):
+            if self._acc is None:
+                self._acc = xp.zeros_like(model.grads)
+            acc, losses, correct = self._acc, [], 0
+            for k, batch in enumerate(micro[:-1]):
+                loss, c = model.loss_and_grad(tuple(xp.asarray(a) for a in batch))
+                losses.append(loss)
+                correct += c
+                if k == 0:
+                    acc[...] = model.grads
+                else:
+                    acc += model.grads
+            inner, grads, done = strategy.grad_hook(run.step), model.grads, [0]
+
+            def ready(hi):  # the last micro-step: finish grads[lo:hi] = (g + acc) / A, then hand it on
+                lo = done[0]
+                grads[lo:hi] += acc[lo:hi]
+                grads[lo:hi] *= 1.0 / A
+                done[0] = hi
+                if inner is not None:
+                    inner(hi)
+
+            loss, c = model.loss_and_grad(tuple(xp.asarray(a) for a in micro[-1]), on_grad_ready=ready)
+            if done[0] < grads.size:
+                ready(grads.size)
+        losses.append(loss)
+        correct += c
+        strategy.after_backward(run.step)
+        loss = float(np.mean(losses))
+        if not strategy.update(loss, run.step):
             return float("nan"), 0
         return loss, correct
 
@@ -59,19 +104,26 @@ class Loop:
         run, t = self.run, self.cfg.train
         start, run.start_in_epoch = run.start_in_epoch, 0
         stats, i = [0.0, 0, 0], start  # loss sum, correct, seen
-        batches = run.data.batches(run.epoch, start=start)
+        A = self.accum
+        batches = run.data.batches(run.epoch, start=start * A)
+        ended = False
         while True:
+            if self.max_steps and run.step >= self.max_steps:
+                ended = True
+                break
+            if A > 1 and i >= run.steps_per_epoch:
+                break
             with run.timers("data"):
-                batch = next(batches, None)
+                batch = next(batches, None) if A == 1 else [next(batches) for _ in range(A)]
             if batch is None:
                 break
-            loss, c = self.train_step(batch)
+            loss, c = self.train_step(batch) if A == 1 else self.accum_step(batch)
             if t.step_sleep:
                 time.sleep(t.step_sleep)
             run.step += 1
             i += 1
             run.strategy.after_step(run.step)
-            n = run.model.count(batch)
+            n = run.model.count(batch) if A == 1 else sum(run.model.count(b) for b in batch)
             if math.isfinite(loss):
                 stats = [stats[0] + loss * n, stats[1] + c, stats[2] + n]
             self.samples += n * run.size
@@ -81,17 +133,60 @@ class Loop:
             bar.update(i, epoch=run.epoch + 1, loss=stats[0] / max(stats[2], 1),
                        accuracy=stats[1] / max(stats[2], 1), samples=n * run.size,
                        comm_fraction=run.timers.fraction("comm"))
+            self._periodic(bar, i, stats)
             if synced and self.should_stop():
                 return i
+        if ended and i < run.steps_per_epoch:  # max_steps mid-epoch: the run's last evaluation and checkpoint
+            run.strategy.epoch_end(run.step)   # the run ends here (local SGD: average the replicas)
+            self._evaluate(bar)
+            run.results.epoch(round(run.epoch + i / run.steps_per_epoch, 3), run.step, run.total_bytes, stats,
+                              self.test, self.samples, run.timers.fraction("comm"))
+            if run.checkpointing() and self.saved_step != run.step:
+                run.save(i)
+                self.saved_step = run.step
+            return None
         run.strategy.epoch_end(run.step)
-        self.test = run.evaluate()
+        self._evaluate(bar)
         run.epoch += 1
-        bar.clear()
         run.results.epoch(run.epoch, run.step, run.total_bytes, stats, self.test, self.samples,
                           run.timers.fraction("comm"))
-        if self.cfg.checkpoint.every and run.epoch % self.cfg.checkpoint.every == 0:
+        ck = self.cfg.checkpoint
+        if ((ck.every and run.epoch % ck.every == 0) or (ck.every_steps and run.step % ck.every_steps == 0)
+                or (run.checkpointing() and self.max_steps and run.step >= self.max_steps)):
             run.save(0)
+            self.saved_step = run.step
         return None
+
+    def _evaluate(self, bar):
+        t0 = time.perf_counter()
+        self.test = self.run.evaluate()
+        self.eval_s += time.perf_counter() - t0
+        bar.clear()
+
+    def _periodic(self, bar, i, stats) -> None:
+        """train.eval_every: an eval line; checkpoint.every_steps: a checkpoint (not at the epoch's end)."""
+        run, t = self.run, self.cfg.train
+        if t.eval_every and run.step % t.eval_every == 0:
+            t0 = time.perf_counter()
+            val = run.evaluate()
+            self.eval_s += time.perf_counter() - t0
+            bar.clear()
+            run.results.eval_line(run.step, run.total_steps, stats, val, self.rates())
+        every = self.cfg.checkpoint.every_steps
+        if every and run.step % every == 0 and i < run.steps_per_epoch and run.strategy.synced():
+            run.save(i)
+            self.saved_step = run.step
+
+    def rates(self) -> dict:
+        """tokens (items) per second of training (evaluation time left out) and, for a model that counts
+        its FLOPs, MFU = tokens/s x flops_per_token / the ranks' summed matmul peak."""
+        run = self.run
+        secs = max(run.results.elapsed() - self.eval_s, 1e-9)
+        r = {"tokens_per_s": self.samples / secs}
+        fpt = getattr(run.model, "flops_per_token", None)
+        if fpt is not None and run.peak_flops > 0:
+            r["mfu"] = r["tokens_per_s"] * fpt() / run.peak_flops
+        return r
 
     def run_all(self, trace=None) -> bool:
         """Every epoch left; True when a signal stopped the run (a checkpoint was written)."""
@@ -99,13 +194,17 @@ class Loop:
         if trace:
             run.trace = Trace(self.comm)
             run.timers.trace = run.trace
-        bar = ProgressBar(run.steps_per_epoch, epochs=t.epochs, comm=self.comm)
+        per_epoch = min(run.steps_per_epoch, self.max_steps) if self.max_steps else run.steps_per_epoch
+        bar = ProgressBar(per_epoch, epochs=run.results.epochs, comm=self.comm)
         run.results.start()
-        self.complete = run.complete(run.epoch, t.epochs, "epochs")
+        if self.max_steps:
+            self.complete = run.complete(run.step, self.max_steps, "steps")
+        else:
+            self.complete = run.complete(run.epoch, t.epochs, "epochs")
         if self.complete:
             self.test = run.last_test
         try:
-            while run.epoch < t.epochs:
+            while (run.step < self.max_steps) if self.max_steps else (run.epoch < t.epochs):
                 stopped_at = self.epoch(bar)
                 if stopped_at is not None:
                     path = run.save(stopped_at)
@@ -119,12 +218,15 @@ class Loop:
 
     def metrics(self, stopped: bool) -> dict:
         run = self.run
+        extra = {}
+        if hasattr(run.model, "flops_per_token"):  # a language model: per-token numbers (results.py)
+            extra = run.results.lm_metrics(self.test, self.rates(), getattr(run.spec, "vocab_size", 0))
         return run.results.metrics(
             test=self.test, epochs=run.epoch, steps=run.step, ranks=run.size, samples=self.samples,
             comm_fraction=run.timers.fraction("comm"), timers=run.timers.totals(), skipped=run.policy.skipped,
             algorithm=self.cfg.comm.algorithm, backend=self.cfg.train.backend, stopped=stopped,
             strategy=run.strategy.label, comm_bytes=run.total_bytes, steps_done=run.step - run.first_step,
-            bytes_divisor=run.size, optimizer_bytes=run.optimizer_bytes())
+            bytes_divisor=run.size, optimizer_bytes=run.optimizer_bytes(), **extra)
 
 
 def run_loop(run, metrics_out=None, trace=None) -> int:

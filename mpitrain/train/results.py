@@ -7,7 +7,17 @@ Every strategy reports through here (the parameter server too), so a run's JSON 
     optimizer_bytes_per_rank history [+ strategy-specific sections, e.g. "ps"]
 
 ``history`` has one entry per epoch: epoch, step, wall_s, comm_bytes (sent by all ranks so far),
-test_accuracy, test_loss.
+test_accuracy, test_loss (a run that ends by train.max_steps mid-epoch: a fractional last epoch).
+``evals`` has one entry per train.eval_every evaluation: step, wall_s, train_loss, val_loss.
+
+A language model (a model with ``flops_per_token``, the GPT) adds
+
+    val_loss      nats per token: the last evaluation's loss over the val split (summed over ranks)
+    val_bpb       bits per byte = val_loss / ln 2 (byte tokens, vocab <= 256; else null)
+    tokens_per_s  training tokens (all ranks) per second of wall time, evaluation time left out
+    mfu           tokens_per_s x flops_per_token / peak, flops_per_token = 6·N_mm + 12·L·T·C
+                  (models/gpt.py) and peak = the sum over ranks of a float matmul's FLOP/s
+                  measured at start-up (``measure_peak_flops``: 2·n³ per n x n matmul)
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ class Results:
     def __init__(self, epochs: int):
         self.epochs = epochs
         self.history: list[dict] = []
+        self.evals: list[dict] = []
         self.t_start = time.perf_counter()
 
     def start(self) -> None:
@@ -61,6 +72,22 @@ class Results:
              f"{correct / max(seen, 1):.4f}  test loss {test_loss:.4f}  test acc {test_acc:.4f}  "
              f"{samples / max(elapsed, 1e-9):,.0f} samples/s  comm {100 * comm_fraction:.0f}%")
 
+    def eval_line(self, step: int, total: int, train: tuple, val: tuple, rates: dict) -> None:
+        """One train.eval_every entry and line: step, train loss (this epoch so far), val loss (+ bpb)."""
+        loss, _, seen = train
+        val_loss = float(val[0])
+        self.evals.append({"step": step, "wall_s": self.elapsed(), "train_loss": loss / max(seen, 1),
+                           "val_loss": val_loss})
+        mfu = f"  mfu {100 * rates['mfu']:.1f}%" if "mfu" in rates else ""
+        log0(f"step {step:>6}/{total}  loss {loss / max(seen, 1):.4f}  val loss {val_loss:.4f} "
+             f"({val_loss / math.log(2):.3f} bits)  {rates['tokens_per_s']:,.0f} tokens/s{mfu}")
+
+    @staticmethod
+    def lm_metrics(test: tuple, rates: dict, vocab_size: int) -> dict:
+        val_loss = float(test[0])
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) if 0 < vocab_size <= 256 else float("nan"),
+                "tokens_per_s": rates["tokens_per_s"], "mfu": rates.get("mfu", float("nan"))}
+
     def metrics(self, *, test, epochs, steps, ranks, samples, comm_fraction, timers, skipped, algorithm,
                 backend, stopped, strategy, comm_bytes, steps_done, bytes_divisor, optimizer_bytes, **extra):
         elapsed = self.elapsed()
@@ -71,6 +98,8 @@ class Results:
              "backend": backend, "stopped_early": bool(stopped), "strategy": strategy, "comm_bytes": comm_bytes,
              "bytes_per_step": comm_bytes / max(bytes_divisor, 1) / max(steps_done, 1),
              "optimizer_bytes_per_rank": int(optimizer_bytes), "history": self.history}
+        if self.evals:
+            m["evals"] = self.evals
         m.update(extra)
         return m
 
@@ -87,3 +116,23 @@ class Results:
 def optimizer_bytes(opt) -> int:
     """Bytes of optimizer state this rank holds (momentum, Adam's m and v)."""
     return sum(getattr(v, "nbytes", 0) for v in opt.state_dict().values())
+
+
+def measure_peak_flops(xp, dtype, n: int = 512, seconds: float = 0.3) -> float:
+    """This rank's FLOP/s in an n x n x n matmul of ``dtype`` (best of repeats over ~``seconds``)."""
+    import numpy as np
+
+    from .. import backend
+
+    rng = np.random.default_rng(0)
+    a, b = (xp.asarray(rng.standard_normal((n, n)).astype(dtype)) for _ in range(2))
+    c = xp.empty_like(a)
+    xp.matmul(a, b, out=c)  # warm-up
+    backend.synchronize(c)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == float("inf"):
+        t0 = time.perf_counter()
+        xp.matmul(a, b, out=c)
+        backend.synchronize(c)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / max(best, 1e-12)

@@ -12,6 +12,7 @@ data, timers, watchdog, faults, stop, policy, results, the step counters, and th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import secrets
 import signal
@@ -70,11 +71,13 @@ class Run:
         ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=t.seed,
                        rows=d.rows or None, features=d.features or None, classes=d.classes or None)
         if dcomm is not None:
-            self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed)
+            self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed,
+                                     window=cfg.model.block_size + 1)
         self._data_info()
         self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed)
+        self._lm_setup()
         self.strategy.bind(self)
-        if cfg.checkpoint.every > 0 or resume:
+        if self.checkpointing() or resume:
             ok = checkpoint.probe(cfg.checkpoint.dir) if self.rank == 0 else None
             comm.bcast(ok, root=0)
         ck = self.read_checkpoint() if resume else None
@@ -84,10 +87,10 @@ class Run:
         else:
             self.strategy.restore(ck)
         self.first_step = self.step
+        accum = f" x {t.accum_steps} micro-steps" if t.accum_steps > 1 else ""
         log0(f"mpitrain {__version__}: {self.strategy.describe_ranks()}, {self.model.describe()}, "
-             f"{self.train_rows} training {'graphs' if self.spec.kind == 'graphs' else 'rows'}, "
-             f"{self.steps_per_epoch} steps/epoch of {t.batch_size} x "
-             f"{self.data_ranks}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
+             f"{self.train_rows} training {self.data_unit}, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
+             f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
 
     def _data_info(self) -> None:
@@ -95,16 +98,54 @@ class Run:
         info = None
         if self.data is not None:
             info = {"spec": self.data.spec, "train_rows": self.data.train_rows,
-                    "steps_per_epoch": self.data.steps_per_epoch, "ranks": self.data.size}
+                    "steps_per_epoch": self.data.steps_per_epoch, "ranks": self.data.size,
+                    "unit": getattr(self.data, "unit", "rows")}
         info = self.comm.bcast(info, root=self.strategy.info_root())
-        self.spec, self.train_rows = info["spec"], info["train_rows"]
-        self.steps_per_epoch, self.data_ranks = info["steps_per_epoch"], info["ranks"]
-        self.total_steps = self.cfg.train.epochs * self.steps_per_epoch
-
-    def make_optimizer(self, params, xp=None):
+        self.spec, self.train_rows, self.data_unit = info["spec"], info["train_rows"], info["unit"]
         t = self.cfg.train
+        self.steps_per_epoch, self.data_ranks = info["steps_per_epoch"] // t.accum_steps, info["ranks"]
+        if self.steps_per_epoch == 0:
+            raise UserError(f"train.accum_steps = {t.accum_steps}: an epoch holds only {info['steps_per_epoch']} "
+                            "batches per rank, fewer than one optimizer step; lower train.accum_steps or "
+                            "train.batch_size")
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        if t.max_steps:  # the epoch line counts the epochs max_steps spans
+            self.results.epochs = -(-t.max_steps // self.steps_per_epoch)
+
+    def checkpointing(self) -> bool:
+        c = self.cfg.checkpoint
+        return c.every > 0 or c.every_steps > 0
+
+    def _lm_setup(self) -> None:
+        """Models that count their FLOPs (the GPT) get MFU: every rank measures its matmul peak."""
+        t = self.cfg.train
+        if self.strategy.owns_loop and (t.accum_steps > 1 or t.max_steps or t.eval_every):
+            raise UserError("comm.mode = \"ps\" runs its own loop: train.accum_steps, train.max_steps and "
+                            "train.eval_every are not supported there; reset them or use comm.mode = \"sync\"")
+        self.peak_flops = 0.0
+        if hasattr(self.model, "flops_per_token"):
+            from mpi4py import MPI
+
+            from .results import measure_peak_flops
+
+            self.peak_flops = self.comm.allreduce(measure_peak_flops(self.xp, self.model.dtype), op=MPI.SUM)
+
+    def make_optimizer(self, params, xp=None, pieces=None):
+        """train.optimizer over ``params``: the whole flat buffer, or (``pieces``: its [lo, hi) ranges,
+        concatenated) a shard of it -- AdamW then decays the parts of its decayed tensors that fall in it."""
+        t = self.cfg.train
+        segs = None  # adamw: the model says which tensors decay
+        if t.optimizer == "adamw" and hasattr(self.model, "decay_segments"):
+            full = self.model.decay_segments()
+            if pieces is None and params.size == self.model.n_params:
+                segs = full
+            elif pieces is not None:
+                segs, off = [], 0
+                for lo, hi in pieces:
+                    segs += [(off + max(a, lo) - lo, off + min(b, hi) - lo) for a, b in full if a < hi and b > lo]
+                    off += hi - lo
         return make_optimizer(t.optimizer, params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                              betas=(t.beta1, t.beta2), xp=xp or self.xp)
+                              betas=(t.beta1, t.beta2), xp=xp or self.xp, decay_segments=segs)
 
     def make_schedule(self, total_steps: int, epoch_steps: int, scale: float = 1.0) -> LRSchedule:
         """train.lr's schedule over ``total_steps`` (``epoch_steps`` per epoch), its rates times ``scale``."""
@@ -114,7 +155,7 @@ class Run:
 
     def resume_hint(self) -> str:
         return (f"; resume from the last checkpoint in {self.cfg.checkpoint.dir} with --resume"
-                if self.cfg.checkpoint.every > 0 else "")
+                if self.checkpointing() else "")
 
     def optimizer_bytes(self) -> int:
         return optimizer_bytes(self.opt) if self.opt is not None else 0
@@ -165,8 +206,9 @@ class Run:
             return False
         loss, acc = self.last_test
         log0(f"the run in {self.cfg.checkpoint.dir} is already complete ({done}/{total} {unit}); nothing to "
-             f"train. Its final test accuracy {acc:.4f}, test loss {loss:.4f}. Raise train.epochs to train "
-             "further, or start a new run in another checkpoint.dir")
+             f"train. Its final test accuracy {acc:.4f}, test loss {loss:.4f}. Raise "
+             f"{'train.max_steps' if unit == 'steps' else 'train.epochs'} to train further, or start a new run "
+             "in another checkpoint.dir")
         return True
 
     def load_optimizer(self, opt, ck, state=None) -> None:
@@ -202,12 +244,14 @@ class Run:
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, data=None, comm=None):
-        """(mean test loss, accuracy) over the test rows of ``data`` (summed over ``comm``'s ranks)."""
+        """(mean test loss, accuracy) over the test rows of ``data`` (summed over ``comm``'s ranks; at most
+        train.eval_batches batches per rank when it is > 0). For a token set: the val split, per token."""
         data, comm = data or self.data, comm if comm is not None else self.comm
         loss_sum, correct, count = 0.0, 0, 0
         xp = self.xp
-        for arrays in data.test_batches(self.cfg.train.eval_batch_size):  # (x, y), or a graph batch's five
-            batch = tuple(xp.asarray(a) for a in arrays)
+        limit = self.cfg.train.eval_batches or None
+        for arrays in itertools.islice(data.test_batches(self.cfg.train.eval_batch_size), limit):
+            batch = tuple(xp.asarray(a) for a in arrays)  # (x, y), or a graph batch's five
             ls, c = self.model.evaluate(batch)
             loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
         tot = np.array([loss_sum, correct, count, self.strategy.sent_bytes], dtype=np.float64)
@@ -245,8 +289,13 @@ class Run:
                 epoch=self.epoch if epoch is None else epoch, step_in_epoch=step_in_epoch,
                 config=self.cfg.to_dict(), ranks=self.size, keep=self.cfg.checkpoint.keep, before_rename=hook,
                 state=state, extra={"last_test": [float(v) for v in self.last_test], "run_id": self.run_id,
-                                                "config_digest": self.cfg.digest(), **(extra or {})}))
+                                    "config_digest": self.cfg.digest(), **self._model_extra(), **(extra or {})}))
         return self.comm.bcast(ok, root=0) if collective else ok
+
+    def _model_extra(self) -> dict:
+        """What rebuilds the model without the data set (``generate``): its kind and shape."""
+        cfg = getattr(self.model, "config", None)
+        return {"model_config": {"kind": self.model.kind, **cfg()}} if cfg is not None else {}
 
     def close(self) -> None:
         self.stop.restore()

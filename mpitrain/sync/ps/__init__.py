@@ -135,7 +135,7 @@ class ParameterServer(Strategy):
             return
         lo, hi = self.bounds[self.rank]
         self.shard = run.model.params[lo:hi]  # a view: on rank 0 the full vector stays whole
-        self.opt = run.opt = run.make_optimizer(self.shard)
+        self.opt = run.opt = run.make_optimizer(self.shard, pieces=[self.bounds[self.rank]])
         self.state_names = sorted(k for k in self.opt.state_dict() if k not in ("kind", "step"))
         # train.lr is the rate of a step over W x batch_size samples (as in the sync trainer): each
         # update is one worker's batch, applied with lr / W, so W updates go as far as one sync step
