@@ -197,7 +197,9 @@ class Run:
         note = "" if ck["ranks"] == self.size else (
             f" (written by {ck['ranks']} rank(s), now {self.size}: the data is re-partitioned, "
             "so batches differ from an uninterrupted run)")
-        log0(f"resumed from {ck['path']}: epoch {self.epoch + 1}, step {self.step}{note}")
+        done = self.epoch >= self.cfg.train.epochs and not getattr(self.cfg.train, "max_steps", 0)
+        log0(f"resumed from {ck['path']}: " + (f"step {self.step}, all {self.epoch} epochs done" if done else
+                                                f"epoch {self.epoch + 1}, step {self.step}{note}"))
         self.check_replicas("resumed parameters (hash)", "this is a bug: please report it")
 
     def complete(self, done: int, total: int, unit: str) -> bool:
