@@ -34,12 +34,13 @@ import numpy as np
 from ..runtime import UserError, log0, tag
 from .graphs import GraphSet, open_graph_file, read_graphs, verify_graphs
 from .shards import DataProblem, split_bounds
+from .stream import StreamReader
 from .spec import spec_of
 
 BLOCK_GRAPHS = 1024
 
 
-class GraphReader:
+class GraphReader(StreamReader):
     """This rank's graphs; see the module docstring. Same surface as reader.Reader."""
 
     def __init__(self, *, path, comm, manifest, batch_size, seed, files, segments, test_file, test_range,
@@ -73,10 +74,6 @@ class GraphReader:
     def __repr__(self) -> str:
         return f"<GraphReader {self.path} rank {self.rank}/{self.size}: {self.rows_local} graphs>"
 
-    def _check_open(self):
-        if self.closed:
-            raise ValueError("reader is closed")
-
     def _read(self, s, a, b) -> GraphSet:
         return read_graphs(self._files[s], self.path / self.manifest["shards"][s]["file"], a, b)
 
@@ -92,16 +89,6 @@ class GraphReader:
         lo, hi = self.test_range
         return read_graphs(self._test, self.path / self.manifest["test"]["file"], lo, hi) if hi > lo else \
             _empty(self.manifest)
-
-    def batches(self, epoch: int, start: int = 0):
-        """Yield exactly ``steps_per_epoch - start`` packed batches (spec.py, kind graphs)."""
-        self._check_open()
-        epoch, start = int(epoch), int(start)
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start <= self.steps_per_epoch:
-            raise ValueError(f"start={start} is outside 0..{self.steps_per_epoch} (steps_per_epoch)")
-        return self._stream(epoch, start)
 
     def _stream(self, epoch, start):
         b = self.batch_size
@@ -150,12 +137,6 @@ class GraphReader:
         _close_all(list(self._files.values()) + [self._test])
         self._files, self._test = {}, None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 def _empty(m) -> GraphSet:

@@ -218,21 +218,9 @@ def write_graph_file(path, g: GraphSet, *, classes: int, kind: str = "train", of
 
 def open_graph_file(path, *, manifest: dict, entry: dict, kind: str):
     """Open one graph file read-only, its structure and attributes checked (no graphs read)."""
-    import h5py
+    from .shards import open_h5
 
-    path = Path(path)
-    if not path.exists():
-        raise DataProblem(path, "missing (listed in manifest.json)")
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except OSError as e:
-        raise DataProblem(path, f"unreadable: truncated or not an HDF5 file ({e})") from None
-    try:
-        _check_attrs(f, path, manifest, entry, kind)
-    except BaseException:
-        f.close()
-        raise
-    return f
+    return open_h5(path, lambda f, p: _check_attrs(f, p, manifest, entry, kind))
 
 
 def read_graphs(f, path, lo: int, hi: int) -> GraphSet:

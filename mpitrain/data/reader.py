@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import UserError, get_comm, log0, tag
+from .stream import StreamReader
 from .spec import spec_of
 from .shards import (DataProblem, MANIFEST, block_rows_for, open_checked, read_manifest, scan,
                      split_bounds)
@@ -126,7 +127,7 @@ def _hint(manifest, path) -> str:
 # ----------------------------------------------------------------------------- reader
 
 
-class Reader:
+class Reader(StreamReader):
     """This rank's view of a data set; made by ``open_dataset``. See the module docstring."""
 
     def __init__(self, *, path, comm, manifest, batch_size, seed, segments, files, test_file,
@@ -173,25 +174,6 @@ class Reader:
                 f"{self.steps_per_epoch} steps/epoch, batch {self.batch_size}>")
 
     # -- streaming
-
-    def _check_open(self):
-        if self.closed:
-            raise ValueError("reader is closed")
-
-    def batches(self, epoch: int, start: int = 0):
-        """Yield exactly ``steps_per_epoch - start`` (x float32 [b, D], y int64 [b]) tuples.
-
-        Deterministic for (seed, epoch, rank, size); ``start`` skips the first
-        ``start`` batches without reading them.
-        """
-        self._check_open()
-        epoch, start = int(epoch), int(start)
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start <= self.steps_per_epoch:
-            raise ValueError(f"start={start} is outside 0..{self.steps_per_epoch} "
-                             "(steps_per_epoch)")
-        return self._stream(epoch, start)
 
     def _read_block(self, s, a, b, xout, yout) -> None:
         f = self._files[s]
@@ -284,12 +266,6 @@ class Reader:
         self._files = {}
         self._test = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 def _open_local(path: Path, rank: int, size: int, batch_size: int, verify: bool, block_rows):

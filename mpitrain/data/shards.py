@@ -310,6 +310,12 @@ def open_checked(path, *, manifest: dict, entry: dict, kind: str):
     and ``y`` int64 [rows], and its attributes agree with the manifest (schema version,
     features, classes, rows, offset, checksum). Reads no rows. Returns the open h5py.File.
     """
+    return open_h5(path, lambda f, p: _check_structure(f, p, manifest, entry, kind))
+
+
+def open_h5(path, check):
+    """Open an HDF5 file listed in a manifest read-only, run ``check(f, path)`` (raising DataProblem),
+    close it again on any failure; the open h5py.File. Shared by rows, graphs and tokens."""
     import h5py
 
     path = Path(path)
@@ -321,7 +327,7 @@ def open_checked(path, *, manifest: dict, entry: dict, kind: str):
         msg = str(e).split("(")[-1].rstrip(")") if "(" in str(e) else str(e)
         raise DataProblem(path, f"unreadable: truncated or not an HDF5 file ({msg})") from None
     try:
-        _check_structure(f, path, manifest, entry, kind)
+        check(f, path)
     except BaseException:
         f.close()
         raise

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..runtime import UserError, get_comm, tag, warn
 from .shards import DataProblem, split_bounds
+from .stream import StreamReader
 from .spec import TOKENS, DataSpec
 from .tokens import open_token_file, read_token_manifest
 
@@ -42,7 +43,7 @@ def _read_range(path: Path, m: dict, lo: int, hi: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
-class TokenReader:
+class TokenReader(StreamReader):
     """This rank's windows of a token data set; made by ``open_tokens``."""
 
     def __init__(self, *, path, comm, manifest, batch_size, seed, window, train, val, steps_per_epoch):
@@ -65,20 +66,6 @@ class TokenReader:
         return (f"{self.path}: {self.train_rows:,} train tokens, {self.manifest['val']['tokens']:,} val tokens, "
                 f"vocab {self.vocab_size}; {self.size} rank(s), {self.steps_per_epoch} steps/epoch of "
                 f"{self.batch_size} windows of {self.window} tokens per rank")
-
-    def _check_open(self):
-        if self.closed:
-            raise ValueError("reader is closed")
-
-    def batches(self, epoch: int, start: int = 0):
-        """Yield ``steps_per_epoch - start`` (x int64 (B, T), y int64 (B, T)) pairs."""
-        self._check_open()
-        epoch, start = int(epoch), int(start)
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start <= self.steps_per_epoch:
-            raise ValueError(f"start={start} is outside 0..{self.steps_per_epoch} (steps_per_epoch)")
-        return self._stream(epoch, start)
 
     def _stream(self, epoch, start):
         rng = np.random.default_rng([self.seed, epoch, self.rank])
@@ -112,12 +99,6 @@ class TokenReader:
         self.closed = True
         self._train = self._val = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 def _open_local(path: Path, rank: int, size: int, window: int):

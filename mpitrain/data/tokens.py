@@ -248,15 +248,9 @@ def read_token_manifest(path) -> dict:
 
 def open_token_file(path: Path, m: dict, entry: dict, kind: str):
     """Open one token file read-only; check dataset, dtype, length and attributes (reads no tokens)."""
-    import h5py
+    from .shards import open_h5
 
-    if not path.exists():
-        raise DataProblem(path, "missing (listed in manifest.json)")
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except OSError as e:
-        raise DataProblem(path, f"unreadable: truncated or not an HDF5 file ({e})") from None
-    try:
+    def check(f, path):
         ds = f.get("tokens")
         if ds is None or ds.ndim != 1:
             raise DataProblem(path, "has no 1-D dataset 'tokens'")
@@ -274,7 +268,5 @@ def open_token_file(path: Path, m: dict, entry: dict, kind: str):
         ck = a.get("checksum", "")
         if (ck.decode() if isinstance(ck, bytes) else str(ck)) != entry["checksum"]:
             raise DataProblem(path, "checksum attribute differs from manifest.json")
-    except BaseException:
-        f.close()
-        raise
-    return f
+
+    return open_h5(Path(path), check)

@@ -92,17 +92,22 @@ class AllReduce(Strategy):
     def after_backward(self, step):
         run, grads = self.run, self.run.model.grads
         if self.bucket_bytes > 0:  # only what backprop did not hide
-            with run.timers("comm"), run.watchdog.guard("the gradient all-reduce", step):
-                if self._thread is not None:
-                    self._thread.drain()
-                for h in self._handles:
-                    h.wait()
-                self._handles.clear()
+            self.drain(step, "the gradient all-reduce")
         else:
             run.faults.at(step, grads)
             with run.timers("comm"), run.watchdog.collective(step):
                 allreduce(grads, self.comm, op="avg", algorithm=self.algorithm)
         self.sent_bytes += allreduce_bytes(grads.nbytes, self.size)
+
+    def drain(self, step, what: str) -> None:
+        """Wait for every bucket started during backprop (the communication it did not hide)."""
+        run = self.run
+        with run.timers("comm"), run.watchdog.guard(what, step):
+            if self._thread is not None:
+                self._thread.drain()
+            for h in self._handles:
+                h.wait()
+            self._handles.clear()
 
     def close(self):
         if self._thread is not None:

@@ -77,12 +77,7 @@ class Zero(AllReduce):
     def after_backward(self, step):
         run, grads = self.run, self.run.model.grads
         if self.bucket_bytes > 0:  # the buckets' reduce-scatters started during backprop
-            with run.timers("comm"), run.watchdog.guard("the gradient reduce-scatter", step):
-                if self._thread is not None:
-                    self._thread.drain()
-                for h in self._handles:
-                    h.wait()
-                self._handles.clear()
+            self.drain(step, "the gradient reduce-scatter")
         else:
             run.faults.at(step, grads)
             with run.timers("comm"), run.watchdog.collective(step, "the gradient reduce-scatter"):
