@@ -51,6 +51,7 @@ from . import hier, ring, tree, wide
 from .. import backend
 
 TAG_BASE, TAG_SPAN = 8192, 4096  # plans' tags on the private communicator (nonblocking.py: 1000..5095)
+READY, ACTIVE, FREED = 0, 1, 2
 
 
 class AllreducePlan:
@@ -69,8 +70,9 @@ class AllreducePlan:
         self._flat = buf.reshape(-1)
         self._dev = backend.is_device(buf)
         xp = backend.array_module(buf)
-        self.active = False
-        self.freed = False
+        self._s = READY  # READY | ACTIVE | FREED
+        self._turn = st.calls.turn
+        self._fast = False  # start = Prequest.Start, wait = Prequest.Wait: nothing else to do
         self._req = None  # native: the persistent request (or None: Iallreduce per start)
         self._gen = self._pending = None
         self._trivial = st.size == 1 or buf.size == 0
@@ -88,6 +90,7 @@ class AllreducePlan:
                     self._req = make(MPI.IN_PLACE, w, op=_MPI_OP[op])
                 except NotImplementedError:  # mpi4py built against an MPI without MPI-4 persistent collectives
                     self._req = None
+            self._fast = self._req is not None and w is self._flat and op != "avg" and not self._dev
             return
         self._native = False
         if algorithm == "ring":
@@ -98,71 +101,70 @@ class AllreducePlan:
             self._slots = xp.empty(max(1, hier.slot_elems(hier.topology(st), w.size, w.itemsize)), dtype=w.dtype)
 
     # -- every step ---------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Started and not yet complete (waited for, or test() returned True)."""
+        return self._s == ACTIVE
+
+    @property
+    def freed(self) -> bool:
+        return self._s == FREED
+
     def start(self) -> "AllreducePlan":
         """Begin reducing the current contents of ``buf``; returns the plan. Raises ValueError when the plan
         is in flight (not yet waited for) or freed."""
-        if self.active or self.freed:
-            raise ValueError("allreduce_init: start() " + ("after free()" if self.freed else
-                             "while the plan is in flight; wait() (or test() until True) first"))
-        turn = self._st.calls.turn
+        if self._s:
+            raise self._misuse("start")
+        turn = self._turn
         if not turn.acquire(False):
             raise ValueError("allreduce_init: start() while another call on this communicator is in progress on "
                              "this rank (another thread?); drive a plan from the thread that makes the calls")
         try:
-            self.active = True
-            if self._trivial:
-                return self
-            if self._dev:
-                backend.synchronize(self.buf)
-            if self._work is not self._flat:
-                self._work[...] = self._flat
-            if self._native:
-                if self._req is not None:
-                    self._req.Start()
-                    self._pending = self._req
-                else:
-                    self._pending = self._st.comm.Iallreduce(MPI.IN_PLACE, self._work, op=_MPI_OP[self.op])
+            if self._fast:
+                self._req.Start()
             else:
-                self._gen = self._steps()
-                self._advance()
-        except BaseException:
-            self.active = False
-            raise
+                self._begin()
+            self._s = ACTIVE
         finally:
             turn.release()
         return self
 
     def test(self) -> bool:
         """Progress without blocking; True once the reduction is complete (``buf`` holds the result)."""
-        self._usable("test")
-        if not self.active:
+        if self._s != ACTIVE:
+            if self._s == FREED:
+                raise self._misuse("test")
             return True
         if self._native:
-            if self._pending is not None and not self._pending.Test():
+            req = self._req if self._fast else self._pending
+            if req is not None and not req.Test():
                 return False
-            self._finish()
-            return True
-        while self._gen is not None:
-            if self._pending is not None and not self._pending.Test():
-                return False
-            self._advance()
+        else:
+            while self._gen is not None:
+                if self._pending is not None and not self._pending.Test():
+                    return False
+                self._advance()
         self._finish()
         return True
 
     def wait(self):
         """Block until the reduction is complete; return ``buf``. Waiting for a plan not in flight returns at once."""
-        self._usable("wait")
-        if not self.active:
-            return self.buf
-        if self._native:
-            if self._pending is not None:
-                self._pending.Wait()
-        else:
-            while self._gen is not None:
+        if self._s == ACTIVE:
+            if self._fast:
+                self._req.Wait()
+                self._s = READY
+                return self.buf
+            if self._native:
                 if self._pending is not None:
                     self._pending.Wait()
-                self._advance()
-        self._finish()
+            else:
+                while self._gen is not None:
+                    if self._pending is not None:
+                        self._pending.Wait()
+                    self._advance()
+            self._finish()
+        elif self._s == FREED:
+            raise self._misuse("wait")
         return self.buf
 
     def __call__(self):
@@ -172,10 +174,10 @@ class AllreducePlan:
     # -- the end ------------------------------------------------------------------------------------
     def free(self) -> None:
         """Release the persistent request and the scratch. Idempotent; raises ValueError while in flight."""
-        if self.freed:
+        if self._s == FREED:
             return
-        if self.active:
-            raise ValueError("allreduce_init: free() while the plan is in flight; wait() first")
+        if self._s == ACTIVE:
+            raise self._misuse("free")
         self._release()
 
     def __enter__(self):
@@ -190,7 +192,7 @@ class AllreducePlan:
             if not self.active:
                 self._release()
             else:
-                self.freed, self._req, self._gen, self._pending = True, None, None, None
+                self._s, self._req, self._gen, self._pending = FREED, None, None, None
         return False
 
     def __del__(self):
@@ -206,16 +208,36 @@ class AllreducePlan:
                 f"{state}>")
 
     # -- inside ---------------------------------------------------------------------------------------
-    def _usable(self, what):
-        if self.freed:
-            raise ValueError(f"allreduce_init: {what}() after free()")
+    def _misuse(self, what) -> ValueError:
+        if self._s == FREED:
+            return ValueError(f"allreduce_init: {what}() after free()")
+        return ValueError(f"allreduce_init: {what}() while the plan is in flight; wait() (or test() until True) "
+                          "first")
+
+    def _begin(self):
+        """start() but for the fast path (the turn held)."""
+        if self._trivial:
+            return
+        if self._dev:
+            backend.synchronize(self.buf)
+        if self._work is not self._flat:
+            self._work[...] = self._flat
+        if self._native:
+            if self._req is not None:
+                self._req.Start()
+                self._pending = self._req
+            else:
+                self._pending = self._st.comm.Iallreduce(MPI.IN_PLACE, self._work, op=_MPI_OP[self.op])
+        else:
+            self._gen = self._steps()
+            self._advance()
 
     def _release(self):
         if self._req is not None:
             self._req.Free()
         self._req = self._gen = self._pending = None
         self._slots = self._work = None
-        self.freed = True
+        self._s = FREED
 
     def _steps(self):
         st, w, op = self._st, self._work, self.op
@@ -241,7 +263,7 @@ class AllreducePlan:
                     finish_avg(self._work, self._st.size)
             if self._work is not self._flat:
                 wide.narrow(self._flat, self._work)
-        self.active = False
+        self._s = READY
 
 
 def allreduce_init(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> AllreducePlan:
