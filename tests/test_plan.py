@@ -74,19 +74,21 @@ def test_many_starts_equal_allreduce_and_formula(comm, algorithm, op):
     assert len(set(comm.allgather(b"".join(results)))) == 1, "bitwise identical on every rank"
 
 
-@pytest.mark.parametrize("algorithm", ["native", "ring"])
-def test_test_polls_to_completion_and_other_calls_overlap(comm, algorithm):
+@pytest.mark.parametrize("algorithm", ["native", "ring", "hier"])
+@pytest.mark.parametrize("dtype,op", [(np.float64, "sum"), (np.float16, "avg")])
+def test_test_polls_to_completion_and_other_calls_overlap(comm, algorithm, dtype, op):
     r, p = comm.Get_rank(), comm.Get_size()
-    buf = np.zeros(777, dtype=np.float64)
-    h = mpitrain.allreduce_init(buf, comm, algorithm=algorithm)
+    buf = np.zeros(777, dtype=dtype)
+    h = mpitrain.allreduce_init(buf, comm, op=op, algorithm=algorithm)
     for k in range(4):
-        buf[...] = r + k
+        buf[...] = 2 * (r + k)
         h.start()
         other = allreduce(np.full(5, float(r)), comm, algorithm="ring")  # another call while in flight
         while not h.test():
             pass
         assert h.test() and h.wait() is buf
-        assert (buf == sum(q + k for q in range(p))).all()
+        want = sum(2 * (q + k) for q in range(p)) / (p if op == "avg" else 1)
+        np.testing.assert_allclose(buf.astype(np.float64), want, rtol=1e-3)
         assert (other == sum(range(p))).all()
     h.free()
     assert h.freed
