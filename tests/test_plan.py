@@ -163,3 +163,23 @@ def test_the_public_name(comm):
     h = mpitrain.allreduce_init(np.zeros(3), comm)
     assert isinstance(h, AllreducePlan) and "ready" in repr(h)
     h.free()
+
+
+def test_several_plans_in_flight_at_once(comm):
+    """Plans of the same and different algorithms, started in the same order on every rank, all in flight."""
+    r, p = comm.Get_rank(), comm.Get_size()
+    bufs = [np.zeros(n) for n in (5, 301, 1003)]
+    plans = [mpitrain.allreduce_init(b, comm, algorithm=a) for b, a in zip(bufs, ("native", "ring", "ring"))]
+    try:
+        for k in range(3):
+            for i, b in enumerate(bufs):
+                b[...] = r + k + i
+            for h in plans:
+                h.start()
+            for h in reversed(plans):
+                h.wait()
+            for i, b in enumerate(bufs):
+                assert (b == sum(q + k + i for q in range(p))).all()
+    finally:
+        for h in plans:
+            h.free()
