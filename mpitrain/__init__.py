@@ -24,4 +24,13 @@ def allgather(buf, comm=None, *, algorithm="auto"):
     return _ag(buf, comm, algorithm=algorithm)
 
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "__version__"]
+def allreduce_init(buf, comm=None, *, op="sum", algorithm="auto"):
+    """A persistent all-reduce plan of ``buf``: checked once, then ``start()``/``test()``/``wait()`` every
+    step and ``free()`` (or ``with``) at the end; ``buf``'s contents may change between starts, not its
+    identity, length or dtype (see mpitrain.collectives.plan)."""
+    from .collectives import allreduce_init as _init
+
+    return _init(buf, comm, op=op, algorithm=algorithm)
+
+
+__all__ = ["allreduce", "allreduce_init", "reduce_scatter", "allgather", "__version__"]

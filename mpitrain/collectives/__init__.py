@@ -411,6 +411,13 @@ def allgather(buf, comm=None, *, algorithm: str = "auto"):
     return _ag(buf, comm, algorithm=algorithm)
 
 
+def allreduce_init(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
+    """A persistent all-reduce plan of ``buf`` (checked once; start / test / wait / free): plan.py."""
+    from .plan import allreduce_init as _init
+
+    return _init(buf, comm, op=op, algorithm=algorithm)
+
+
 def owned_chunk(n: int, p: int, rank: int) -> tuple[int, int]:
     """[lo, hi) of the chunk ``rank`` holds after reduce_scatter: chunk (rank + 1) mod p."""
     from .ring import owned
