@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Step time zero=0 vs zero=1, interleaved pairs, REPS repetitions (docs/zero.md).
 #   benchmarks/zero_steps.sh OUTDIR [REPS] [RANKS...]
+# JOBS="syn gpt" (default) picks the jobs; SYN_EPOCHS (2), GPT_STEPS (40) their length.
 # Writes OUTDIR/{syn,gpt}-n{N}-z{Z}-r{K}.json (--metrics-out) and prints nothing else of its own;
 # summarize with benchmarks/zero_summary.py OUTDIR.
 set -euo pipefail
@@ -21,7 +22,9 @@ for n in "${ranks[@]}"; do
   for k in $(seq 1 "$reps"); do
     # alternate which of the pair goes first, so a drift in load hits both alike
     if (( k % 2 )); then zs="0 1"; else zs="1 0"; fi
-    for z in $zs; do run syn "$n" "$z" "$k" "${SYN[@]}"; done
-    for z in $zs; do run gpt "$n" "$z" "$k" "${GPT[@]}"; done
+    for job in ${JOBS:-syn gpt}; do
+      if [ "$job" = syn ]; then args=("${SYN[@]}"); else args=("${GPT[@]}"); fi
+      for z in $zs; do run "$job" "$n" "$z" "$k" "${args[@]}"; done
+    done
   done
 done
