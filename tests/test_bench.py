@@ -411,3 +411,143 @@ def test_main_rejects_bad_options_on_every_rank(comm, capsys):
         assert "nope" in err and "larger" in err
     else:
         assert err == ""
+
+
+# --------------------------------------------------------------------------- --collective: the all-reduce's halves
+
+
+def test_busbw_factor_of_the_halves():
+    from mpitrain.bench.kinds import busbw_factor as factor
+
+    for c in ("reduce_scatter", "allgather"):
+        assert factor(1, c) == 1.0 and factor(2, c) == 0.5 and factor(4, c) == pytest.approx(0.75)
+    assert factor(4, "allreduce") == busbw_factor(4) == pytest.approx(1.5)  # the all-reduce keeps 2(n-1)/n
+
+
+def test_make_source_prefix_is_the_smaller_input():
+    # the sweep slices the inputs of the largest size; the formulas draw the inputs of each size
+    for dt, op in (("float16", "prod"), ("float32", "sum"), ("float64", "max"), ("int32", "prod"), ("int64", "avg")):
+        assert np.array_equal(make_source(1000, dt, op, 3)[:37], make_source(37, dt, op, 3))
+
+
+def test_formulas():
+    from mpitrain.bench.kinds import gather_formula, reduce_formula
+    from mpitrain.collectives import owned_chunk
+
+    srcs = [make_source(11, "int64", "sum", q) for q in range(3)]
+    assert np.array_equal(reduce_formula(11, "int64", "sum", 3, 1234), srcs[0] + srcs[1] + srcs[2])
+    assert np.array_equal(reduce_formula(11, "int64", "avg", 3, 1234), (srcs[0] + srcs[1] + srcs[2]) // 3)
+    g = gather_formula(11, "int64", "sum", 3, 1234)
+    for q in range(3):
+        lo, hi = owned_chunk(11, 3, q)
+        assert np.array_equal(g[lo:hi], srcs[q][lo:hi])
+
+
+def test_parser_and_header_of_the_halves():
+    p = bench.build_parser()
+    assert p.parse_args([]).collective == "allreduce"
+    a = p.parse_args(["--collective", "reduce_scatter"])
+    assert a.collective == "reduce_scatter" and getattr(a.algorithms, "is_default", False)
+    with pytest.raises(SystemExit), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p.parse_args(["--collective", "broadcast"])
+    head = report.format_header(dict(_meta(), collective="allgather"))
+    assert "# mpitrain bench: allgather" in head and "busbw = algbw*(n-1)/n" in head
+    assert "busbw = algbw*2(n-1)/n" in report.format_header(_meta())  # allreduce unchanged
+
+
+HALVES = ("reduce_scatter", "allgather")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("collective", HALVES)
+def test_run_sweep_halves_correct_and_busbw(comm, collective):
+    from mpitrain.bench.kinds import picked
+
+    p = comm.Get_size()
+    sizes = [4, 12, 1000, 4096]  # 1 and 3 elements: fewer than the ranks
+    algs = ["ring", "native", "auto"]
+    rows = bench.run_sweep(comm, sizes, algs, "float32", "sum", iters=2, warmup=0, collective=collective)
+    assert _same_everywhere(comm, rows)
+    assert [r["algorithm"] for r in rows] == (algs + ["memcpy"]) * len(sizes)
+    for r in rows:
+        assert r["wrong"] == 0, r
+        assert r["op"] == ("-" if collective == "allgather" else "sum")
+        if r["algorithm"] == "memcpy":
+            continue
+        assert r["busbw"] == pytest.approx(r["algbw"] * ((p - 1) / p if p > 1 else 1))
+        assert r["picked"] == (picked(comm, collective, r["size"]) if r["algorithm"] == "auto" else "")
+        assert r["picked"] in ("", "ring", "native")
+        native = next(x for x in rows if x["size"] == r["size"] and x["algorithm"] == "native")
+        assert r["speedup"] == pytest.approx(native["time_us"] / r["time_us"])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype,op", [("int32", "prod"), ("int64", "avg"), ("float16", "sum"),
+                                      ("float64", "max"), ("float32", "min"), ("float32", "avg")])
+def test_run_sweep_reduce_scatter_dtypes_ops(comm, dtype, op):
+    rows = bench.run_sweep(comm, [2, 3000], ["ring", "native"], dtype, op, iters=1, warmup=0, memcpy=False,
+                           collective="reduce_scatter")
+    assert all(r["wrong"] == 0 and r["type"] == dtype and r["op"] == op for r in rows), rows
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("collective", HALVES)
+def test_run_sweep_halves_catch_wrong_results(comm, collective):
+    from mpitrain.collectives import allgather, owned_chunk, reduce_scatter
+
+    last, p = comm.Get_size() - 1, comm.Get_size()
+
+    def broken(buf, c, op):  # right, except one element of the last rank's chunk on the last rank
+        if collective == "reduce_scatter":
+            reduce_scatter(buf, c, op=op, algorithm="native")
+        else:
+            allgather(buf, c, algorithm="native")
+        lo, hi = owned_chunk(buf.size, p, last)
+        if c.Get_rank() == last and hi > lo:
+            buf[lo] += 1
+
+    def idle(buf, c, op):  # does nothing: the other ranks' chunks are missing / not reduced
+        pass
+
+    rows = bench.run_sweep(comm, [4000], ["ring", ("broken", broken), ("idle", idle)], "int32", "sum",
+                           iters=1, warmup=0, memcpy=False, collective=collective)
+    got = {r["algorithm"]: r["wrong"] for r in rows}
+    assert got["ring"] == 0 and got["broken"] == 1 and got["idle"] > 0, got  # on every rank
+    assert exit_status(rows) == 1
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("collective", HALVES)
+def test_main_halves_refuse_tree_and_hier_on_every_rank(comm, capsys, collective):
+    p = bench.build_parser()
+    for algs in ("ring,tree", "hier", "tree,hier,native"):
+        assert bench.main(p.parse_args(["--collective", collective, "--algorithms", algs])) == 2
+    assert bench.main(p.parse_args(["--collective", collective, "--fit"])) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    if comm.Get_rank() == 0:
+        lines = err.strip().splitlines()
+        assert len(lines) == 4 and all("[rank 0@" in ln for ln in lines), err
+        assert f"--collective {collective} has no tree algorithm" in lines[0]
+        assert "has no hier algorithm" in lines[1] and "has no tree or hier algorithm" in lines[2]
+        assert "use --algorithms ring,native,auto" in lines[0] and "--fit" in lines[3]
+    else:
+        assert err == ""
+
+
+@pytest.mark.mpi
+def test_main_allgather_in_process(comm, shared_tmp, capsys):
+    args = bench.build_parser().parse_args(
+        ["--collective", "allgather", "--min", "8B", "--max", "2KiB", "--step", "16", "--iters", "2",
+         "--warmup", "0", "--json", str(shared_tmp / "g.json"), "--csv", str(shared_tmp / "g.csv")])
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((shared_tmp / "g.json").read_text())
+    assert doc["meta"]["collective"] == "allgather" and doc["meta"]["algorithms"] == ["ring", "native", "auto"]
+    rows = doc["rows"]
+    assert len(rows) == 3 * 4 and all(r["wrong"] == 0 for r in rows)
+    with open(shared_tmp / "g.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    if comm.Get_rank() == 0:
+        assert "# mpitrain bench: allgather" in out and "# wrong results: 0 -- OK" in out

@@ -17,6 +17,11 @@ starting with a different one each round, so slow drifts hit all alike):
               that are not bitwise identical on every rank count too. Checked for every
               algorithm at every size, in the first (untimed) round and in the last timed one.
 
+``--collective reduce_scatter|allgather`` times one of the all-reduce's halves instead (kinds.py):
+algorithms ring, native, auto (tree and hier have no halves: refused); busbw = algbw * (n-1)/n;
+#wrong against the formula -- reduce_scatter: this rank's chunk (``owned_chunk``) of the op over
+every rank's input; allgather: every rank's chunk of its own input, exactly, at its place.
+
 A ``memcpy`` row per size (one rank copying the same number of bytes, the
 other ranks idle) shows the physical ceiling; its bandwidth is bytes / time.
 With ``--backend cupy`` a ``d2h`` row per size (every rank copying the bytes from

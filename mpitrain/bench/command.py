@@ -3,7 +3,8 @@
     1. --model (one process, no sweep: model.py) or the sweep's options, checked before anything
        runs, every rank agreeing on the outcome: a bad option, a file that cannot be written
        (--json/--csv/--plot), a missing matplotlib, --fit's needs -> one message, exit status 2
-    2. the sweep (sweep.py): the table row by row on rank 0, a progress line on stderr every 10 s
+    2. the sweep (sweep.py) of --collective (kinds.py: allreduce, reduce_scatter, allgather; the halves
+       refuse tree and hier): the table row by row on rank 0, a progress line on stderr every 10 s
        once the sweep has run that long
     3. --fit (fit.py): fit, store, report; then the footer, the files (rank 0), and exit status 1
        when any result was wrong
@@ -19,7 +20,6 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import backend
-from ..collectives import ALGORITHMS
 from ..collectives.tuning import node_ids
 from ..metrics import StatusLine
 from ..perf.plot import have_matplotlib, plot_fit
@@ -28,6 +28,7 @@ from ..runtime import UserError, error_message, get_comm, hostname, log0
 from ..units import format_size, size_range
 from .checks import tolerance
 from .fit import fit_for_bench
+from .kinds import algorithms_for
 from .model import run as run_model
 from .report import format_header, format_row, plot, summarize, write_csv, write_json
 from .sweep import exit_status, run_sweep
@@ -87,13 +88,26 @@ def _model(comm, args) -> int | None:
     return None
 
 
+def _algorithm_problem(collective: str, algorithms) -> str | None:
+    """Why ``algorithms`` cannot be swept for ``collective`` (unknown names; tree/hier for the halves)."""
+    known, every = algorithms_for(collective), algorithms_for("allreduce")
+    if not algorithms:
+        return f"--algorithms is empty; known: {', '.join(known)}"
+    unknown = [a for a in algorithms if a not in every]
+    if unknown:
+        return f"unknown algorithm(s) {', '.join(map(repr, unknown))} in --algorithms; known: {', '.join(known)}"
+    halves = [a for a in algorithms if a not in known]
+    if halves:
+        return (f"--collective {collective} has no {' or '.join(halves)} algorithm (only the all-reduce has); "
+                f"use --algorithms {','.join(known)}")
+    return None
+
+
 def _local_problem(comm, args, algorithms) -> str | None:
     """This rank's objection to the sweep's options (rank 0 also checks the output files)."""
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
-    if not algorithms:
-        return f"--algorithms is empty; known: {', '.join(ALGORITHMS)}"
-    if unknown:
-        return f"unknown algorithm(s) {', '.join(map(repr, unknown))} in --algorithms; known: {', '.join(ALGORITHMS)}"
+    problem = _algorithm_problem(_collective(args), algorithms)
+    if problem:
+        return problem
     try:
         size_range(args.min, args.max, args.step)
     except ValueError as e:
@@ -105,6 +119,8 @@ def _local_problem(comm, args, algorithms) -> str | None:
         if problem:
             return problem
     if args.fit:
+        if _collective(args) != "allreduce":
+            return "--fit fits the all-reduce's cost model: only with --collective allreduce"
         if comm.Get_size() < 2:
             return ("--fit needs 2 ranks or more (with 1, auto always runs native): "
                     "mpirun -n P python -m mpitrain bench --fit")
@@ -128,9 +144,21 @@ def _use_gpu(comm):
     return xp
 
 
+def _collective(args) -> str:
+    return getattr(args, "collective", None) or "allreduce"
+
+
+def _algorithm_names(args) -> list[str]:
+    """--algorithms as a list (not given: every algorithm of the collective)."""
+    text = args.algorithms
+    if getattr(text, "is_default", False):
+        text = ",".join(a for a in algorithms_for(_collective(args)) if a in str(text).split(","))
+    return list(dict.fromkeys(a.strip() for a in str(text).split(",") if a.strip()))
+
+
 def _prepare(comm, args):
     """Collective: (problem, algorithms, sizes, xp) -- every rank gets the same problem, or None."""
-    algorithms = list(dict.fromkeys(a.strip() for a in str(args.algorithms).split(",") if a.strip()))
+    algorithms = _algorithm_names(args)
     problem = _agree(comm, _local_problem(comm, args, algorithms))
     if problem:
         return problem, algorithms, None, np
@@ -151,7 +179,9 @@ def _meta(comm, args, algorithms, dtype) -> dict:
     return {"ranks": comm.Get_size(), "hosts": sorted(set(hosts)), "nodes": len(set(nodes)),
             "ppn": max(nodes.count(h) for h in set(nodes)),
             "mpi": " ".join(MPI.Get_library_version().strip().splitlines()[0].split()),
-            "dtype": dtype, "op": args.op, "algorithms": algorithms, "backend": args.backend,
+            "collective": _collective(args),
+            "dtype": dtype, "op": "-" if _collective(args) == "allgather" else args.op,
+            "algorithms": algorithms, "backend": args.backend,
             "min": args.min, "max": args.max, "step": args.step, "iters": args.iters,
             "warmup": args.warmup, "rtol": tolerance(dtype, comm.Get_size()),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -178,7 +208,7 @@ def _sweep(comm, args, sizes, algorithms, xp, show: bool) -> list[dict]:
             log0("\n".join(format_row(r) for r in size_rows))
 
     rows = run_sweep(comm, sizes, algorithms, args.dtype, args.op, iters=args.iters or None, xp=xp,
-                     warmup=args.warmup, progress=progress, on_size=on_size)
+                     warmup=args.warmup, progress=progress, on_size=on_size, collective=_collective(args))
     status.close()
     return rows
 
@@ -222,7 +252,8 @@ def main(args) -> int:
     code = exit_status(rows)
     if code:
         n = sum(r["wrong"] for r in rows)
-        log0(error_message(UserError(f"bench: {n} wrong elements (see #wrong); the algorithms disagree with native")),
+        ref = "native" if _collective(args) == "allreduce" else "the formula"
+        log0(error_message(UserError(f"bench: {n} wrong elements (see #wrong); the algorithms disagree with {ref}")),
              file=sys.stderr)
     comm.Barrier()  # files are complete before any rank exits
     return code

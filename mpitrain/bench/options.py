@@ -11,7 +11,14 @@ import argparse
 from ..collectives import DTYPES, OPS
 from ..units import parse_size
 from .command import main
+from .kinds import COLLECTIVES
 from .timing import MAX_ROUNDS, MIN_ROUNDS, TARGET_SECONDS
+
+
+class _DefaultAlgorithms(str):
+    """--algorithms not given: every algorithm the collective has (the halves have no tree or hier)."""
+
+    is_default = True
 
 
 class _DefaultSize(int):
@@ -57,8 +64,12 @@ def _nonneg(text):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Time and check every all-reduce algorithm over a range of message sizes "
                      "(nccl-tests style). Exit status 1 when any result is wrong.")
-    p.add_argument("--algorithms", default="ring,tree,native,auto",
-                   help="comma-separated: ring, tree, native, auto (default: all)")
+    p.add_argument("--collective", default="allreduce", choices=COLLECTIVES,
+                   help="what to time: allreduce (default), or one of its halves, reduce_scatter or allgather "
+                        "(algorithms ring, native, auto; busbw = algbw*(n-1)/n; #wrong against the formula)")
+    p.add_argument("--algorithms", default=_DefaultAlgorithms("ring,tree,native,auto"),
+                   help="comma-separated: ring, tree, native, auto (default: all; "
+                        "reduce_scatter/allgather: ring, native, auto)")
     p.add_argument("--min", type=_size_arg, default=parse_size("8B"), metavar="SIZE",
                    help="smallest message, e.g. 8B, 4KiB (default 8B)")
     p.add_argument("--max", type=_size_arg, default=_DefaultSize(parse_size("256MiB")), metavar="SIZE",

@@ -40,11 +40,21 @@ def format_row(row) -> str:
             f"{sp:>8} {wrong:>7}")
 
 
+_WRONG = {  # what #wrong compares, per collective (the allreduce's line takes the tolerance)
+    "allreduce": "#   #wrong: elements differing from native ({tol}) or between ranks; ",
+    "reduce_scatter": "#   #wrong: elements of this rank's chunk differing from the op over every rank's "
+                      "input ({tol}); ",
+    "allgather": "#   #wrong: elements differing from every rank's chunk of its input (exact) or between ranks; ",
+}
+
+
 def format_header(meta: dict) -> str:
     tol = "exact" if not meta["rtol"] else f"rtol {meta['rtol']:.2g}"
     iters = meta["iters"] or f"auto (~{TARGET_SECONDS:g} s per size, {MIN_ROUNDS}..{MAX_ROUNDS})"
+    coll = meta.get("collective", "allreduce")
+    factor = "2(n-1)/n" if coll == "allreduce" else "(n-1)/n"
     lines = [
-        "# mpitrain bench: allreduce",
+        f"# mpitrain bench: {coll}",
         f"#   ranks {meta['ranks']} on {len(meta['hosts'])} host(s): {', '.join(meta['hosts'])}"
         + (f" ({meta['nodes']} nodes by shared memory)" if meta.get("nodes", 1) > len(meta["hosts"]) else ""),
         f"#   MPI library: {meta['mpi']}",
@@ -53,10 +63,9 @@ def format_header(meta: dict) -> str:
         f"#   sizes {format_size(meta['min'])}..{format_size(meta['max'])} x{meta['step']:g}  "
         f"iters {iters}  "
         f"warmup {meta['warmup']}",
-        "#   time: max over ranks of the median; algbw = bytes/time; busbw = algbw*2(n-1)/n; "
+        f"#   time: max over ranks of the median; algbw = bytes/time; busbw = algbw*{factor}; "
         "speedup = native time / time",
-        f"#   #wrong: elements differing from native ({tol}) or between ranks; "
-        "memcpy: one rank copying the same bytes (the ceiling)",
+        _WRONG[coll].format(tol=tol) + "memcpy: one rank copying the same bytes (the ceiling)",
         "#",
         HEADER,
     ]
@@ -154,7 +163,7 @@ def plot(path, rows, meta: dict | None = None) -> None:
             ax.plot(xs, ys, "o-", ms=3, label=a)
     size_axes(ax, sorted({r["size"] for r in rows}), "busbw (GB/s)")
     if meta:
-        ax.set_title(f"allreduce busbw: {meta.get('ranks')} ranks on {len(meta.get('hosts', []))} host(s), "
+        ax.set_title(f"{meta.get('collective', 'allreduce')} busbw: {meta.get('ranks')} ranks on {len(meta.get('hosts', []))} host(s), "
                      f"{meta.get('dtype')} {meta.get('op')}\n{meta.get('mpi', '')}", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)

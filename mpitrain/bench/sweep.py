@@ -1,13 +1,15 @@
 """The sweep: every algorithm at every size, interleaved, checked and timed (``run_sweep``).
 
-Per size, on the same buffers:
+One collective per sweep (kinds.py: allreduce, reduce_scatter or allgather). Per size, on the same buffers:
 
-    round 0     every algorithm once, native first (its result is the reference): #wrong; a warm-up
+    round 0     every algorithm once, native first (allreduce: its result is the reference; the
+                halves: the formula, kinds.Reference): #wrong; a warm-up
     warm-up     ``warmup`` rounds, untimed; the last one's duration sizes the run
     rounds      ``iters`` (or rounds_for: ~TARGET_SECONDS per size), round k starting with the k-th
                 algorithm so that slow drifts hit all alike; the last one checked again
     rows        per algorithm: time = max over ranks of the median, low_us = of the lower quartile
-                (what bench --fit fits), algbw, busbw = algbw * 2(n-1)/n, speedup vs native, #wrong;
+                (what bench --fit fits), algbw, busbw = algbw * 2(n-1)/n (the halves: (n-1)/n),
+                speedup vs native, #wrong;
                 then the ceilings: memcpy (one rank), d2h (device buffers: every rank at once)
 """
 
@@ -20,8 +22,9 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import backend
-from ..collectives import ALGORITHMS, DTYPES, OPS, allreduce, choose, state_for
+from ..collectives import DTYPES, OPS
 from ..collectives.staging import ops_for
+from . import kinds
 from .checks import check_result, make_source, tolerance
 from .timing import MIN_ROUNDS, TARGET_SECONDS, measure_d2h, measure_memcpy, rounds_for, time_once
 
@@ -39,19 +42,17 @@ def counts_for(sizes, dtype) -> list[int]:
     return out
 
 
-def busbw_factor(n: int) -> float:
-    """Bus bandwidth factor of allreduce: 2(n-1)/n (1 for a single rank)."""
-    return 2.0 * (n - 1) / n if n > 1 else 1.0
+busbw_factor = kinds.busbw_factor
 
 
-def _entries(comm, algorithms, op):
+def _entries(comm, algorithms, op, collective="allreduce"):
     """[(label, fn(buf))] with native first; ``algorithms`` holds names or (label, fn(buf, comm, op))."""
-    out = {}
+    out, known = {}, kinds.algorithms_for(collective)
     for a in ["native", *algorithms]:
         if isinstance(a, str):
-            if a not in ALGORITHMS:
-                raise ValueError(f"unknown algorithm {a!r}; known: {', '.join(ALGORITHMS)}")
-            out.setdefault(a, (lambda name: lambda b: allreduce(b, comm, op=op, algorithm=name))(a))
+            if a not in known:
+                raise ValueError(f"{collective}: unknown algorithm {a!r}; known: {', '.join(known)}")
+            out.setdefault(a, kinds.call(comm, collective, a, op))
         else:
             label, f = a
             out.setdefault(label, (lambda f: lambda b: f(b, comm, op))(f))
@@ -74,8 +75,10 @@ def _checked_dtype(dtype, op) -> np.dtype:
 class _Sweep:
     """What stays fixed over a sweep (the algorithms, buffers, tolerance); one method per phase of a size."""
 
-    def __init__(self, comm, entries, dt, op, xp, nmax: int, seed: int, memcpy: bool):
+    def __init__(self, comm, entries, dt, op, xp, nmax: int, seed: int, memcpy: bool, collective="allreduce"):
         self.comm, self.entries, self.dt, self.op, self.xp, self.memcpy = comm, entries, dt, op, xp, memcpy
+        self.collective = collective
+        self.row_op = "-" if collective == "allgather" else op  # a gather has no op
         self.labels = [lab for lab, _ in entries]
         self.p = comm.Get_size()
         self.src = xp.asarray(make_source(nmax, dt, op, comm.Get_rank(), seed))
@@ -84,17 +87,28 @@ class _Sweep:
         # device buffers: a d2h ceiling row per size, into pinned host memory
         self.pinned = ops_for(self.buf).host_empty(dt, nmax) if memcpy and backend.is_device(self.buf) else None
         self.rtol = tolerance(dt, self.p)
-        self.factor = busbw_factor(self.p)
+        self.factor = busbw_factor(self.p, collective)
+        self.formula = (None if collective == "allreduce"
+                        else kinds.Reference(comm, collective, dt, op, self.rtol, xp, seed))
+
+    def wrong(self, b, r) -> int:
+        """Collective. Wrong elements of this rank's result ``b`` against the reference ``r``."""
+        if self.formula is None:
+            return check_result(self.comm, b, r, self.rtol, self.xp)
+        return self.formula.wrong(b, r)
 
     def check_round(self, b, s, r, wrong) -> None:
-        """Round 0: correctness (native first, its result is the reference); also a warm-up."""
+        """Round 0: correctness (allreduce: native first, its result is the reference; the halves:
+        the formula, written into ``r`` first); also a warm-up."""
+        if self.formula is not None:
+            self.formula.fill(r, b.size)
         for lab, fn in self.entries:
             self.xp.copyto(b, s)
             fn(b)
             backend.synchronize(b)
-            if lab == "native":
+            if lab == "native" and self.formula is None:
                 self.xp.copyto(r, b)
-            wrong[lab] = max(wrong[lab], check_result(self.comm, b, r, self.rtol, self.xp))
+            wrong[lab] = max(wrong[lab], self.wrong(b, r))
 
     def _round(self, b, s) -> float:
         """Seconds of one untimed round: every algorithm once."""
@@ -123,7 +137,7 @@ class _Sweep:
             for lab, fn in self.entries[k:] + self.entries[:k]:
                 times[lab].append(time_once(self.comm, fn, b, s, self.xp))
                 if it == rounds - 1:  # check the timed runs too (outside the timed region)
-                    wrong[lab] = max(wrong[lab], check_result(self.comm, b, r, self.rtol, self.xp))
+                    wrong[lab] = max(wrong[lab], self.wrong(b, r))
         return times
 
     def _max_over_ranks(self, values, dtype):
@@ -146,8 +160,8 @@ class _Sweep:
             t = float(med[i])
             algbw = nbytes / t / GB if t > 0 else float("inf")
             out.append({
-                "size": nbytes, "count": n, "type": self.dt.name, "op": self.op, "algorithm": lab,
-                "picked": choose(nbytes, self.p, state_for(self.comm)) if lab == "auto" else "",
+                "size": nbytes, "count": n, "type": self.dt.name, "op": self.row_op, "algorithm": lab,
+                "picked": kinds.picked(self.comm, self.collective, nbytes) if lab == "auto" else "",
                 "time_us": t * 1e6, "low_us": float(low[i]) * 1e6, "algbw": algbw, "busbw": algbw * self.factor,
                 "speedup": float(t_native / t) if t > 0 else float("inf"),
                 "wrong": int(bad[i]), "iters": rounds, "ranks": self.p,
@@ -157,7 +171,7 @@ class _Sweep:
     def _ceiling(self, n: int, name: str, t: float, iters: int, ranks: int) -> dict:
         nbytes = n * self.dt.itemsize
         bw = nbytes / t / GB if t > 0 else float("inf")
-        return {"size": nbytes, "count": n, "type": self.dt.name, "op": self.op, "algorithm": name,
+        return {"size": nbytes, "count": n, "type": self.dt.name, "op": self.row_op, "algorithm": name,
                 "picked": "", "time_us": t * 1e6, "algbw": bw, "busbw": bw, "speedup": None,
                 "wrong": 0, "iters": iters, "ranks": ranks}
 
@@ -183,21 +197,25 @@ class _Sweep:
 
 def run_sweep(comm, sizes, algorithms=("ring", "tree", "native", "auto"), dtype="float32", op="sum",
               iters=None, xp=np, *, warmup: int = 2, memcpy: bool = True, seed: int = 1234,
-              target_seconds: float = TARGET_SECONDS, progress=None, on_size=None) -> list[dict]:
-    """Collective. Benchmark and check allreduce for each byte size in ``sizes``.
+              target_seconds: float = TARGET_SECONDS, progress=None, on_size=None,
+              collective: str = "allreduce") -> list[dict]:
+    """Collective. Benchmark and check ``collective`` (kinds.COLLECTIVES) for each byte size in ``sizes``.
 
-    ``algorithms``: names ("ring", "tree", "native", "auto") or (label, fn(buf, comm, op)) pairs.
+    ``algorithms``: names ("ring", "tree", "native", "auto"; the halves: "ring", "native", "auto")
+    or (label, fn(buf, comm, op)) pairs (checked like the collective they stand for).
     ``iters``: timed rounds per size (default: enough for ~``target_seconds`` per size,
     MIN_ROUNDS..MAX_ROUNDS). Returns one dict per (size, algorithm) -- keys in COLUMNS --
     plus a ``memcpy`` row per size when ``memcpy``; identical on every rank.
     ``progress(i, nsizes, nbytes, round, rounds)`` (round None: warm-up) and ``on_size(rows)``
     are called on every rank.
     """
+    if collective not in kinds.COLLECTIVES:
+        raise ValueError(f"unknown collective {collective!r}; known: {', '.join(kinds.COLLECTIVES)}")
     dt = _checked_dtype(dtype, op)
     wanted = list(dict.fromkeys(_label(a) for a in algorithms))
-    entries = _entries(comm, algorithms, op)
+    entries = _entries(comm, algorithms, op, collective)
     counts = counts_for(sizes, dt)
-    sweep = _Sweep(comm, entries, dt, op, xp, max(counts), seed, memcpy)
+    sweep = _Sweep(comm, entries, dt, op, xp, max(counts), seed, memcpy, collective)
     rows = []
     for si, n in enumerate(counts):
         def tick(it, rounds, si=si, nbytes=n * dt.itemsize):
