@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
-from mpitrain import backend, bench  # noqa: E402
+from mpitrain import backend, bench, units  # noqa: E402
 from mpitrain.collectives import staging, state_for  # noqa: E402
 from mpitrain.runtime import UserError, error_message, get_comm, log0  # noqa: E402
 
@@ -46,15 +46,15 @@ def table(rows) -> list[str]:
         g = by[size]
         one, two = g[LABELS[1]]["busbw"], g[LABELS[2]]["busbw"]
         d2h = g.get("d2h", {}).get("busbw") or float("nan")
-        out.append(f"{bench.format_size(size):>10} {one:9.2f} {two:9.2f} {g['native']['busbw']:8.2f} {d2h:8.2f}"
+        out.append(f"{units.format_size(size):>10} {one:9.2f} {two:9.2f} {g['native']['busbw']:8.2f} {d2h:8.2f}"
                    f"{'':15} {one / d2h:7.2f} {two / d2h:7.2f} {two / one:6.2f}")
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--min", type=bench.parse_size, default=bench.parse_size("16MiB"))
-    ap.add_argument("--max", type=bench.parse_size, default=bench.parse_size("256MiB"))
+    ap.add_argument("--min", type=units.parse_size, default=units.parse_size("16MiB"))
+    ap.add_argument("--max", type=units.parse_size, default=units.parse_size("256MiB"))
     ap.add_argument("--iters", type=int, default=None, help="timed rounds per size (default: ~0.5 s per size)")
     ap.add_argument("--json", help="write the rows here (rank 0)")
     args = ap.parse_args(argv)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         log0(error_message(e), file=sys.stderr)
         return 2
     direct = backend.cuda_aware_mpi()
-    sizes = bench.size_range(args.min, args.max)
+    sizes = units.size_range(args.min, args.max)
     log0(f"# staged ring, 1 vs 2 CUDA streams, {comm.Get_size()} ranks, float32 sum, "
          f"{'CUDA-aware MPI (direct: no staging, streams do not apply)' if direct else 'staged'}")
     rows = bench.run_sweep(comm, sizes, [*entries(direct), "native"], "float32", "sum", iters=args.iters, xp=xp)
