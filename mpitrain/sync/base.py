@@ -18,7 +18,7 @@ for others during this run) and its label. It sees a model only through ``params
 and ``segments()``. ``grads_agree`` says whether the gradients after ``after_backward`` are
 identical on every rank (then a non-finite gradient is decided alike everywhere, collectively;
 otherwise it is this rank's own business). A strategy that runs a loop of its own (the
-parameter server) sets ``owns_loop`` and implements ``run_loop(run, metrics_out)``.
+parameter server) sets ``owns_loop`` and implements ``run_loop(metrics_out, trace)``.
 
 ``run`` (given to ``bind``) is the training run's set-up (train/session.py): cfg, comm, xp,
 model, opt, schedule, timers, watchdog, faults, data, and the results and checkpoint helpers.
