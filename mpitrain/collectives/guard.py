@@ -81,7 +81,7 @@ _LEVEL = None
 def comm_problem(comm) -> str | None:
     """Why ``comm`` cannot be reduced over (a local test: the same answer on every rank that holds it)."""
     if not isinstance(comm, MPI.Comm):
-        return (f"comm must be an MPI intracommunicator (e.g. MPI.COMM_WORLD or a Dup/Split of it) or None for "
+        return (f"comm must be an MPI intracommunicator (e.g. the world communicator or a Dup/Split of it) or None for "
                 f"the run's communicator, got {type(comm).__name__} {comm!r:.60}")
     if not comm:
         return ("comm is MPI.COMM_NULL (or freed): this rank is not a member -- call the collective only on the "

@@ -138,26 +138,26 @@ class Handle:
             self._pending, self.done = None, True
 
 
-def iallreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> Handle:
-    """Start reducing ``buf`` in place across ``comm``; returns a Handle (progress / wait)."""
+def started(make, buf, comm, what: str):
+    """``make(st, call)`` holding this rank's turn on ``comm`` (guard.py); device buffers need a
+    CUDA-aware MPI. Shared by iallreduce, ireduce_scatter and allreduce_init (plan.py)."""
     if backend.is_device(buf) and not backend.cuda_aware_mpi():
-        raise ValueError("iallreduce of device buffers needs a CUDA-aware MPI; use allreduce")
-    st, call = enter(comm, "iallreduce")
+        raise ValueError(f"{what} of device buffers needs a CUDA-aware MPI; use the blocking call")
+    st, call = enter(comm, what)
     try:
-        return Handle(st, call, buf, op, algorithm)
+        return make(st, call)
     finally:
         st.calls.leave(call)
+
+
+def iallreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> Handle:
+    """Start reducing ``buf`` in place across ``comm``; returns a Handle (progress / wait)."""
+    return started(lambda st, call: Handle(st, call, buf, op, algorithm), buf, comm, "iallreduce")
 
 
 def ireduce_scatter(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") -> Handle:
     """Start the reduce-scatter half of ``buf`` (this rank's chunk: scatter.owned_chunk); a Handle."""
-    if backend.is_device(buf) and not backend.cuda_aware_mpi():
-        raise ValueError("ireduce_scatter of device buffers needs a CUDA-aware MPI; use reduce_scatter")
-    st, call = enter(comm, "ireduce_scatter")
-    try:
-        return Handle(st, call, buf, op, algorithm, phase="rs")
-    finally:
-        st.calls.leave(call)
+    return started(lambda st, call: Handle(st, call, buf, op, algorithm, phase="rs"), buf, comm, "ireduce_scatter")
 
 
 class CommThread:

@@ -47,8 +47,9 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from . import _MPI_OP, check, choose, enter, finish_avg
+from . import _MPI_OP, check, choose, finish_avg
 from . import hier, ring, tree, wide
+from .nonblocking import started
 from .. import backend
 
 TAG_BASE, TAG_SPAN = 8192, 4096  # plans' tags on the private communicator (nonblocking.py: 1000..5095)
@@ -273,10 +274,4 @@ def allreduce_init(buf, comm=None, *, op: str = "sum", algorithm: str = "auto") 
     Collective (the agreement check: a mismatch raises ValueError on every rank). ``buf``'s identity,
     length and dtype are bound; its contents may change between starts. See collectives/plan.py.
     """
-    if backend.is_device(buf) and not backend.cuda_aware_mpi():
-        raise ValueError("allreduce_init of device buffers needs a CUDA-aware MPI; use allreduce")
-    st, call = enter(comm, "allreduce_init")
-    try:
-        return AllreducePlan(st, call, buf, op, algorithm)
-    finally:
-        st.calls.leave(call)
+    return started(lambda st, call: AllreducePlan(st, call, buf, op, algorithm), buf, comm, "allreduce_init")
