@@ -116,13 +116,6 @@ class GraphReader(StreamReader):
             carry = graphs.subset(full * b, len(graphs)) if len(graphs) > full * b else None
         assert carry is None and emitted == self.steps_per_epoch - start, (emitted, carry)
 
-    def test_batches(self, batch_size: int):
-        self._check_open()
-        batch_size = int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return self._test_stream(batch_size)
-
     def _test_stream(self, bs):
         lo, hi = self.test_range
         path = self.path / self.manifest["test"]["file"]

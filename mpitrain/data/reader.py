@@ -226,14 +226,6 @@ class Reader(StreamReader):
                 carry = (xw[off:].copy(), yw[off:].copy())
         assert carry is None and emitted == self.steps_per_epoch - start, (emitted, carry)
 
-    def test_batches(self, batch_size: int):
-        """This rank's contiguous part of the test set, in order; the last batch may be short."""
-        self._check_open()
-        batch_size = int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return self._test_stream(batch_size)
-
     def _test_stream(self, bs: int):
         lo, hi = self.test_range
         if hi <= lo:

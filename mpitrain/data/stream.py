@@ -1,6 +1,7 @@
-"""What every per-rank reader shares (rows, graphs, tokens): the open check, ``batches``'
-argument checks, ``with`` support. A reader sets ``closed`` and ``steps_per_epoch`` and
-implements ``_stream(epoch, start)`` and ``close()``.
+"""What every per-rank reader shares (rows, graphs, tokens): the open check, the argument checks
+of ``batches`` and ``test_batches``, ``with`` support. A reader sets ``closed`` and
+``steps_per_epoch`` and implements ``_stream(epoch, start)``, ``_test_stream(batch_size)`` and
+``close()``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ class StreamReader:
         if not 0 <= start <= self.steps_per_epoch:
             raise ValueError(f"start={start} is outside 0..{self.steps_per_epoch} (steps_per_epoch)")
         return self._stream(epoch, start)
+
+    def test_batches(self, batch_size: int):
+        """This rank's part of the test (val) split, in order; the last batch may be short."""
+        self._check_open()
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return self._test_stream(batch_size)
+
+    def _test_stream(self, batch_size: int):  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def _stream(self, epoch: int, start: int):  # pragma: no cover - abstract
         raise NotImplementedError
