@@ -37,6 +37,7 @@ class Loop:
         self.samples = 0
         self.test = (float("nan"), float("nan"))
         self.complete = False  # resumed a run that had nothing left to do
+        self.stop_at_epoch_end = False  # a signal agreed at an epoch's last step
         self.accum = max(1, self.cfg.train.accum_steps)
         self.max_steps = self.cfg.train.max_steps
         self.saved_step = -1     # the step of the last checkpoint this run wrote
@@ -135,7 +136,9 @@ class Loop:
                        comm_fraction=run.timers.fraction("comm"))
             self._periodic(bar, i, stats)
             if synced and self.should_stop():
-                return i
+                if i < run.steps_per_epoch:
+                    return i
+                self.stop_at_epoch_end = True  # the epoch's last step: finish it (its line) first
         if ended and i < run.steps_per_epoch:  # max_steps mid-epoch: the run's last evaluation and checkpoint
             run.strategy.epoch_end(run.step)   # the run ends here (local SGD: average the replicas)
             self._evaluate(bar)
@@ -206,8 +209,8 @@ class Loop:
         try:
             while (run.step < self.max_steps) if self.max_steps else (run.epoch < t.epochs):
                 stopped_at = self.epoch(bar)
-                if stopped_at is not None:
-                    path = run.save(stopped_at)
+                if stopped_at is not None or self.stop_at_epoch_end:
+                    path = run.save(stopped_at or 0)  # at an epoch's end: step_in_epoch 0 of the next
                     log0(f"stopped by signal {signal_name(int(self._flag[0]))} at epoch {run.epoch + 1}, step "
                          f"{run.step}; checkpoint written to {path}; resume with --resume")
                     return True
