@@ -223,6 +223,40 @@ def test_token_set_damage_and_uint16(tmp_path, comm):
     assert not rep.ok and "checksum mismatch" in rep.problems[0] and "train-00001.h5" in rep.problems[0]
 
 
+def test_compressor_baseline(tmp_path, comm, capsys):
+    import json
+    import shutil
+    import subprocess
+
+    from mpitrain.cli import main
+    from mpitrain.data import import_text
+    from mpitrain.data.baseline import compressor_bits
+
+    if comm.Get_size() > 1:
+        pytest.skip("serial")
+    rng = np.random.default_rng(0)
+    noise = bytes(rng.integers(32, 127, size=20_000).astype(np.uint8))   # 95 symbols: ~6.6 bits
+    (tmp_path / "n.txt").write_bytes(noise)
+    import_text([tmp_path / "n.txt"], tmp_path / "noise", shards=2, val_fraction=0.5)
+    b = compressor_bits(tmp_path / "noise")
+    assert b["unit"] == "byte" and b["tokens"] == 10_000
+    assert 6.5 < b["xz -9"] < 7.2 and 6.5 < b["gzip -9"] < 7.5     # no better than the symbols' entropy
+    val = noise[10_000:]
+    for tool, key in (("gzip", "gzip -9"), ("xz", "xz -9")):      # the same as the command-line tools
+        if shutil.which(tool):
+            size = len(subprocess.run([tool, "-9", "-c"], input=val, capture_output=True, check=True).stdout)
+            assert b[key] == pytest.approx(8 * size / 10_000, rel=0.01), tool
+    cache = json.loads((tmp_path / "noise" / "baselines.json").read_text())
+    assert cache["xz -9"] == b["xz -9"] and cache["val_checksum"].startswith("sha256:")
+    (tmp_path / "r.txt").write_bytes(b"def f(x):\n    return x\n" * 800)  # repetitive: far below 1 bit
+    import_text([tmp_path / "r.txt"], tmp_path / "noise", shards=2, val_fraction=0.5, overwrite=True)
+    assert compressor_bits(tmp_path / "noise")["xz -9"] < 0.5          # a new val split: measured again
+    assert main(["data", "baseline", str(tmp_path / "noise")]) == 0
+    assert "xz -9 0." in capsys.readouterr().out
+    assert main(["data", "baseline", str(tmp_path)]) == 1               # not a token set: a clear error
+    assert "needs a token data set" in capsys.readouterr().err
+
+
 def test_make_pycode_small(tmp_path, comm):
     import sys
 

@@ -1,4 +1,4 @@
-"""``python -m mpitrain data {make,import,check}`` (rows and graph sets).
+"""``python -m mpitrain data {make,import,check,baseline}`` (rows, graph and token sets).
 
 Safe under ``mpirun -n N``: rank 0 does the work (writing, checking) while the
 other ranks wait without spinning; the exit status is shared, so every rank exits
@@ -18,7 +18,7 @@ from .make import DEFAULT_SHARDS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Make, import and check HDF5 data sets (a directory of train shards, "
                           "test.h5 and manifest.json).")
-    sub = parser.add_subparsers(dest="data_command", metavar="{make,import,check}", required=True)
+    sub = parser.add_subparsers(dest="data_command", metavar="{make,import,check,baseline}", required=True)
 
     mk = sub.add_parser("make", help="make a built-in data set (digits, synthetic, graphs)",
                         description="Make a built-in data set.")
@@ -96,6 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "exits non-zero on any problem.")
     ck.add_argument("dir", metavar="DIR", help="the data set directory")
     ck.set_defaults(func=cmd_check)
+
+    bl = sub.add_parser(
+        "baseline", help="a token set's val split in bits per byte under gzip -9 and xz -9",
+        description="The reference points a language model's val bits per byte is read against: the "
+                    "val split compressed whole by gzip -9 and xz -9 (cached in DIR/baselines.json).")
+    bl.add_argument("dir", metavar="DIR", help="a token data set directory (data import / data make pycode)")
+    bl.set_defaults(func=cmd_baseline)
 
 
 def _add_make_graphs(mksub, common) -> None:
@@ -232,12 +239,32 @@ def cmd_check(args) -> int:
 
     def work():
         rep = check_dataset(args.dir)
+        if rep.ok and (rep.manifest or {}).get("kind") == "tokens":
+            from .baseline import compressor_bits, describe
+
+            rep.notes.append("val split compressed: " + describe(compressor_bits(args.dir)))
         _log(rep.format())
         if rep.ok:
             return 0
         for p in rep.problems:
             _print_error(UserError(p))
         return 1
+
+    return on_root(work)
+
+
+def cmd_baseline(args) -> int:
+    from .baseline import compressor_bits, describe
+    from .shards import DataProblem
+
+    def work():
+        try:
+            b = compressor_bits(args.dir)
+        except DataProblem as e:
+            raise UserError(f"{e.file}: {e.reason} (data baseline needs a token data set: python -m mpitrain "
+                            "data import FILE.txt --out DIR, or data make pycode --out DIR)") from None
+        _log(f"{args.dir}: val split of {b['tokens']:,} tokens: {describe(b)}")
+        return 0
 
     return on_root(work)
 

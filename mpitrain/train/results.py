@@ -14,6 +14,7 @@ A language model (a model with ``flops_per_token``, the GPT) adds
 
     val_loss      nats per token: the last evaluation's loss over the val split (summed over ranks)
     val_bpb       bits per byte = val_loss / ln 2 (byte tokens, vocab <= 256; else null)
+    baseline_bits gzip -9 / xz -9 on the val split, bits per byte (token sets; data/baseline.py)
     tokens_per_s  training tokens (all ranks) per second of wall time, evaluation time left out
     mfu           tokens_per_s x flops_per_token / peak, flops_per_token = 6·N_mm + 12·L·T·C
                   (models/gpt.py) and peak = the sum over ranks of a float matmul's FLOP/s
@@ -51,6 +52,7 @@ class Results:
         self.epochs = epochs
         self.history: list[dict] = []
         self.evals: list[dict] = []
+        self.baseline = None  # token sets: {"gzip -9": bits, "xz -9": bits, "unit": ...} (data/baseline.py)
         self.t_start = time.perf_counter()
 
     def start(self) -> None:
@@ -79,14 +81,18 @@ class Results:
         self.evals.append({"step": step, "wall_s": self.elapsed(), "train_loss": loss / max(seen, 1),
                            "val_loss": val_loss})
         mfu = f"  mfu {100 * rates['mfu']:.1f}%" if "mfu" in rates else ""
+        b = self.baseline
+        ref = f"; gzip -9 {b['gzip -9']:.3f}, xz -9 {b['xz -9']:.3f}" if b else ""
         log0(f"step {step:>6}/{total}  loss {loss / max(seen, 1):.4f}  val loss {val_loss:.4f} "
-             f"({val_loss / math.log(2):.3f} bits)  {rates['tokens_per_s']:,.0f} tokens/s{mfu}")
+             f"({val_loss / math.log(2):.3f} bits{ref})  {rates['tokens_per_s']:,.0f} tokens/s{mfu}")
 
-    @staticmethod
-    def lm_metrics(test: tuple, rates: dict, vocab_size: int) -> dict:
+    def lm_metrics(self, test: tuple, rates: dict, vocab_size: int) -> dict:
         val_loss = float(test[0])
-        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) if 0 < vocab_size <= 256 else float("nan"),
-                "tokens_per_s": rates["tokens_per_s"], "mfu": rates.get("mfu", float("nan"))}
+        m = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) if 0 < vocab_size <= 256 else float("nan"),
+             "tokens_per_s": rates["tokens_per_s"], "mfu": rates.get("mfu", float("nan"))}
+        if self.baseline:
+            m["baseline_bits"] = dict(self.baseline)
+        return m
 
     def metrics(self, *, test, epochs, steps, ranks, samples, comm_fraction, timers, skipped, algorithm,
                 backend, stopped, strategy, comm_bytes, steps_done, bytes_divisor, optimizer_bytes, **extra):

@@ -129,6 +129,20 @@ class Run:
             from .results import measure_peak_flops
 
             self.peak_flops = self.comm.allreduce(measure_peak_flops(self.xp, self.model.dtype), op=MPI.SUM)
+        if getattr(self.spec, "kind", None) == "tokens":  # the compressors' figures, beside the val bpb
+            self.results.baseline = self.comm.bcast(self._baseline() if self.rank == 0 else None, root=0)
+
+    def _baseline(self):
+        """gzip -9 / xz -9 on the val split (data/baseline.py; cached next to the manifest), or None."""
+        from ..data.baseline import compressor_bits, describe
+
+        try:
+            b = compressor_bits(self.cfg.data.path)
+        except Exception as e:  # noqa: BLE001 - a reference point only: say so, train on
+            log0(f"note: no compressor baseline for {self.cfg.data.path} ({type(e).__name__}: {e})")
+            return None
+        log0(f"val split compressed whole: {describe(b)} (the model's val bits are read against these)")
+        return b
 
     def make_optimizer(self, params, xp=None, pieces=None):
         """train.optimizer over ``params``: the whole flat buffer, or (``pieces``: its [lo, hi) ranges,
