@@ -205,17 +205,18 @@ def worker(args) -> int:
 # --------------------------------------------------------------------------- driver
 
 
-def launch(n: int, args) -> dict:
+def launch(n: int, args, script: Path = Path(__file__).resolve(), extra=()) -> dict:
+    """``mpirun -n n python -m mpi4py script --worker ...``; the worker's RESULT line, parsed."""
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
-    cmd = [mpirun, "-n", str(n), sys.executable, "-m", "mpi4py", str(Path(__file__).resolve()), "--worker",
-           "--job", str(args.job), "--repeats", str(args.repeats)]
+    cmd = [mpirun, "-n", str(n), sys.executable, "-m", "mpi4py", str(script), "--worker",
+           "--job", str(args.job), "--repeats", str(args.repeats), *extra]
     for s in args.set:
         cmd += ["--set", s]
     env = dict(os.environ, **THREAD_ENV)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     print(f"# N={n}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    log = Path(args.log_dir) / f"ddp_compare-n{n}.log" if args.log_dir else None
+    log = Path(args.log_dir) / f"{script.stem}-n{n}.log" if args.log_dir else None
     if log:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(res.stdout + res.stderr)
