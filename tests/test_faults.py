@@ -524,3 +524,17 @@ def test_sigterm_delivered_twice_at_once_is_one_kill_but_a_later_one_ends_the_ra
     finally:
         grace.restore()
         signal.signal(signal.SIGTERM, old)
+
+
+def test_term_grace_env_must_be_seconds(monkeypatch):
+    from mpitrain.runtime import UserError
+    from mpitrain.watchdog import TermGrace
+
+    monkeypatch.setenv("MPITRAIN_TERM_GRACE_S", "abc")
+    with pytest.raises(UserError, match="MPITRAIN_TERM_GRACE_S='abc' is not a number"):
+        TermGrace()
+    monkeypatch.setenv("MPITRAIN_TERM_GRACE_S", "-1")
+    with pytest.raises(UserError, match=">= 0"):
+        TermGrace()
+    monkeypatch.setenv("MPITRAIN_TERM_GRACE_S", "2.5")
+    assert TermGrace().grace_s == 2.5
