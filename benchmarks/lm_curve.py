@@ -34,7 +34,7 @@ def table(rs, base) -> str:
     return "\n".join(out)
 
 
-def plot(rs, base, path: str, title: str, full_val: float | None) -> None:
+def plot(m, rs, base, path: str, title: str, full_val: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,13 +42,18 @@ def plot(rs, base, path: str, title: str, full_val: float | None) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     tok = [r["tokens"] / 1e6 for r in rs]
-    ax.plot(tok, [r["train_bits"] for r in rs], "-o", ms=3, label="train (mean since the epoch began)")
+    ax.plot(tok, [r["train_bits"] for r in rs], "-o", ms=3, label="train (mean since its epoch began)")
     ax.plot(tok, [r["val_bits"] for r in rs], "-o", ms=3, label="val (eval_batches sample)")
     if full_val is not None:
         ax.plot([tok[-1]], [full_val], "k*", ms=10, label=f"val, whole split: {full_val:.3f}")
     for (k, style) in (("gzip -9", "--"), ("xz -9", ":")):
         if base:
             ax.axhline(base[k], color="gray", ls=style, label=f"{k} on the val split: {base[k]:.3f}")
+    h = (m.get("history") or [{}])[-1]
+    if h.get("epoch", 0) > 1:  # where the second pass over the training data begins
+        per_epoch = h["step"] / h["epoch"] * rs[-1]["tokens"] / rs[-1]["step"] / 1e6
+        ax.axvline(per_epoch, color="k", lw=0.8, alpha=0.5)
+        ax.text(per_epoch, ax.get_ylim()[1], " epoch 2", va="top", fontsize=8)
     ax.set_xlabel("training tokens (millions, all ranks)")
     ax.set_ylabel("bits per byte")
     ax.set_ylim(bottom=min([r["val_bits"] for r in rs] + ([base["xz -9"]] if base else [])) - 0.2,
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
         base = compressor_bits(args.data)
     print(table(rs, base))
     if args.out:
-        plot(rs, base, args.out, args.title or f"{args.metrics}: {m['ranks']} ranks, {m['steps']} steps", args.full_val)
+        plot(m, rs, base, args.out, args.title or f"{args.metrics}: {m['ranks']} ranks, {m['steps']} steps", args.full_val)
         print(f"wrote {args.out}")
     return 0
 
