@@ -129,8 +129,12 @@ class Node:
         for ids in self.comm.allgather(mine):
             everywhere &= set(ids)
         for wid in sorted(everywhere):
-            self.windows.pop(wid).free()
-        self.dead = [i for i in self.dead if i not in everywhere]
+            w = self.windows.pop(wid, None)  # (None: free_shared freed it already)
+            if w is not None:
+                w.free()
+        for wid in everywhere:  # in place: the finalizers hold this list's append
+            while wid in self.dead:
+                self.dead.remove(wid)
 
     def free_window(self, wid: int, what: str = "free_shared") -> None:
         ids = self.comm.allgather(wid)
@@ -264,9 +268,9 @@ def tiles_for(nd, dt, op: str):
     """The accumulator tile for ``op`` on ``dt``: float32 for float16 sum/avg/prod (wide.py)."""
     acc = np.dtype(np.float32) if dt == np.float16 and op in ("sum", "avg", "prod") else np.dtype(dt)
     cache = nd.tiles
-    t = cache.get(acc.str)
-    if t is None:
-        t = cache[acc.str] = np.empty(max(1, TILE_BYTES // acc.itemsize), dtype=acc)
+    t, want = cache.get(acc.str), max(1, TILE_BYTES // acc.itemsize)
+    if t is None or t.size < want:
+        t = cache[acc.str] = np.empty(want, dtype=acc)
     return t
 
 

@@ -1,0 +1,210 @@
+"""algorithm="shm" and alloc_shared: against native, bitwise on every rank, the hazards of reuse."""
+
+import gc
+import hashlib
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import mpitrain
+from mpitrain.collectives import DTYPES, OPS, allreduce, allreduce_init, shm, state_for
+from mpitrain.collectives.nonblocking import iallreduce
+
+MPI_TEST = pytest.mark.mpi
+SIZES = [0, 1, 2, 3, 5, 1001]
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    monkeypatch.setattr(shm, "TILE_BYTES", 64)  # many tiles per slice even at 1001 elements
+
+
+def rank_data(n, r, dtype, op):
+    i = np.arange(n)
+    if op == "prod":
+        return ((i + r) % 2 + 1).astype(dtype)
+    return ((i * 7 + r * 3) % 11 - 3 + r).astype(dtype)
+
+
+def same_everywhere(comm, arr) -> bool:
+    return len(set(comm.allgather(hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()))) == 1
+
+
+def assert_matches_native(comm, buf, n, r, dtype, op, where):
+    ref = allreduce(rank_data(n, r, dtype, op), comm, op=op, algorithm="native")
+    if np.dtype(dtype).kind == "f":
+        tol = 1e-3 if dtype == "float16" else 1e-6
+        np.testing.assert_allclose(buf.astype(np.float64), ref.astype(np.float64), rtol=tol, atol=tol, err_msg=where)
+    else:
+        np.testing.assert_array_equal(buf, ref, err_msg=where)
+    assert same_everywhere(comm, buf), f"ranks differ: {where}"
+
+
+@MPI_TEST
+def test_alloc_shared_is_seen_by_node_peers(comm):
+    r, p = comm.Get_rank(), comm.Get_size()
+    a = mpitrain.alloc_shared(100, np.float64, comm)
+    assert isinstance(a, np.ndarray) and a.shape == (100,) and a.dtype == np.float64 and (a == 0).all()
+    a[...] = r + 1
+    nd = shm.node(state_for(comm))
+    if nd.size == 1:
+        assert not shm.is_shared(a, comm)  # plain memory
+        return
+    assert shm.is_shared(a, comm) and shm.is_shared(a[10:20], comm)
+    w, off = nd.find(a)
+    comm.Barrier()
+    w.win.Sync()
+    for q in range(nd.size):
+        peer = w.segs[q][off:off + a.nbytes].view(np.float64)
+        assert (peer == q + 1).all(), f"rank {r} sees rank {q}'s buffer as {peer[:3]}"
+    comm.Barrier()  # nobody writes before everyone read
+    mpitrain.free_shared(a, comm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@MPI_TEST
+def test_zero_copy_and_scratch_against_native(comm, dtype, tiny_tiles):
+    r, p = comm.Get_rank(), comm.Get_size()
+    for op in OPS:
+        for n in SIZES + [p - 1]:
+            a = mpitrain.alloc_shared(n + 4, dtype, comm)  # a view at an offset: still zero-copy
+            view = a[2:2 + n]
+            view[...] = rank_data(n, r, dtype, op)
+            a[:2] = 99
+            a[2 + n:] = 99
+            assert allreduce(view, comm, op=op, algorithm="shm") is view
+            assert_matches_native(comm, view, n, r, dtype, op, f"zero-copy {op} {dtype} n={n} p={p}")
+            assert (a[:2] == 99).all() and (a[2 + n:] == 99).all(), "wrote outside the buffer"
+            x = rank_data(n, r, dtype, op)  # plain memory: the scratch window
+            allreduce(x, comm, op=op, algorithm="shm")
+            assert_matches_native(comm, x, n, r, dtype, op, f"scratch {op} {dtype} n={n} p={p}")
+
+
+@MPI_TEST
+def test_large_odd_size(comm):
+    r, p = comm.Get_rank(), comm.Get_size()
+    n = 1000003
+    a = mpitrain.alloc_shared(n, np.float32, comm)
+    a[...] = rank_data(n, r, np.float32, "sum")
+    allreduce(a, comm, algorithm="shm")
+    assert_matches_native(comm, a, n, r, np.float32, "sum", "large zero-copy")
+    x = rank_data(n, r, np.float64, "avg")
+    allreduce(x, comm, op="avg", algorithm="shm")
+    assert_matches_native(comm, x, n, r, np.float64, "avg", "large scratch")
+
+
+@MPI_TEST
+def test_back_to_back_calls_rewriting_the_buffer_at_once(comm, tiny_tiles, monkeypatch):
+    """Each rank writes its next input the moment a call returns, while slower ranks may still be
+    finishing theirs: a rank must never read or write a peer's buffer outside the call's syncs."""
+    r, p = comm.Get_rank(), comm.Get_size()
+    monkeypatch.setattr(shm, "TILE_BYTES", 4096)
+    n = 50001
+    a = mpitrain.alloc_shared(n, np.int64, comm)
+    x = np.empty(n, dtype=np.int64)
+    i = np.arange(n, dtype=np.int64)
+    for k in range(30):
+        a[...] = i * (r + 1) + k * 1000 + r
+        x[...] = a
+        if r == k % p:
+            sum(range(20000))  # one rank late each round
+        allreduce(a, comm, algorithm="shm")
+        allreduce(x, comm, op="max", algorithm="shm")
+        want = i * (p * (p + 1) // 2) + p * k * 1000 + p * (p - 1) // 2
+        assert (a == want).all(), f"round {k}: zero-copy result corrupted"
+        assert (x == i * p + k * 1000 + p - 1).all(), f"round {k}: scratch result corrupted"
+
+
+@MPI_TEST
+def test_mixed_shared_and_plain_buffers(comm):
+    """Some ranks pass alloc_shared memory, others plain: every rank takes the scratch path."""
+    r, p = comm.Get_rank(), comm.Get_size()
+    a = mpitrain.alloc_shared(1001, np.float64, comm)
+    b = mpitrain.alloc_shared(1001, np.float64, comm)
+    for buf in (a if r % 2 else np.zeros(1001), a if r == 0 else b, a[1:] if r == 0 else a[:-1]):
+        n = buf.size
+        buf[...] = rank_data(n, r, np.float64, "sum")
+        allreduce(buf, comm, algorithm="shm")
+        assert_matches_native(comm, buf, n, r, np.float64, "sum", "mixed")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mismatched_algorithm_raises_on_every_rank(comm):
+    r = comm.Get_rank()
+    a = mpitrain.alloc_shared(10, np.float32, comm)
+    with pytest.raises(ValueError, match="disagree"):
+        allreduce(a, comm, algorithm="shm" if r == 0 else "ring")
+    a[...] = 1
+    assert allreduce(a, comm, algorithm="shm")[0] == comm.Get_size()
+
+
+@MPI_TEST
+def test_nonblocking_and_plans(comm):
+    r, p = comm.Get_rank(), comm.Get_size()
+    a = mpitrain.alloc_shared(1001, np.float16, comm)
+    a[...] = rank_data(1001, r, np.float16, "sum")
+    h = iallreduce(a, comm, algorithm="shm")
+    assert h.wait() is a
+    assert_matches_native(comm, a, 1001, r, np.float16, "sum", "iallreduce")
+    b = mpitrain.alloc_shared(777, np.float32, comm)
+    with allreduce_init(b, comm, op="avg", algorithm="shm") as plan:
+        for k in range(3):
+            b[...] = rank_data(777, r, np.float32, "avg") + k
+            plan.start()
+            plan.wait()
+            want = allreduce(rank_data(777, r, np.float32, "avg") + k, comm, op="avg", algorithm="native")
+            np.testing.assert_allclose(b, want, rtol=1e-6)
+
+
+@MPI_TEST
+def test_collected_windows_are_freed_collectively(comm):
+    nd = shm.node(state_for(comm))
+    if nd.size == 1:
+        pytest.skip("one rank on the node: plain memory")
+    a = mpitrain.alloc_shared(10, comm=comm)
+    wid = nd.find(a)[0].id
+    view = a[3:]
+    del a
+    gc.collect()
+    mpitrain.alloc_shared(1, comm=comm)  # sweeps: the view still holds the memory
+    assert wid in nd.windows
+    view[...] = 1
+    del view
+    gc.collect()
+    mpitrain.alloc_shared(1, comm=comm)
+    assert wid not in nd.windows
+
+
+@pytest.mark.mpi(min_size=2)
+def test_free_shared_of_different_arrays_raises_everywhere(comm):
+    r = comm.Get_rank()
+    a = mpitrain.alloc_shared(4, comm=comm)
+    b = mpitrain.alloc_shared(4, comm=comm)
+    with pytest.raises(ValueError, match="different windows"):
+        mpitrain.free_shared(a if r == 0 else b, comm)
+    mpitrain.free_shared(a, comm)
+    mpitrain.free_shared(b, comm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_ranks_on_several_nodes_raise_everywhere(comm, monkeypatch):
+    """shm needs one node: emulated by a node of one rank each (the check runs on every rank alike)."""
+    nd = shm.node(state_for(comm))
+    monkeypatch.setattr(nd, "size", 1)
+    with pytest.raises(ValueError, match="use algorithm='hier'"):
+        allreduce(np.ones(5), comm, algorithm="shm")
+
+
+def test_one_rank_gets_plain_memory_and_shm_works():
+    """Serial: a node of one rank -- alloc_shared is plain NumPy memory, shm a no-op (avg too)."""
+    a = mpitrain.alloc_shared(7, np.int32, MPI.COMM_SELF)
+    assert type(a) is np.ndarray and a.dtype == np.int32 and (a == 0).all()
+    assert not shm.is_shared(a, MPI.COMM_SELF)
+    a[...] = np.arange(7)
+    for op in OPS:
+        allreduce(a, MPI.COMM_SELF, op=op, algorithm="shm")
+    np.testing.assert_array_equal(a, np.arange(7))
+    mpitrain.free_shared(a, MPI.COMM_SELF)  # a no-op for plain memory
+    with pytest.raises(ValueError, match="non-negative"):
+        mpitrain.alloc_shared(-1, comm=MPI.COMM_SELF)
