@@ -238,14 +238,14 @@ def _views(w: Window, off: int, flat):
 def reduce_tiles(bufs, me: int, lo: int, hi: int, op: str, p: int | None, targets, tiles) -> None:
     """Reduce ``bufs[0..][lo:hi]`` in rank order, tile by tile, into ``targets[..][lo:hi]``.
 
-    ``me``: the index of ``targets[0]`` in ``bufs`` (it is reduced into directly when it is read
-    by the first op, otherwise through a tile); ``p``: avg's divisor; ``tiles``: a tile of the
-    accumulator's dtype (float16 sum/avg/prod accumulates in float32 there: wide.py).
+    ``me``: the index of ``targets[0]`` in ``bufs`` (-1: none; it is reduced into directly when the
+    first op reads it, otherwise through a tile); ``p``: avg's divisor (None: no division); ``tiles``:
+    a tile of the accumulator's dtype (float16 sum/avg/prod accumulates in float32 there: wide.py).
     """
     f = reducer(np, op)
     dt = bufs[0].dtype
     wide = tiles.dtype != dt
-    direct = not wide and (me <= 1 or len(bufs) == 1)
+    direct = not wide and 0 <= me <= 1
     tile = max(1, TILE_BYTES // tiles.itemsize)
     for a in range(lo, hi, tile):
         b = min(a + tile, hi)
@@ -329,6 +329,35 @@ def allreduce_on(nd: Node, flat, op: str, p: int | None = None) -> None:
     nd.sync(w.win)  # sync 2
     if scratch is not None:
         flat[...] = bufs[nd.rank]
+
+
+# --------------------------------------------------------------------------- for hier.py
+
+
+def reduce_to_root(nd: Node, flat, op: str) -> None:
+    """Node rank 0's ``flat`` becomes op over the node's buffers (no avg division): copy in, sync, each
+    rank reduces its slice into rank 0's region, sync, rank 0 copies out."""
+    w = nd.scratch_for(flat.nbytes)
+    bufs = _views(w, 0, flat)
+    bufs[nd.rank][...] = flat
+    nd.sync(w.win)
+    lo, hi = chunk_bounds(flat.size, nd.size, nd.rank)
+    reduce_tiles(bufs, 0, lo, hi, op, None, [bufs[0]], tiles_for(nd, flat.dtype, op))
+    nd.sync(w.win)
+    if nd.rank == 0:
+        flat[...] = bufs[0]
+
+
+def bcast_from_root(nd: Node, flat) -> None:
+    """Every rank's ``flat`` becomes node rank 0's: through the scratch window's second region (never
+    the first, which the next reduce_to_root fills before its first sync)."""
+    w = nd.scratch_for(flat.nbytes)
+    out = w.segs[0][w.nbytes // 2:w.nbytes // 2 + flat.nbytes].view(flat.dtype)
+    if nd.rank == 0:
+        out[...] = flat
+    nd.sync(w.win)
+    if nd.rank:
+        flat[...] = out
 
 
 def steps(st, buf, op: str):
