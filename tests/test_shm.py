@@ -208,3 +208,43 @@ def test_one_rank_gets_plain_memory_and_shm_works():
     mpitrain.free_shared(a, MPI.COMM_SELF)  # a no-op for plain memory
     with pytest.raises(ValueError, match="non-negative"):
         mpitrain.alloc_shared(-1, comm=MPI.COMM_SELF)
+
+
+# --------------------------------------------------------------------------- the cost model (serial)
+
+
+def _model(nodes=1, shm_ab=(3e-6, 0.01e-9)):
+    from mpitrain.perf.model import CostModel
+
+    native = [[8, 3e-6], [1 << 20, 400e-6], [1 << 26, 40e-3]]
+    return CostModel(ranks=2, host="h", nodes=nodes, alpha=2e-6, beta=0.1e-9, gamma=0.05e-9,
+                     ring={"alpha": 20e-6, "beta": 0.2e-9}, tree={"alpha": 8e-6, "beta": 0.15e-9}, native=native,
+                     shm=None if shm_ab is None else {"alpha": shm_ab[0], "beta": shm_ab[1]})
+
+
+def test_shm_formula_and_fit():
+    from mpitrain.perf import fit, formulas
+
+    a, b, g, p = 3e-6, 0.05e-9, 0.04e-9, 2
+    assert formulas.shm_time(1000, p, a, b, g) == pytest.approx(2 * a + 2000 * b + 500 * g)
+    assert formulas.shm_time(1000, p, a, b, g, scratch=True) == pytest.approx(2 * a + 6000 * b + 500 * g)
+    assert formulas.shm_time(1000, 1, a, b, g) == 0.0
+    sizes = [1 << k for k in range(10, 26, 2)]
+    d = fit.fit_algorithm("shm", sizes, [formulas.shm_time(n, p, a, b, g) for n in sizes], p, g)
+    assert d["alpha"] == pytest.approx(a, rel=1e-3) and d["beta"] == pytest.approx(b, rel=1e-3)
+
+
+def test_model_picks_shm_only_where_its_scratch_path_wins_and_on_one_node():
+    from mpitrain.collectives.tuning import AutoTable
+    from mpitrain.perf.model import CostModel
+
+    m = _model()
+    assert m.best(4 << 20) == "shm"  # scratch: 2·3 us + 6·4 MiB·0.01 ns/B + 2 MiB·0.05 ns/B < ring
+    assert m.predict("shm-scratch", 1 << 20) > m.predict("shm", 1 << 20)
+    assert CostModel.from_dict(m.to_dict()) == m
+    table = AutoTable.from_dict(m.to_dict()["auto"])
+    assert table.pick(4 << 20) == "shm"
+    assert "shm" not in {a for _, a in AutoTable.from_dict(_model(nodes=2).to_dict()["auto"]).steps}
+    assert "shm" not in {a for _, a in AutoTable.from_dict(_model(shm_ab=None).to_dict()["auto"]).steps}
+    slow = _model(shm_ab=(3e-6, 10e-9))  # memory slower than the messages: never shm
+    assert "shm" not in {a for _, a in AutoTable.from_dict(slow.to_dict()["auto"]).steps}
