@@ -248,3 +248,58 @@ def test_model_picks_shm_only_where_its_scratch_path_wins_and_on_one_node():
     assert "shm" not in {a for _, a in AutoTable.from_dict(_model(shm_ab=None).to_dict()["auto"]).steps}
     slow = _model(shm_ab=(3e-6, 10e-9))  # memory slower than the messages: never shm
     assert "shm" not in {a for _, a in AutoTable.from_dict(slow.to_dict()["auto"]).steps}
+
+
+# --------------------------------------------------------------------------- training
+
+
+@MPI_TEST
+@pytest.mark.parametrize("bucket_bytes", [0, 8 * 40])
+def test_training_on_shared_grads_matches_ring(comm, bucket_bytes):
+    from test_train import _trainer
+
+    from mpitrain import models
+    from mpitrain.models import MLP
+
+    r, p, b = comm.Get_rank(), comm.Get_size(), 4
+    rng = np.random.default_rng(7)
+    X, Y = rng.standard_normal((4, p * b, 12)), rng.integers(0, 5, size=(4, p * b))
+    keys = {"bucket_bytes": bucket_bytes}
+    ring, dist = _trainer(comm, "ring", comm_keys=keys), _trainer(comm, "shm", comm_keys=keys)
+    with models.grads_allocator(dist.run.strategy.grads_allocator("numpy")):
+        dist.run.model = MLP(12, [9, 7], 5, xp=np, dtype=np.float64, seed=3)
+    dist.run.strategy.bind(dist.run)
+    assert shm.is_shared(dist.run.model.grads, comm) == (shm.node(state_for(comm)).size > 1)
+    try:
+        for k in range(4):
+            for t in (ring, dist):
+                t.train_step((X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b]))
+                t.run.step = k + 1
+    finally:
+        ring.run.strategy.close()
+        dist.run.strategy.close()
+    np.testing.assert_allclose(dist.run.model.params, ring.run.model.params, rtol=1e-12, atol=1e-12)
+    assert same_everywhere(comm, dist.run.model.params)
+
+
+def test_a_training_run_with_shm_matches_ring(tmp_path):
+    """End to end, 2 ranks: the trainer puts the gradients in a shared window; the losses match ring's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import MPIRUN
+
+    out = {}
+    for alg in ("ring", "shm"):
+        job = ["--set", f"data.path={tmp_path / 'digits'}", "--set", f"checkpoint.dir={tmp_path / alg}",
+               "--set", "train.epochs=2", "--set", "model.hidden=[16]", "--set", f'comm.algorithm="{alg}"',
+               "--metrics-out", str(tmp_path / f"{alg}.json")]
+        res = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "mpitrain", "train", *job], cwd=tmp_path,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"sync={alg}" in res.stdout, res.stdout
+        out[alg] = json.loads((tmp_path / f"{alg}.json").read_text())
+    assert out["shm"]["test_loss"] == pytest.approx(out["ring"]["test_loss"], rel=1e-4)
+    assert out["shm"]["test_accuracy"] == pytest.approx(out["ring"]["test_accuracy"], abs=0.01)
