@@ -66,10 +66,11 @@ def test_alloc_shared_is_seen_by_node_peers(comm):
 @MPI_TEST
 def test_zero_copy_and_scratch_against_native(comm, dtype, tiny_tiles):
     r, p = comm.Get_rank(), comm.Get_size()
+    whole = mpitrain.alloc_shared(max(SIZES) + 4, dtype, comm)
     for op in OPS:
         for n in SIZES + [p - 1]:
-            a = mpitrain.alloc_shared(n + 4, dtype, comm)  # a view at an offset: still zero-copy
-            view = a[2:2 + n]
+            a = whole[:n + 4]
+            view = a[2:2 + n]  # a view at an offset: still zero-copy
             view[...] = rank_data(n, r, dtype, op)
             a[:2] = 99
             a[2 + n:] = 99
@@ -303,3 +304,12 @@ def test_a_training_run_with_shm_matches_ring(tmp_path):
         out[alg] = json.loads((tmp_path / f"{alg}.json").read_text())
     assert out["shm"]["test_loss"] == pytest.approx(out["ring"]["test_loss"], rel=1e-4)
     assert out["shm"]["test_accuracy"] == pytest.approx(out["ring"]["test_accuracy"], abs=0.01)
+
+
+@MPI_TEST
+def test_bench_times_shm_on_a_shared_buffer(comm):
+    from mpitrain.bench.sweep import run_sweep
+
+    rows = run_sweep(comm, [64, 4096, 100000], ("shm", "native"), iters=2, warmup=0, memcpy=False)
+    assert {r["algorithm"] for r in rows} == {"shm", "native"}
+    assert all(r["wrong"] == 0 for r in rows), rows
