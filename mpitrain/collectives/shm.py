@@ -61,10 +61,14 @@ from mpi4py import MPI
 from . import finish_avg, reducer, state_for
 from .partition import chunk_bounds
 from .. import backend
-from ..runtime import get_comm
+from ..runtime import UserError, get_comm
 
 TILE_BYTES = int(os.environ.get("MPITRAIN_SHM_TILE") or 256 * 1024)  # accumulator tile (L2-sized)
 _OFF = 1 << 40  # key = window id * _OFF + byte offset
+
+
+class NodeError(UserError, ValueError):
+    """shm on ranks that span nodes: a user error (the CLI prints it without a traceback), and a ValueError."""
 
 
 class Window:
@@ -278,7 +282,7 @@ def allreduce(st, buf, op: str):
     """Blocking shared-memory all-reduce of ``buf`` (every rank of ``st`` on one node)."""
     nd = node(st)
     if nd.size != st.size:
-        raise ValueError(f"allreduce: algorithm='shm' needs every rank on one node (this node has {nd.size} of "
+        raise NodeError(f"allreduce: algorithm='shm' needs every rank on one node (this node has {nd.size} of "
                          f"the {st.size} ranks); use algorithm='hier' (shared memory within each node, a ring "
                          "across nodes) or 'ring'")
     flat = buf.reshape(-1)
@@ -292,8 +296,6 @@ def allreduce_on(nd: Node, flat, op: str, p: int | None = None) -> None:
     """The all-reduce over ``nd``'s ranks (``p``: avg's divisor, default the node size)."""
     n, q = flat.size, nd.size
     if n == 0 or q == 1:
-        if q == 1 and op == "avg" and p and p > 1 and n:
-            finish_avg(flat, p)
         return
     hit = nd.find(flat)
     key = -1 if hit is None else hit[0].id * _OFF + hit[1]
