@@ -313,3 +313,27 @@ def test_bench_times_shm_on_a_shared_buffer(comm):
     rows = run_sweep(comm, [64, 4096, 100000], ("shm", "native"), iters=2, warmup=0, memcpy=False)
     assert {r["algorithm"] for r in rows} == {"shm", "native"}
     assert all(r["wrong"] == 0 for r in rows), rows
+
+
+@MPI_TEST
+@pytest.mark.parametrize("spec", [None, "block:2"])
+def test_hier_goes_through_shared_memory_within_hosts(comm, monkeypatch, spec):
+    from mpitrain.collectives import hier
+
+    st = state_for(comm)
+    if spec:
+        monkeypatch.setenv(hier.ENV, spec)
+    else:
+        monkeypatch.delenv(hier.ENV, raising=False)
+    hier.reset(st)
+    try:
+        r, p = comm.Get_rank(), comm.Get_size()
+        for op, dtype in (("sum", "float32"), ("avg", "float64"), ("max", "int64"), ("sum", "float16")):
+            x = rank_data(1001, r, dtype, op)
+            allreduce(x, comm, op=op, algorithm="hier")
+            assert_matches_native(comm, x, 1001, r, dtype, op, f"hier {spec} {op} {dtype}")
+        topo = hier.topology(st)
+        assert (topo.node() is not None) == (topo.lsize > 1)
+    finally:
+        monkeypatch.delenv(hier.ENV, raising=False)
+        hier.reset(st)

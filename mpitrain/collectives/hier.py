@@ -49,7 +49,9 @@ intra-host (shared memory) alpha_s, beta_s; inter-host (network) alpha_n, beta_n
 
 (the leader receives and sends the whole buffer l times in steps 1 and 3;
 segments overlap the levels of the tree, hiding all but about one segment's
-worth per level). Against the flat ring over all p ranks --
+worth per level). Over shared memory (the blocking call) steps 1 and 3 cost instead
+3·alpha_m + about 5·n·beta_m + (m-1)/m·n·gamma per rank, in shm.py's terms: three node
+syncs; copy in (2n), read its slice of every rank's copy (n), copy the result out (2n). Against the flat ring over all p ranks --
 2(p-1)·alpha_n + 2(p-1)/p·n·beta_n + (p-1)/p·n·gamma, every step paced by a
 network hop -- it pays 2(H-1) instead of 2(p-1) network latencies and sends
 one stream per host over the network instead of one per rank-pair crossing:

@@ -58,7 +58,7 @@ import weakref
 import numpy as np
 from mpi4py import MPI
 
-from . import finish_avg, reducer, state_for
+from . import _slot, enter, finish_avg, reducer
 from .partition import chunk_bounds
 from .. import backend
 from ..runtime import UserError, get_comm
@@ -201,11 +201,17 @@ def alloc_shared(n: int, dtype=np.float32, comm=None):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"alloc_shared: n must be a non-negative integer, got {n!r}")
     dt = np.dtype(dtype)
-    st = state_for(comm if comm is not None else get_comm())
-    nd = node(st)
-    if nd.size == 1:
-        return np.zeros(int(n), dtype=dt)
-    w = nd.window(int(n) * dt.itemsize)
+    if dt.hasobject:
+        raise ValueError(f"alloc_shared: dtype {dt} holds Python objects, which cannot live in shared memory; "
+                         "use a numeric dtype")
+    st, call = enter(comm, "alloc_shared")  # one call at a time on this communicator in this process
+    try:
+        nd = node(st)
+        if nd.size == 1:
+            return np.zeros(int(n), dtype=dt)
+        w = nd.window(int(n) * dt.itemsize)
+    finally:
+        st.calls.leave(call)
     seg = _Segment(w, dt, int(n))
     weakref.finalize(seg, nd.dead.append, w.id)
     arr = np.asarray(seg)
@@ -216,19 +222,23 @@ def alloc_shared(n: int, dtype=np.float32, comm=None):
 def free_shared(arr, comm=None) -> None:
     """Free ``arr``'s shared window now (collective on the node; a no-op for plain memory). Do not use
     ``arr`` or any view of it afterwards."""
-    nd = node(state_for(comm if comm is not None else get_comm()))
-    if nd.size == 1:
-        return
-    hit = nd.find(np.asarray(arr).reshape(-1)) if isinstance(arr, np.ndarray) else None
-    nd.free_window(hit[0].id if hit else -1)
+    st, call = enter(comm, "free_shared")
+    try:
+        nd = node(st)
+        if nd.size == 1:
+            return
+        hit = nd.find(arr.reshape(-1)) if isinstance(arr, np.ndarray) else None
+        nd.free_window(hit[0].id if hit else -1)
+    finally:
+        st.calls.leave(call)
 
 
 def is_shared(arr, comm=None) -> bool:
-    """True when ``arr`` lies in an alloc_shared window of ``comm``'s node (local, no MPI)."""
+    """True when ``arr`` lies in an alloc_shared window of ``comm``'s node (local: no MPI)."""
     if not isinstance(arr, np.ndarray):
         return False
-    base = state_for(comm if comm is not None else get_comm())
-    nd = getattr(base, "shm", None)
+    slot = _slot(comm if comm is not None else get_comm())
+    nd = getattr(slot.state, "shm", None)
     return nd is not None and nd.size > 1 and nd.find(arr.reshape(-1)) is not None
 
 
