@@ -337,3 +337,34 @@ def test_hier_goes_through_shared_memory_within_hosts(comm, monkeypatch, spec):
     finally:
         monkeypatch.delenv(hier.ENV, raising=False)
         hier.reset(st)
+
+
+@MPI_TEST
+def test_the_check_carries_the_first_sync_and_falls_back_alike(comm, monkeypatch):
+    """Blocking shm folds its first sync into the agreement check; a rank that cannot (here: made
+    not to) takes the plain path, and the others follow it -- same results, no hang."""
+    import mpitrain.collectives as C
+
+    r, p = comm.Get_rank(), comm.Get_size()
+    a = mpitrain.alloc_shared(1001, np.float64, comm)
+    plain, real = [], shm.allreduce_on
+    for who in (None, 0, p - 1):
+        monkeypatch.setattr(shm, "allreduce_on", lambda *a_, **k: (plain.append(1), real(*a_, **k)))
+        if who == r:
+            monkeypatch.setattr(shm, "checked", lambda *a_, **k: False)
+        for buf in (a, np.zeros(1001)):
+            plain.clear()
+            buf[...] = rank_data(1001, r, np.float64, "sum")
+            allreduce(buf, comm, algorithm="shm")
+            assert_matches_native(comm, buf, 1001, r, np.float64, "sum", f"fallback by rank {who}")
+            assert bool(plain) == (who is not None and p > 1), f"rank {who} fell back: everyone syncs plainly"
+        monkeypatch.undo()
+    monkeypatch.setattr(C, "FUSE_MAX_RANKS", 0)  # no room in the check's row: the plain path everywhere
+    dup = comm.Dup()
+    try:
+        b = mpitrain.alloc_shared(77, np.int64, dup)
+        b[...] = r + 1
+        allreduce(b, dup, algorithm="shm")
+        assert (b == p * (p + 1) // 2).all()
+    finally:
+        dup.Free()

@@ -314,7 +314,7 @@ def _agree_but_threads(g) -> bool:
 
 
 def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what: str = "allreduce",
-          kind: int = 0) -> bool:
+          kind: int = 0, shm_key: int | None = None) -> bool:
     """Raise the same ValueError on every rank when the ranks' calls disagree or are invalid.
 
     With ``payload``, a message of at most SMALL_BYTES travels in the same
@@ -330,6 +330,8 @@ def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what
     if carry:
         row[META:].view(np.uint8)[:nbytes] = buf.reshape(-1).view(np.uint8)
         row[5] |= _CARRY  # must agree too
+    elif algorithm == "shm" and row.size > META:  # shm's sync 1 rides along (shm.checked)
+        row[META] = -2 if shm_key is None else shm_key
     if st.size > 1:
         st.comm.Allgather(row, st._rows)
     else:
@@ -387,6 +389,12 @@ def allreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
 
 def _allreduce(st, call, buf, op, algorithm):
     """allreduce with this rank's turn on the communicator held (``call``)."""
+    if algorithm == "shm" and st.shm is not None:  # the check is shm's first sync too (shm.py)
+        from . import shm
+
+        if shm.checked(st, call, buf, op, check, lambda b: _guard.buffer_problem(b, _DT)[0]
+                       or backend.is_device(b)):
+            return buf
     if check(st, buf, op, algorithm, payload=algorithm == "auto", call=call):
         return fused(st, buf, op) if st.size > 1 else buf
     if algorithm == "auto":

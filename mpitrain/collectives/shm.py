@@ -12,9 +12,11 @@
     B_q | A         | B         | C         |      (on every rank q)
 
 Steps (node communicator: ``Split_type(COMM_TYPE_SHARED)`` of the library's private Dup):
-  1. sync 1 -- a small Allreduce of (window, offset) that also tells whether every rank's buffer
+  1. sync 1 -- every rank's key (window, offset) gathered: it tells whether every rank's buffer
      sits at the same place of one alloc_shared window (zero-copy) or not (then every rank copies
      its buffer into its part of a scratch window first, and copies the result out after sync 2).
+     The blocking call carries the key in the agreement check's Allgather (``checked``: no extra
+     collective); otherwise (iallreduce, plans, hier, no node yet) a small Allreduce of it.
      ``Win.Sync`` (a memory fence) on either side of every sync, as MPI-3 shared memory needs.
   2. rank r reduces slice r in tiles of TILE_BYTES (the tile stays in cache): the tile of B_0
      op B_1, then op B_2, ... in rank order, avg divided once, float16 sum/avg/prod accumulated
@@ -25,7 +27,7 @@ Only rank r reads or writes slice r during step 2, and nobody touches B_q after 
 may return and write its next gradients into B_q at once: the next call's sync 1 orders them.
 
 Cost, n bytes, p ranks, memory bandwidth beta_m (bytes read or written, per rank), sync latency
-alpha_s (about one small node collective):
+alpha_s (about one small node collective; the blocking call's sync 1 is the check it pays anyway):
     zero-copy:  2·alpha_s + (n + n)·beta_m + (p-1)/p·n·gamma       (read n: p slices of n/p;
                                                                      write n: p copies of n/p)
     scratch:    2·alpha_s + (3n + 3n)·beta_m + (p-1)/p·n·gamma     (+ copy in, copy out)
@@ -58,7 +60,7 @@ import weakref
 import numpy as np
 from mpi4py import MPI
 
-from . import _slot, enter, finish_avg, reducer
+from . import META, _slot, enter, finish_avg, reducer
 from .partition import chunk_bounds
 from .. import backend
 from ..runtime import UserError, get_comm
@@ -304,24 +306,35 @@ def allreduce(st, buf, op: str):
 
 def allreduce_on(nd: Node, flat, op: str, p: int | None = None) -> None:
     """The all-reduce over ``nd``'s ranks (``p``: avg's divisor, default the node size)."""
-    n, q = flat.size, nd.size
-    if n == 0 or q == 1:
+    if flat.size == 0 or nd.size == 1:
         return
+    prep = prepare(nd, flat)
+    nd.key[0], nd.key[1] = prep[1], -prep[1]
+    nd.comm.Allreduce(MPI.IN_PLACE, nd.key, op=MPI.MAX)  # sync 1
+    finish(nd, flat, op, p, prep, int(nd.key[0]), -int(nd.key[1]))
+
+
+def prepare(nd: Node, flat):
+    """Before sync 1, local: (hit, key, ready, copied). ``key`` >= 0: ``flat`` is at that place of an
+    alloc_shared window; -1: not. A buffer outside the windows is copied into the scratch window now
+    when it is big enough (nobody reads my region after the last call's sync 2)."""
     hit = nd.find(flat)
     key = -1 if hit is None else hit[0].id * _OFF + hit[1]
-    # scratch big enough already? the same answer on every rank (same n, same history)
-    ready = nd.scratch is not None and nd.scratch.nbytes >= 2 * flat.nbytes
+    ready = nd.scratch is not None and nd.scratch.nbytes >= 2 * flat.nbytes  # the same on every rank
     copied = hit is None and ready
-    if copied:  # copy in before sync 1 (nobody reads my region after the last call's sync 2)
+    if copied:
         _views(nd.scratch, 0, flat)[nd.rank][...] = flat
     fence = hit[0] if hit else nd.scratch
     if fence is not None:
         fence.win.Sync()
-    nd.key[0], nd.key[1] = key, -key
-    nd.comm.Allreduce(MPI.IN_PLACE, nd.key, op=MPI.MAX)  # sync 1
-    hi_key, lo_key = int(nd.key[0]), -int(nd.key[1])
+    return hit, key, ready, copied
+
+
+def finish(nd: Node, flat, op: str, p, prep, hi_key: int, lo_key: int) -> None:
+    """After sync 1 (every rank's key known: the largest and smallest): the reduction and sync 2."""
+    hit, _key, ready, copied = prep
     scratch = None
-    if hi_key == lo_key and hi_key >= 0:
+    if hi_key == lo_key and hi_key >= 0:  # every rank's buffer at one place of one window
         w, off = hit
         w.win.Sync()
         bufs = _views(w, off, flat)
@@ -335,12 +348,38 @@ def allreduce_on(nd: Node, flat, op: str, p: int | None = None) -> None:
         else:
             scratch.win.Sync()
         w = scratch
-    lo, hi = chunk_bounds(n, q, nd.rank)
+    lo, hi = chunk_bounds(flat.size, nd.size, nd.rank)
     me = nd.rank
-    reduce_tiles(bufs, me, lo, hi, op, p or q, [bufs[me]] + bufs[:me] + bufs[me + 1:], tiles_for(nd, flat.dtype, op))
+    reduce_tiles(bufs, me, lo, hi, op, p or nd.size, [bufs[me]] + bufs[:me] + bufs[me + 1:],
+                 tiles_for(nd, flat.dtype, op))
     nd.sync(w.win)  # sync 2
     if scratch is not None:
         flat[...] = bufs[nd.rank]
+
+
+NOT_PREPARED = -2  # the key of a rank that took the plain path (its check carried no key)
+
+
+def checked(st, call, buf, op: str, check, problem) -> bool:
+    """The blocking allreduce's shm with sync 1 folded into the agreement check: the check's Allgather
+    carries each rank's key (``check(..., shm_key=)``). False, having done no MPI, where that cannot
+    be (no node yet, ranks on several nodes, a buffer the check will refuse, no room in the row):
+    then the caller runs the plain check and ``allreduce``. Raises what the check raises."""
+    nd = getattr(st, "shm", None)
+    if nd is None or nd.size != st.size or st.size == 1 or st._row.size <= META or problem(buf):
+        return False
+    flat = buf.reshape(-1)
+    if flat.size == 0:
+        check(st, buf, op, "shm", call=call, shm_key=NOT_PREPARED)
+        return True
+    prep = prepare(nd, flat)
+    check(st, buf, op, "shm", call=call, shm_key=prep[1])  # sync 1 (raises on every rank alike)
+    keys = st._rows[:, META]
+    if (keys == NOT_PREPARED).any():  # some rank took the plain path: sync 1 the plain way, with it
+        allreduce_on(nd, flat, op, p=st.size)
+    else:
+        finish(nd, flat, op, st.size, prep, int(keys.max()), int(keys.min()))
+    return True
 
 
 # --------------------------------------------------------------------------- for hier.py
