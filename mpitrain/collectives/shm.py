@@ -32,9 +32,9 @@ alpha_s (about one small node collective; the blocking call's sync 1 is the chec
                                                                      write n: p copies of n/p)
     scratch:    2·alpha_s + (3n + 3n)·beta_m + (p-1)/p·n·gamma     (+ copy in, copy out)
 against the ring's 2(p-1)·alpha + 2(p-1)/p·n·beta: no messages, no protocol, one pass per byte.
-The scratch path still beats a message-based all-reduce where copies are cheaper than messages
-(on one node, at medium sizes); the zero-copy one is the point: allocate gradients with
-alloc_shared.
+The scratch path pays only where memory is much faster than MPI's shared-memory messages; on the
+2-core box it measured 0.3-0.9x native at 256 KiB-64 MiB (docs/benchmarks.md), so the zero-copy
+path is the point: allocate the buffers with alloc_shared (training does, for its gradients).
 
 Windows and their lifetime. ``alloc_shared`` is collective on the node (Win.Allocate_shared): call
 it in the same order on every rank. Freeing a window is collective too, so it is never freed by
