@@ -231,6 +231,7 @@ def free_shared(arr, comm=None) -> None:
             return
         hit = nd.find(arr.reshape(-1)) if isinstance(arr, np.ndarray) else None
         nd.free_window(hit[0].id if hit else -1)
+        nd.sweep()
     finally:
         st.calls.leave(call)
 
