@@ -34,9 +34,9 @@ Steps, on the library's private communicator, split once per communicator:
   3. broadcast within each host from the leader, segment by segment, down the
      same tree (a rank forwards each segment to its children as it arrives).
 The blocking call does steps 1 and 3 in shared memory instead, where a host's ranks share it
-(shm.py: copy into a node window, each rank reduces its slice of every rank's copy into the
-leader's, sync; the leader's result back out through the window; one host: shm's all-reduce,
-2 syncs, no messages); MPITRAIN_HIER_SHM=0 keeps the tree. iallreduce and plans keep the
+(shm.py: copy into a node window, sync, each rank reduces its slice of every rank's copy into a
+region of the leader's, sync; the leader runs the ring on that region in place; sync, every rank
+copies it out; one host: shm's all-reduce, 2 syncs, no messages); MPITRAIN_HIER_SHM=0 keeps the tree. iallreduce and plans keep the
 tree (their steps must be yieldable; a node barrier is not, with several in flight).
 The result is computed once (by the leaders' ring) and copied: bitwise
 identical on every rank. One host: just steps 1 and 3 (a pipelined tree).
@@ -51,7 +51,8 @@ intra-host (shared memory) alpha_s, beta_s; inter-host (network) alpha_n, beta_n
 segments overlap the levels of the tree, hiding all but about one segment's
 worth per level). Over shared memory (the blocking call) steps 1 and 3 cost instead
 3·alpha_m + about 5·n·beta_m + (m-1)/m·n·gamma per rank, in shm.py's terms: three node
-syncs; copy in (2n), read its slice of every rank's copy (n), copy the result out (2n). Against the flat ring over all p ranks --
+syncs; copy in (2n), read its slice of every rank's copy (n) and write it (n/m), copy out (2n).
+Against the flat ring over all p ranks --
 2(p-1)·alpha_n + 2(p-1)/p·n·beta_n + (p-1)/p·n·gamma, every step paced by a
 network hop -- it pays 2(H-1) instead of 2(p-1) network latencies and sends
 one stream per host over the network instead of one per rank-pair crossing:
@@ -253,13 +254,13 @@ def _over_shm(st, topo, nd, flat, op: str) -> bool:
     if topo.hosts == 1:
         shm.allreduce_on(nd, flat, op, p=st.size)
         return True
-    shm.reduce_to_root(nd, flat, "sum" if op == "avg" else op)
-    if topo.leader:
-        for req in _ring.steps(topo.leaders, flat, "sum" if op == "avg" else op, tag=TAG_HIER):
+    part = shm.host_reduce(nd, flat, "sum" if op == "avg" else op)  # the host's partial, in the window
+    if topo.leader:  # the ring runs on it in place
+        for req in _ring.steps(topo.leaders, part, "sum" if op == "avg" else op, tag=TAG_HIER):
             req.Wait()
         if op == "avg":
-            finish_avg(flat, st.size)
-    shm.bcast_from_root(nd, flat)
+            finish_avg(part, st.size)
+    shm.host_bcast(nd, flat, part)
     return True
 
 

@@ -255,14 +255,14 @@ def _views(w: Window, off: int, flat):
 def reduce_tiles(bufs, me: int, lo: int, hi: int, op: str, p: int | None, targets, tiles) -> None:
     """Reduce ``bufs[0..][lo:hi]`` in rank order, tile by tile, into ``targets[..][lo:hi]``.
 
-    ``me``: the index of ``targets[0]`` in ``bufs`` (-1: none; it is reduced into directly when the
-    first op reads it, otherwise through a tile); ``p``: avg's divisor (None: no division); ``tiles``:
+    ``me``: the index of ``targets[0]`` in ``bufs`` (-1: none; it is reduced into directly unless it
+    is an input read after the first op, then through a tile); ``p``: avg's divisor (None: no division); ``tiles``:
     a tile of the accumulator's dtype (float16 sum/avg/prod accumulates in float32 there: wide.py).
     """
     f = reducer(np, op)
     dt = bufs[0].dtype
     wide = tiles.dtype != dt
-    direct = not wide and 0 <= me <= 1
+    direct = not wide and me <= 1
     tile = max(1, TILE_BYTES // tiles.itemsize)
     for a in range(lo, hi, tile):
         b = min(a + tile, hi)
@@ -386,30 +386,28 @@ def checked(st, call, buf, op: str, check, problem) -> bool:
 # --------------------------------------------------------------------------- for hier.py
 
 
-def reduce_to_root(nd: Node, flat, op: str) -> None:
-    """Node rank 0's ``flat`` becomes op over the node's buffers (no avg division): copy in, sync, each
-    rank reduces its slice into rank 0's region, sync, rank 0 copies out."""
+def host_reduce(nd: Node, flat, op: str):
+    """op over the node's ``flat`` (no avg division) into node rank 0's second scratch region, returned
+    (a view, the same memory on every rank): copy in, sync, each rank reduces its slice of every
+    rank's copy into it, sync. The leader may then work on it in place (hier: the ring across
+    hosts); ``host_bcast`` copies it out."""
     w = nd.scratch_for(flat.nbytes)
     bufs = _views(w, 0, flat)
     bufs[nd.rank][...] = flat
     nd.sync(w.win)
-    lo, hi = chunk_bounds(flat.size, nd.size, nd.rank)
-    reduce_tiles(bufs, 0, lo, hi, op, None, [bufs[0]], tiles_for(nd, flat.dtype, op))
-    nd.sync(w.win)
-    if nd.rank == 0:
-        flat[...] = bufs[0]
-
-
-def bcast_from_root(nd: Node, flat) -> None:
-    """Every rank's ``flat`` becomes node rank 0's: through the scratch window's second region (never
-    the first, which the next reduce_to_root fills before its first sync)."""
-    w = nd.scratch_for(flat.nbytes)
     out = w.segs[0][w.nbytes // 2:w.nbytes // 2 + flat.nbytes].view(flat.dtype)
-    if nd.rank == 0:
-        out[...] = flat
+    lo, hi = chunk_bounds(flat.size, nd.size, nd.rank)
+    reduce_tiles(bufs, -1, lo, hi, op, None, [out], tiles_for(nd, flat.dtype, op))
     nd.sync(w.win)
-    if nd.rank:
-        flat[...] = out
+    return out
+
+
+def host_bcast(nd: Node, flat, out) -> None:
+    """Every rank's ``flat`` becomes ``out`` (host_reduce's region, once the leader is done with it).
+    The region is not the one the next host_reduce fills before its first sync, and it is written
+    again only after that sync, which every rank enters once it has copied: no third sync needed."""
+    nd.sync(nd.scratch.win)
+    flat[...] = out
 
 
 def steps(st, buf, op: str):
