@@ -36,8 +36,9 @@ Steps, on the library's private communicator, split once per communicator:
 The blocking call does steps 1 and 3 in shared memory instead, where a host's ranks share it
 (shm.py: copy into a node window, sync, each rank reduces its slice of every rank's copy into a
 region of the leader's, sync; the leader runs the ring on that region in place; sync, every rank
-copies it out; one host: shm's all-reduce, 2 syncs, no messages); MPITRAIN_HIER_SHM=0 keeps the tree. iallreduce and plans keep the
-tree (their steps must be yieldable; a node barrier is not, with several in flight).
+copies it out; one host: shm's all-reduce, 2 syncs, no messages); MPITRAIN_HIER_SHM=0 keeps
+the tree. iallreduce and plans keep the tree (their steps must be yieldable; a node barrier
+is not, with several in flight).
 The result is computed once (by the leaders' ring) and copied: bitwise
 identical on every rank. One host: just steps 1 and 3 (a pipelined tree).
 

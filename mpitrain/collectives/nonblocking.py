@@ -6,10 +6,10 @@
     bucket L-1:                          iallreduce ---- ring steps ----------------> done
 
 Each algorithm is a generator that yields the MPI request it must see
-completed before it can go on (ring.steps, tree.steps, hier.steps; shm runs whole when started: shm.py). ``progress()`` tests
-the pending request and, while requests are complete, runs the algorithm on
-to its next wait — it never blocks; ``wait()`` drives it with ``Wait``. MPICH
-moves shared-memory messages only inside MPI calls, so overlap comes from
+completed before it can go on (ring.steps, tree.steps, hier.steps; shm runs whole when
+started: shm.py). ``progress()`` tests the pending request and, while requests are
+complete, runs the algorithm on to its next wait — it never blocks; ``wait()`` drives
+it with ``Wait``. MPICH moves shared-memory messages only inside MPI calls, so overlap comes from
 calling ``progress()`` often (the training loop does it after every layer of
 backprop) or from driving the handles on a communication thread
 (``CommThread``, needs MPI_THREAD_MULTIPLE).

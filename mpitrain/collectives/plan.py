@@ -25,10 +25,10 @@ Per algorithm:
   ring    ring.steps (the generator the blocking ring and iallreduce drive) on the plan's own DEPTH
   tree    segment slots (allocated once, at init) and the plan's own tag, so plans, handles and
   hier    blocking calls on the same communicator never share scratch or match each other's messages.
-  shm     the whole shared-memory reduction runs inside start() (node barriers cannot be yielded safely
-          while other operations are in flight: shm.py); test()/wait() then return at once.
           The per-start work is the schedule itself: no check, no allocation. (Tags come from a span of
           TAG_SPAN = 4096 per communicator, by creation order: at most 4096 plans in flight at once.)
+  shm     the whole shared-memory reduction runs inside start() (node barriers cannot be yielded safely
+          while other operations are in flight: shm.py); test()/wait() then return at once.
 
 Results: exactly those of ``allreduce(buf, comm, op=op, algorithm=<resolved algorithm>)`` (bitwise
 identical on every rank; native: MPI's own). Cost per start: the algorithm's alpha-beta cost
