@@ -33,4 +33,20 @@ def allreduce_init(buf, comm=None, *, op="sum", algorithm="auto"):
     return _init(buf, comm, op=op, algorithm=algorithm)
 
 
-__all__ = ["allreduce", "allreduce_init", "reduce_scatter", "allgather", "__version__"]
+def alloc_shared(n, dtype="float32", comm=None):
+    """A zeroed array of ``n`` x ``dtype`` in a window shared by the node's ranks (collective), which
+    ``allreduce(..., algorithm="shm")`` reduces without copies (see mpitrain.collectives.shm)."""
+    from .collectives import alloc_shared as _alloc
+
+    return _alloc(n, dtype, comm)
+
+
+def free_shared(arr, comm=None):
+    """Free ``arr``'s shared window now (collective; see mpitrain.collectives.shm)."""
+    from .collectives import free_shared as _free
+
+    _free(arr, comm)
+
+
+__all__ = ["allreduce", "allreduce_init", "reduce_scatter", "allgather", "alloc_shared", "free_shared",
+           "__version__"]

@@ -81,7 +81,7 @@ class TrainConfig:
 
 @dataclass
 class CommConfig:
-    algorithm: str = "ring"          # ring | tree | native | auto
+    algorithm: str = "ring"          # ring | tree | native | auto | hier | shm
     timeout_s: float = 0.0           # watchdog: abort when a rank is this late to a step; 0 = off
     bucket_bytes: int = 0            # >0: average gradients in buckets overlapped with backprop
     overlap: str = "progress"        # buckets: "progress" (between layers) | "thread" (comm thread)
@@ -130,7 +130,7 @@ CHOICES = {
     ("train", "schedule"): ("constant", "step", "cosine"),
     ("train", "backend"): ("numpy", "cupy"),
     ("train", "nonfinite"): ("error", "skip"),
-    ("comm", "algorithm"): ("ring", "tree", "native", "auto", "hier"),
+    ("comm", "algorithm"): ("ring", "tree", "native", "auto", "hier", "shm"),
     ("comm", "overlap"): ("progress", "thread"),
     ("comm", "mode"): ("sync", "ps"),
     ("comm", "compress"): ("none", "fp16", "topk", "sign"),

@@ -1,7 +1,8 @@
 """``bench --fit``: more sweeps, the primitives measured, the cost model fitted, stored and used (collective).
 
     1. FIT_PASSES sweeps over the same sizes: the bench's own, then again with the sizes largest
-       first; merged per size and algorithm (the lowest time: other processes only ever add time)
+       first (with shm too when every rank is on one node); merged per size and algorithm (the
+       lowest time: other processes only ever add time)
     2. the primitives on the library's private communicator (perf/measure.py): ping-pong,
        exchange, np.add, and per link type when the job spans more than one node
     3. rank 0 fits (perf/fit.py) and stores the model with auto's decision table (perf/store.py,
@@ -27,11 +28,14 @@ FIT_PASSES = 2  # sweeps bench --fit fits: its own, then one more with the sizes
 def _passes(comm, rows, meta: dict) -> list[dict]:
     """The bench's ``rows`` and FIT_PASSES - 1 more sweeps over the same sizes, merged."""
     sizes = sorted({r["size"] for r in rows})
+    # shm is fitted where it can run (every rank on one node): timed in the later passes at least
+    one_node = len(set(node_ids(state_for(comm).comm))) == 1
+    algorithms = ("ring", "tree", "native", "auto") + (("shm",) if one_node and comm.Get_size() > 1 else ())
     passes = [rows]
     for k in range(1, FIT_PASSES):
         log0(f"# fit: pass {k + 1}/{FIT_PASSES} over the same sizes, {'largest' if k % 2 else 'smallest'} first",
              comm=comm)
-        passes.append(run_sweep(comm, sizes[::-1] if k % 2 else sizes, ("ring", "tree", "native", "auto"),
+        passes.append(run_sweep(comm, sizes[::-1] if k % 2 else sizes, algorithms,
                                 meta.get("dtype", "float32"), meta.get("op", "sum"), iters=meta.get("iters") or None,
                                 memcpy=False, warmup=1))
     return merge_passes(passes)

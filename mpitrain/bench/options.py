@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what to time: allreduce (default), or one of its halves, reduce_scatter or allgather "
                         "(algorithms ring, native, auto; busbw = algbw*(n-1)/n; #wrong against the formula)")
     p.add_argument("--algorithms", default=_DefaultAlgorithms("ring,tree,native,auto"),
-                   help="comma-separated: ring, tree, native, auto (default: all; "
+                   help="comma-separated: ring, tree, native, auto, hier, shm (default: ring,tree,native,auto; "
+                        "with shm the buffers are alloc_shared's, the zero-copy case; "
                         "reduce_scatter/allgather: ring, native, auto)")
     p.add_argument("--min", type=_size_arg, default=parse_size("8B"), metavar="SIZE",
                    help="smallest message, e.g. 8B, 4KiB (default 8B)")

@@ -11,6 +11,9 @@ One collective per sweep (kinds.py: allreduce, reduce_scatter or allgather). Per
                 (what bench --fit fits), algbw, busbw = algbw * 2(n-1)/n (the halves: (n-1)/n),
                 speedup vs native, #wrong;
                 then the ceilings: memcpy (one rank), d2h (device buffers: every rank at once)
+
+With ``shm`` among the algorithms the buffer is ``alloc_shared``'s (the zero-copy case shm is made
+for; the other algorithms do not care where their buffer lives).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import backend
-from ..collectives import DTYPES, OPS
+from ..collectives import DTYPES, OPS, alloc_shared
 from ..collectives.staging import ops_for
 from . import kinds
 from .checks import check_result, make_source, tolerance
@@ -82,7 +85,8 @@ class _Sweep:
         self.labels = [lab for lab, _ in entries]
         self.p = comm.Get_size()
         self.src = xp.asarray(make_source(nmax, dt, op, comm.Get_rank(), seed))
-        self.buf = xp.empty(nmax, dtype=dt)
+        # shm times the zero-copy case: the sweep's buffer (every algorithm's) in a node-shared window
+        self.buf = (alloc_shared(nmax, dt, comm) if "shm" in self.labels and xp is np else xp.empty(nmax, dtype=dt))
         self.ref = xp.empty(nmax, dtype=dt)
         # device buffers: a d2h ceiling row per size, into pinned host memory
         self.pinned = ops_for(self.buf).host_empty(dt, nmax) if memcpy and backend.is_device(self.buf) else None

@@ -29,7 +29,9 @@ in all, up to FUSE_MAX_RANKS ranks; larger ones go to the algorithm the stored
 decision table -- written from a fitted cost model, tuning.py -- or the fixed threshold
 says is fastest), hier (topology-aware: reduce
 within each host, ring across the hosts' leaders, broadcast within each host;
-hier.py, with MPITRAIN_HOSTS=block:K to emulate K hosts on one machine).
+hier.py, with MPITRAIN_HOSTS=block:K to emulate K hosts on one machine), shm (one node: every
+rank reads every rank's buffer in a shared window, no messages; zero-copy for buffers from
+``alloc_shared``: shm.py).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class _State:
         self.auto = _tuning.shared(self.comm)
         # hier.py's hosts (per-host and leaders' communicators), made on first use of hier
         self.hier = None
+        # shm.py's node (shared-memory communicator, windows, scratch), made on first use of shm
+        self.shm = None
 
     def scratch(self, xp, dtype, n: int, kind: str = ""):
         """A 1-D scratch array of at least ``n`` elements, allocated once per (module, dtype, kind)."""
@@ -196,14 +200,14 @@ _RUN = {}
 
 def _algorithms():
     if not _RUN:
-        from . import hier, native, ring, tree
+        from . import hier, native, ring, shm, tree
 
         _RUN.update(ring=ring.allreduce, tree=tree.allreduce, native=native.allreduce,
-                    hier=hier.allreduce)
+                    hier=hier.allreduce, shm=shm.allreduce)
     return _RUN
 
 
-ALGORITHMS = ("ring", "tree", "native", "auto", "hier")
+ALGORITHMS = ("ring", "tree", "native", "auto", "hier", "shm")
 
 
 def choose(nbytes: int, size: int, st=None) -> str:
@@ -310,7 +314,7 @@ def _agree_but_threads(g) -> bool:
 
 
 def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what: str = "allreduce",
-          kind: int = 0) -> bool:
+          kind: int = 0, shm_key: int | None = None) -> bool:
     """Raise the same ValueError on every rank when the ranks' calls disagree or are invalid.
 
     With ``payload``, a message of at most SMALL_BYTES travels in the same
@@ -326,6 +330,8 @@ def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what
     if carry:
         row[META:].view(np.uint8)[:nbytes] = buf.reshape(-1).view(np.uint8)
         row[5] |= _CARRY  # must agree too
+    elif algorithm == "shm" and row.size > META:  # shm's sync 1 rides along (shm.checked)
+        row[META] = -2 if shm_key is None else shm_key
     if st.size > 1:
         st.comm.Allgather(row, st._rows)
     else:
@@ -368,7 +374,8 @@ def allreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
 
     ops: sum, avg (sum / size; floor division for integers), max, min, prod.
     algorithms: ring, tree, native, auto, hier (hier.py: reduce within each host, ring across
-    hosts, broadcast within each host). Results are bitwise identical on all ranks.
+    hosts, broadcast within each host), shm (shm.py: one node, shared memory; zero-copy for
+    ``alloc_shared`` buffers). Results are bitwise identical on all ranks.
     Concurrent calls on one communicator from several threads raise ValueError (guard.py).
     """
     st, call = enter(comm)
@@ -382,6 +389,12 @@ def allreduce(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
 
 def _allreduce(st, call, buf, op, algorithm):
     """allreduce with this rank's turn on the communicator held (``call``)."""
+    if algorithm == "shm" and st.shm is not None:  # the check is shm's first sync too (shm.py)
+        from . import shm
+
+        if shm.checked(st, call, buf, op, check, lambda b: _guard.buffer_problem(b, _DT)[0]
+                       or backend.is_device(b)):
+            return buf
     if check(st, buf, op, algorithm, payload=algorithm == "auto", call=call):
         return fused(st, buf, op) if st.size > 1 else buf
     if algorithm == "auto":
@@ -416,6 +429,21 @@ def allreduce_init(buf, comm=None, *, op: str = "sum", algorithm: str = "auto"):
     from .plan import allreduce_init as _init
 
     return _init(buf, comm, op=op, algorithm=algorithm)
+
+
+def alloc_shared(n: int, dtype=np.float32, comm=None):
+    """A zeroed array of ``n`` x ``dtype`` in a node-shared MPI window (collective; shm.py), which
+    ``allreduce(..., algorithm="shm")`` reduces without copies; plain memory on a node of one rank."""
+    from .shm import alloc_shared as _alloc
+
+    return _alloc(n, dtype, comm)
+
+
+def free_shared(arr, comm=None) -> None:
+    """Free ``arr``'s shared window now (collective; shm.py). Do not use ``arr`` afterwards."""
+    from .shm import free_shared as _free
+
+    _free(arr, comm)
 
 
 def owned_chunk(n: int, p: int, rank: int) -> tuple[int, int]:

@@ -33,6 +33,12 @@ Steps, on the library's private communicator, split once per communicator:
      of ranks, at the end (finish_avg).
   3. broadcast within each host from the leader, segment by segment, down the
      same tree (a rank forwards each segment to its children as it arrives).
+The blocking call does steps 1 and 3 in shared memory instead, where a host's ranks share it
+(shm.py: copy into a node window, sync, each rank reduces its slice of every rank's copy into a
+region of the leader's, sync; the leader runs the ring on that region in place; sync, every rank
+copies it out; one host: shm's all-reduce, 2 syncs, no messages); MPITRAIN_HIER_SHM=0 keeps
+the tree. iallreduce and plans keep the tree (their steps must be yieldable; a node barrier
+is not, with several in flight).
 The result is computed once (by the leaders' ring) and copied: bitwise
 identical on every rank. One host: just steps 1 and 3 (a pipelined tree).
 
@@ -44,7 +50,10 @@ intra-host (shared memory) alpha_s, beta_s; inter-host (network) alpha_n, beta_n
 
 (the leader receives and sends the whole buffer l times in steps 1 and 3;
 segments overlap the levels of the tree, hiding all but about one segment's
-worth per level). Against the flat ring over all p ranks --
+worth per level). Over shared memory (the blocking call) steps 1 and 3 cost instead
+3·alpha_m + about 5·n·beta_m + (m-1)/m·n·gamma per rank, in shm.py's terms: three node
+syncs; copy in (2n), read its slice of every rank's copy (n) and write it (n/m), copy out (2n).
+Against the flat ring over all p ranks --
 2(p-1)·alpha_n + 2(p-1)/p·n·beta_n + (p-1)/p·n·gamma, every step paced by a
 network hop -- it pays 2(H-1) instead of 2(p-1) network latencies and sends
 one stream per host over the network instead of one per rank-pair crossing:
@@ -75,6 +84,7 @@ from .. import backend
 from ..runtime import UserError
 
 ENV = "MPITRAIN_HOSTS"
+SHM_ENV = "MPITRAIN_HIER_SHM"  # "0": the blocking hier keeps the message tree within hosts
 DEPTH = _ring.DEPTH  # receives posted ahead in the host reduce
 KINDS = ("block", "cyclic")
 
@@ -165,9 +175,26 @@ class Topology:
         self.sizes = [s for s in comm.allgather(self.lsize if self.leader else 0) if s]
         self.hosts = len(self.sizes)
         self.children, self.parent = _tree(self.lrank, self.lsize)
+        self._node = False  # not yet asked (node())
+
+    def node(self):
+        """The host's shared-memory node (shm.py) when every rank of the host shares memory and there are
+        at least two, else None; made on first use (collective on the host: the same answer there)."""
+        if self._node is False:
+            self._node = None
+            if self.lsize > 1 and os.environ.get(SHM_ENV, "1").strip() != "0":
+                from . import shm
+
+                nd = shm.Node(self.local)
+                self._node = nd if nd.size == self.lsize else None
+                if self._node is None:
+                    nd.free()
+        return self._node
 
     def free(self) -> None:
-        """Free the communicators (collective, as their creation was)."""
+        """Free the communicators and windows (collective, as their creation was)."""
+        if self._node:
+            self._node.free()
         if self.leaders is not None:
             self.leaders.comm.Free()
         self.local.Free()
@@ -210,9 +237,32 @@ def allreduce(st, buf, op: str):
     """Blocking hierarchical all-reduce of ``buf`` on the library state ``st`` (float16 sums in float32: wide.py)."""
     if wide.needed(buf, op):
         return wide.blocking(st, buf, op, allreduce)
+    flat = buf.reshape(-1)
+    if st.size > 1 and flat.size and not backend.is_device(flat):
+        topo = topology(st)
+        nd = topo.node()
+        if nd is not None:
+            return _over_shm(st, topo, nd, flat, op) and buf
     for req in steps(st, buf, op):
         req.Wait()
     return buf
+
+
+def _over_shm(st, topo, nd, flat, op: str) -> bool:
+    """The blocking hierarchy with steps 1 and 3 in shared memory (shm.py): one host is shm itself."""
+    from . import shm
+
+    if topo.hosts == 1:
+        shm.allreduce_on(nd, flat, op, p=st.size)
+        return True
+    part = shm.host_reduce(nd, flat, "sum" if op == "avg" else op)  # the host's partial, in the window
+    if topo.leader:  # the ring runs on it in place
+        for req in _ring.steps(topo.leaders, part, "sum" if op == "avg" else op, tag=TAG_HIER):
+            req.Wait()
+        if op == "avg":
+            finish_avg(part, st.size)
+    shm.host_bcast(nd, flat, part)
+    return True
 
 
 def steps(st, buf, op: str, *, tag: int = TAG_HIER, slots=None):

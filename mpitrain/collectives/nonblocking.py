@@ -6,10 +6,10 @@
     bucket L-1:                          iallreduce ---- ring steps ----------------> done
 
 Each algorithm is a generator that yields the MPI request it must see
-completed before it can go on (ring.steps, tree.steps, hier.steps). ``progress()`` tests
-the pending request and, while requests are complete, runs the algorithm on
-to its next wait — it never blocks; ``wait()`` drives it with ``Wait``. MPICH
-moves shared-memory messages only inside MPI calls, so overlap comes from
+completed before it can go on (ring.steps, tree.steps, hier.steps; shm runs whole when
+started: shm.py). ``progress()`` tests the pending request and, while requests are
+complete, runs the algorithm on to its next wait — it never blocks; ``wait()`` drives
+it with ``Wait``. MPICH moves shared-memory messages only inside MPI calls, so overlap comes from
 calling ``progress()`` often (the training loop does it after every layer of
 backprop) or from driving the handles on a communication thread
 (``CommThread``, needs MPI_THREAD_MULTIPLE).
@@ -33,7 +33,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import _MPI_OP, check, choose, enter, finish_avg
-from . import hier, ring, scatter, tree, wide
+from . import hier, ring, scatter, shm, tree, wide
 from .. import backend
 
 TAG_BASE, TAG_SPAN = 1000, 4096  # tags TAG_BASE .. TAG_BASE+TAG_SPAN-1 on the private communicator
@@ -92,6 +92,9 @@ class Handle:
         elif algorithm == "hier":  # the hosts are made here, at the start, if not yet cached
             tmp = st.borrow(xp, buf.dtype, hier.slot_elems(hier.topology(st), buf.size, buf.itemsize))
             yield from hier.steps(st, buf, op, tag=self._tag, slots=tmp)
+        elif algorithm == "shm":  # the whole reduction at the start (shm.py)
+            yield from shm.steps(st, buf, op)
+            return
         else:
             yield from _native_steps(st, buf, op)
             return

@@ -27,6 +27,8 @@ Per algorithm:
   hier    blocking calls on the same communicator never share scratch or match each other's messages.
           The per-start work is the schedule itself: no check, no allocation. (Tags come from a span of
           TAG_SPAN = 4096 per communicator, by creation order: at most 4096 plans in flight at once.)
+  shm     the whole shared-memory reduction runs inside start() (node barriers cannot be yielded safely
+          while other operations are in flight: shm.py); test()/wait() then return at once.
 
 Results: exactly those of ``allreduce(buf, comm, op=op, algorithm=<resolved algorithm>)`` (bitwise
 identical on every rank; native: MPI's own). Cost per start: the algorithm's alpha-beta cost
@@ -48,7 +50,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import _MPI_OP, check, choose, finish_avg
-from . import hier, ring, tree, wide
+from . import hier, ring, shm, tree, wide
 from .nonblocking import started
 from .. import backend
 
@@ -99,6 +101,10 @@ class AllreducePlan:
             self._slots = xp.empty(max(1, ring.slot_elems(w.size, st.size, w.itemsize)), dtype=w.dtype)
         elif algorithm == "tree":
             self._slots = xp.empty(max(1, w.size), dtype=w.dtype)
+        elif algorithm == "shm":  # no slots; the node (and its windows) made here, collectively
+            if self._dev:
+                raise ValueError("allreduce_init: algorithm='shm' takes host (NumPy) buffers; use 'ring'")
+            shm.node(st)
         else:  # hier: the hosts are made here (collectively, at init) if not yet cached
             self._slots = xp.empty(max(1, hier.slot_elems(hier.topology(st), w.size, w.itemsize)), dtype=w.dtype)
 
@@ -247,6 +253,8 @@ class AllreducePlan:
             yield from ring.steps(st, w, op, tag=self._tag, slots=self._slots)
         elif self.algorithm == "tree":
             yield from tree.steps(st, w, op, tag=self._tag, tmp=self._slots)
+        elif self.algorithm == "shm":  # runs whole at start(): shm.py
+            yield from shm.steps(st, w, op)
         else:
             yield from hier.steps(st, w, op, tag=self._tag, slots=self._slots)
 

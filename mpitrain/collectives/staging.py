@@ -488,6 +488,6 @@ def allreduce(algorithm: str, run, st, buf, op: str, *, ops: DeviceOps | None = 
         direct = backend.cuda_aware_mpi()
     if algorithm == "ring":
         return ring(st, buf, op, ops=ops, direct=direct)
-    if direct:
+    if direct and algorithm != "shm":  # shm reads host memory only: always staged
         return run(StateView(st, SyncedComm(st.comm, ops.sync_current)), buf, op)
     return staged(run, st, buf, op, ops=ops)

@@ -22,6 +22,8 @@ has rank 0 read the file and broadcast the table, so every rank holds the same t
 ``choose()`` (a lookup in it) decides the same on every rank. Without a table (no file, =off, a
 file for another rank or node count, an unusable file, a file without a table), ``auto`` keeps its
 fixed threshold AUTO_RING_MIN_BYTES; a file that is there but not used is said once.
+A table may pick ``shm`` only when it was fitted on one node, and it is used only for a
+communicator on one node (its node count must match), where shm runs.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..runtime import hostname, warn
 
 ENV = "MPITRAIN_COST_FILE"
 OFF = ("off", "none", "0", "false", "no")
-CANDIDATES = ("native", "ring", "tree")  # what auto may run above SMALL_BYTES
+CANDIDATES = ("native", "ring", "tree", "shm")  # what auto may run above SMALL_BYTES (shm: one node only)
 KEY = "auto"  # the table's key in the cost model's JSON
 REFIT = "mpirun -n P python -m mpitrain bench --fit"
 

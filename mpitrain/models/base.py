@@ -15,14 +15,39 @@
   and the ``[model]`` keys listed in ``options_keys``.
 
 Initial values are drawn on the host from the seed, so NumPy and CuPy models start bitwise equal.
-A model knows nothing of MPI.
+A model knows nothing of MPI: it takes its ``grads`` buffer from ``grads_buffer``, which the
+caller may point at other memory for one build (``with grads_allocator(alloc): build(...)``; the
+trainer uses it for node-shared windows when the all-reduce is ``shm``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
+
+
+_GRADS_ALLOC = contextvars.ContextVar("mpitrain_grads_alloc", default=None)
+
+
+@contextlib.contextmanager
+def grads_allocator(alloc):
+    """Within the block, NumPy models take ``grads`` from ``alloc(n, dtype)`` (zeroed); None: xp.zeros."""
+    token = _GRADS_ALLOC.set(alloc)
+    try:
+        yield
+    finally:
+        _GRADS_ALLOC.reset(token)
+
+
+def grads_buffer(xp, n: int, dtype):
+    """A zeroed 1-D gradient buffer of ``n`` x ``dtype``: from the current grads_allocator (NumPy only)."""
+    alloc = _GRADS_ALLOC.get()
+    if alloc is not None and xp is np:
+        return alloc(int(n), np.dtype(dtype))
+    return xp.zeros(n, dtype=dtype)
 
 
 class Model:

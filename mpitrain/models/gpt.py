@@ -39,7 +39,7 @@ import math
 import numpy as np
 
 from . import gpt_layers as K
-from .base import Model
+from .base import Model, grads_buffer
 
 BLOCK_TENSORS = ("mlp_proj.w", "mlp_proj.b", "mlp_fc.w", "mlp_fc.b", "ln2.w", "ln2.b",
                  "attn_proj.w", "attn_proj.b", "attn_qkv.w", "attn_qkv.b", "ln1.w", "ln1.b")
@@ -84,7 +84,7 @@ class GPT(Model):
         self.xp, self.dtype = xp, np.dtype(dtype)
         self._layout()
         self.params = xp.zeros(self._n, dtype=self.dtype)
-        self.grads = xp.zeros(self._n, dtype=self.dtype)
+        self.grads = grads_buffer(xp, self._n, self.dtype)
         self.p = {name: self.params[o:o + math.prod(s)].reshape(s) for name, o, s in self._tensors}
         self.g = {name: self.grads[o:o + math.prod(s)].reshape(s) for name, o, s in self._tensors}
         self._masks = {}

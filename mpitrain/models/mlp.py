@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from .base import Model
+from .base import Model, grads_buffer
 
 ACTIVATIONS = ("relu", "tanh")
 
@@ -107,7 +107,7 @@ class MLP(Model):
         self._n = off
 
         self.params = xp.zeros(self._n, dtype=dtype)
-        self.grads = xp.zeros(self._n, dtype=dtype)
+        self.grads = grads_buffer(xp, self._n, dtype)
         self.layers = []
         for i in range(L):
             fi, fo = self.widths[i], self.widths[i + 1]

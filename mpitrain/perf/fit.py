@@ -23,7 +23,8 @@ How it is fitted (``python -m mpitrain bench --fit``; ``fit()`` below):
        alpha and beta (and knee) -- they include Python's per-message cost and memory
        contention, which a ping-pong does not see. (Ring and tree's n-terms are both
        multiples of (2·beta + gamma), so gamma cannot come from them.) Native gets its
-       piecewise table, fused the median of auto's times at sizes <= SMALL_BYTES.
+       piecewise table, fused the median of auto's times at sizes <= SMALL_BYTES; shm (when the
+       sweep timed it, on one node) its alpha_m, beta_m the same way as ring's.
 
 Steps 1 and 1b are measure.py (collective), step 2 the bench (bench/fit.py), step 3 this
 module: pure functions of the timings.
@@ -92,17 +93,20 @@ def fit_gamma(sizes, times):
 
 
 def _design(kind, sizes, p):
-    """Columns multiplying (alpha, beta) in the ring or tree formula."""
+    """Columns multiplying (alpha, beta) in the ring, tree or shm formula."""
     L = log2ceil(p)
     rows = []
     for n in sizes:
+        if kind == "shm":
+            rows.append([2, 2 * n])
+            continue
         a, b = (2 * (p - 1) * ring_segments(n, p), 2 * (p - 1) / p) if kind == "ring" else (2 * L, 2 * L)
         rows.append([a, b * n])
     return np.array(rows, dtype=float)
 
 
 def _gamma_term(kind, n, p):
-    return (p - 1) / p * n if kind == "ring" else log2ceil(p) * n
+    return (p - 1) / p * n if kind in ("ring", "shm") else log2ceil(p) * n
 
 
 def fit_algorithm(kind, sizes, times, p, gamma) -> dict:
@@ -233,13 +237,15 @@ def fit(rows, prims: dict, *, ranks: int, host: str = "", nodes: int = 1, mpi: s
     noisy = sorted(n for n, t in zip(ns, nt) if t > DISTURBED * env.get(n, t))
     ring = fit_algorithm("ring", *_without(rs, rt, noisy), p, gamma)
     tree = fit_algorithm("tree", *_without(ts, tt, noisy), p, gamma)
+    ms, mt = times_of(rows, "shm")  # timed on alloc_shared buffers (bench): the zero-copy path
+    shm = fit_algorithm("shm", *_without(ms, mt, noisy), p, gamma) if ms and nodes == 1 else None
     small = [t - (p - 1) * n * gamma for n, t in zip(*times_of(rows, "auto")) if n <= SMALL_BYTES]
     fused = statistics.median(small) if small else None
     return CostModel(ranks=p, host=host, nodes=nodes, mpi=mpi, dtype=dtype,
                      created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      alpha=prims["alpha"], beta=prims["beta"], gamma=gamma,
                      reduce_overhead=prims.get("reduce_overhead", 0.0),
-                     ring=ring, tree=tree,
+                     ring=ring, tree=tree, shm=shm,
                      native=native, fused=fused, sizes=sorted({r["size"] for r in rows}),
                      disturbed=noisy, links=prims.get("links"))
 

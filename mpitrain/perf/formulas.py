@@ -16,6 +16,9 @@
     native  the MPI library switches algorithms inside: a piecewise model of its own,
             log-log interpolation of its measured times' lower envelope (non-decreasing
             in n: a size measured slower than a larger one was disturbed)
+    shm     2·alpha_m + (2 + 4c)·n·beta_m + (p-1)/p·n·gamma     (one node, shared memory: no messages;
+            alpha_m a node barrier, beta_m per byte read or written; c = 1 when the buffer is not
+            alloc_shared's and is copied into the scratch window and out, 0 zero-copy)
     fused   auto's small path (n <= SMALL_BYTES): one Allgather of p·(48 + 4096) B,
             then (p-1)·n·gamma locally -- a constant c_f + (p-1)·n·gamma
 
@@ -57,6 +60,13 @@ def tree_time(n, p, alpha, beta, gamma) -> float:
     return 2 * L * (alpha + n * beta) + L * n * gamma
 
 
+def shm_time(n, p, alpha, beta, gamma, scratch: bool = False) -> float:
+    """2·alpha + (2 + 4·scratch)·n·beta + (p-1)/p·n·gamma (collectives/shm.py)."""
+    if p <= 1:
+        return 0.0
+    return 2 * alpha + (2 + 4 * bool(scratch)) * n * beta + (p - 1) / p * n * gamma
+
+
 def regime(d: dict, n: int):
     """The (alpha, beta) of ``d`` that apply to ``n`` bytes: past knees[i], above[i]."""
     a, b = d["alpha"], d["beta"]
@@ -68,8 +78,10 @@ def regime(d: dict, n: int):
 
 
 def formula(kind: str, n: int, p: int, d: dict, gamma: float) -> float:
-    """Predicted seconds of ring or tree for ``n`` bytes with the parameters ``d``."""
+    """Predicted seconds of ring, tree or shm (zero-copy) for ``n`` bytes with the parameters ``d``."""
     a, b = regime(d, n)
+    if kind == "shm":
+        return shm_time(n, p, a, b, gamma)
     if kind == "ring":
         return ring_time(n, p, a, b, gamma, ring_segments(n, p))
     return tree_time(n, p, a, b, gamma)

@@ -4,7 +4,9 @@ What ``auto`` runs with a model (``CostModel.best``): ring or tree, whichever is
 faster, when that prediction is at most PREFER_NATIVE (0.9) times native's; otherwise
 native. Native's curve is measured, ring's and tree's are a model with some error: near
 ties go to the MPI library's own, and a wrong pick costs at most ~1/0.9 where the
-predictions are right.
+predictions are right. With shm fitted (the sweep timed it; one node only): shm where even
+its scratch path (a buffer not from alloc_shared, copied in and out) is predicted at most
+0.9 times that pick's time -- auto does not see whether a buffer is shared, so it assumes not.
 
 The collectives do not evaluate the model: they read a decision table (collectives/tuning.py),
 the sizes from which ``best`` changes, stored in the model's JSON under ``auto``
@@ -21,7 +23,7 @@ import math
 
 from ..collectives import SMALL_BYTES
 from ..collectives.tuning import KEY, AutoTable
-from .formulas import formula, piecewise_time
+from .formulas import formula, piecewise_time, regime, shm_time
 
 VERSION = 2  # 2 added ``links`` (per link type ping-pongs, optionally ``exchange``); version 1 files still load
 READS = (1, 2)
@@ -78,17 +80,18 @@ class CostModel:
 
     FIELDS = ("version", "host", "ranks", "nodes", "mpi", "dtype", "created",
               "alpha", "beta", "gamma", "reduce_overhead", "ring", "tree", "native", "fused", "sizes",
-              "disturbed", "links")
+              "disturbed", "links", "shm")
 
     def __init__(self, *, ranks, alpha, beta, gamma, ring, tree, native, fused=None, host="",
                  nodes=1, mpi="", dtype="float32", created="", reduce_overhead=0.0, sizes=(),
-                 disturbed=None, links=None, version=VERSION):
+                 disturbed=None, links=None, shm=None, version=VERSION):
         self.version = int(version)
         self.host, self.ranks, self.nodes = str(host), int(ranks), int(nodes)
         self.mpi, self.dtype, self.created = str(mpi), str(dtype), str(created)
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.reduce_overhead = float(reduce_overhead)
         self.ring, self.tree = parse_regimes(ring), parse_regimes(tree)
+        self.shm = None if shm is None else parse_regimes(shm)  # fitted when the sweep timed shm on one node
         self.native = [[int(n), float(t)] for n, t in native]
         self.fused = None if fused is None else float(fused)
         self.sizes = [int(s) for s in sizes]
@@ -118,7 +121,7 @@ class CostModel:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"missing or malformed field ({e})") from None
         nums = [m.alpha, m.beta, m.gamma]
-        for d in (m.ring, m.tree):
+        for d in (m.ring, m.tree) + ((m.shm,) if m.shm else ()):
             nums += [d["alpha"], d["beta"], *(x for ab in d["above"] for x in ab)]
         nums += [x for ln in m.links.values() for x in (ln["alpha"], ln["beta"])]
         nums += [x for ln in m.links.values() if "exchange" in ln
@@ -144,6 +147,11 @@ class CostModel:
             return 0.0
         if algorithm in ("ring", "tree"):
             return formula(algorithm, n, p, getattr(self, algorithm), self.gamma)
+        if algorithm in ("shm", "shm-scratch"):  # zero-copy, or through the scratch window (copy in, out)
+            if self.shm is None or self.nodes > 1:
+                return math.inf
+            a, b = regime(self.shm, n)
+            return shm_time(n, p, a, b, self.gamma, scratch=algorithm == "shm-scratch")
         if algorithm == "native":
             return piecewise_time(self.native, n)
         if algorithm == "fused":
@@ -159,6 +167,8 @@ class CostModel:
         if pick is None:
             own = min(("ring", "tree"), key=lambda a: (self.predict(a, n), a != "ring"))
             pick = own if self.predict(own, n) <= PREFER_NATIVE * self.predict("native", n) else "native"
+            if self.predict("shm-scratch", n) <= PREFER_NATIVE * self.predict(pick, n):
+                pick = "shm"
             if len(self._memo) >= _MEMO_MAX:
                 self._memo.clear()
             self._memo[n] = pick

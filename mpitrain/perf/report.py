@@ -43,6 +43,10 @@ def format_params(model: CostModel) -> str:
         f"#                alpha {m.tree['alpha'] * 1e6:8.2f} us   beta {m.tree['beta'] * 1e9:7.4f} ns/B{_knee(m.tree)}",
         f"#   native:      piecewise, log-log through {len(m.native)} measured sizes (lower envelope: non-decreasing)",
     ]
+    if m.shm is not None:
+        lines += ["#   shm (fit):   t = 2·alpha + 2n·beta + (p-1)/p·n·gamma   (zero-copy; scratch: + 4n·beta)",
+                  f"#                alpha {m.shm['alpha'] * 1e6:8.2f} us   beta {m.shm['beta'] * 1e9:7.4f} ns/B"
+                  f"{_knee(m.shm)}"]
     if m.fused is not None:
         lines.append(f"#   fused (auto, n <= {format_size(SMALL_BYTES)}): {m.fused * 1e6:.1f} us + (p-1)·n·gamma")
     for kind, what in (("intra", "within a node (shared memory)"), ("inter", "between nodes (network)")):
@@ -68,7 +72,7 @@ def compare(rows, model: CostModel) -> list[dict]:
     for n in sorted({r["size"] for r in rows}):
         at = {r["algorithm"]: row_time(r) for r in rows if r["size"] == n}
         e = {"size": n, "measured": {}, "predicted": {}}
-        for a in ("ring", "tree", "native"):
+        for a in ("ring", "tree", "native") + (("shm",) if model.shm is not None else ()):
             if a in at:
                 e["measured"][a] = at[a]
                 e["predicted"][a] = model.predict(a, n)
@@ -84,7 +88,7 @@ def compare(rows, model: CostModel) -> list[dict]:
 
 
 def format_compare(rows, model: CostModel) -> str:
-    algs = ("ring", "tree", "native", "fused")
+    algs = ("ring", "tree", "native", "fused") + (("shm",) if model.shm is not None else ())
     head = f"#{'size':>9}" + "".join(f" {a + ' meas':>12} {'pred':>8} {'err':>5}" for a in algs)
     head += f" {'picks':>7} {'best':>7} {'pick/best':>9}"
     lines = ["# predicted vs measured (us; measured = lower quartile of the timed rounds, what was fitted; "

@@ -45,6 +45,19 @@ class AllReduce(Strategy):
         self.label = self.label_for(cfg)
         self._handles, self._thread = [], None
 
+    def grads_allocator(self, backend_name: str):
+        """shm (or auto with a table that runs shm): gradients in a node-shared window, so the all-reduce
+        reads every rank's buffer in place (collectives/shm.py); NumPy only, and only where the node
+        holds every rank (else shm does not run; alloc_shared gives plain memory on a node of one)."""
+        from ..collectives import alloc_shared, state_for
+
+        if backend_name != "numpy" or self.size == 1:
+            return None
+        table = state_for(self.comm).auto if self.algorithm == "auto" else None  # (collective on first use)
+        if self.algorithm != "shm" and not (table is not None and "shm" in {a for _, a in table.steps}):
+            return None
+        return lambda n, dtype: alloc_shared(n, dtype, self.comm)
+
     def bind(self, run) -> None:
         super().bind(run)
         if self.bucket_bytes > 0 and self.cfg.train.backend == "cupy" and not backend.cuda_aware_mpi():

@@ -68,6 +68,10 @@ class Strategy:
         """The array backend this rank computes with."""
         return wanted
 
+    def grads_allocator(self, backend_name: str):
+        """Collective. Where the model's ``grads`` should live: ``alloc(n, dtype)``, or None (plain memory)."""
+        return None
+
     def bind(self, run) -> None:
         """Called once the model exists: the default optimizer and schedule over the full parameters."""
         self.run = run

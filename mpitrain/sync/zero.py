@@ -45,6 +45,10 @@ class Zero(AllReduce):
         super().__init__(cfg, comm)
         self.label = self.label_for(cfg)
 
+    def grads_allocator(self, backend_name: str):
+        """Plain memory: ZeRO's halves (reduce_scatter, allgather) have no shm."""
+        return None
+
     def pieces(self, rank: int) -> list[tuple[int, int]]:
         """The [lo, hi) ranges of the flat buffer whose optimizer state ``rank`` holds."""
         out = []

@@ -74,7 +74,8 @@ class Run:
             self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed,
                                      window=cfg.model.block_size + 1)
         self._data_info()
-        self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed)
+        with models.grads_allocator(self.strategy.grads_allocator(self.backend)):  # (shm: node-shared grads)
+            self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed)
         self._lm_setup()
         self.strategy.bind(self)
         if self.checkpointing() or resume:
