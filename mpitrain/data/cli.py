@@ -96,13 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "exits non-zero on any problem.")
     ck.add_argument("dir", metavar="DIR", help="the data set directory")
     ck.set_defaults(func=cmd_check)
-
-    bl = sub.add_parser(
-        "baseline", help="a token set's val split in bits per byte under gzip -9 and xz -9",
-        description="The reference points a language model's val bits per byte is read against: the "
-                    "val split compressed whole by gzip -9 and xz -9 (cached in DIR/baselines.json).")
-    bl.add_argument("dir", metavar="DIR", help="a token data set directory (data import / data make pycode)")
-    bl.set_defaults(func=cmd_baseline)
+    _add_baseline(sub)
 
 
 def _add_make_graphs(mksub, common) -> None:
@@ -117,6 +111,15 @@ def _add_make_graphs(mksub, common) -> None:
                     help="held-out graphs, generated after the training ones (default N/4)")
     gr.add_argument("--nodes", default="10:30", metavar="A:B", help="nodes per graph, A to B (default 10:30)")
     gr.set_defaults(func=cmd_make)
+
+
+def _add_baseline(sub) -> None:
+    bl = sub.add_parser(
+        "baseline", help="a token set's val split in bits per byte under gzip -9 and xz -9",
+        description="The reference points a language model's val bits per byte is read against: the "
+                    "val split compressed whole by gzip -9 and xz -9 (cached in DIR/baselines.json).")
+    bl.add_argument("dir", metavar="DIR", help="a token data set directory (data import / data make pycode)")
+    bl.set_defaults(func=cmd_baseline)
 
 
 def _add_pycode(mksub) -> None:
