@@ -22,9 +22,12 @@ Per algorithm:
           with ``Wait``/``Test``; avg divides after completion, float16 sum/avg/prod runs on the plan's
           float32 twin (copied in at start, rounded once at the end, as wide.py). Without MPI-4
           persistent collectives the plan falls back to an ``Iallreduce`` per start (same results).
-  ring    ring.steps (the generator the blocking ring and iallreduce drive) on the plan's own DEPTH
-  tree    segment slots (allocated once, at init) and the plan's own tag, so plans, handles and
-  hier    blocking calls on the same communicator never share scratch or match each other's messages.
+  ring    ring.Bound: the ring's every message a persistent request on precomputed views (made at
+          init), each step Startall + Wait + one add, step by step (ring.bound_segments; the same
+          chains and bits as the blocking ring; device buffers: ring.steps as below).
+  tree    the algorithm's generator (tree.steps, hier.steps) on the plan's own slots (allocated once,
+  hier    at init) and the plan's own tag, so plans, handles and blocking calls on the same
+          communicator never share scratch or match each other's messages.
           The per-start work is the schedule itself: no check, no allocation. (Tags come from a span of
           TAG_SPAN = 4096 per communicator, by creation order: at most 4096 plans in flight at once.)
 
@@ -79,6 +82,7 @@ class AllreducePlan:
         self._gen = self._pending = None
         self._trivial = st.size == 1 or buf.size == 0
         self._native, self._work, self._slots = algorithm == "native", self._flat, None
+        self._bound = None  # ring: ring.Bound (persistent requests per step), or None: ring.steps
         if self._trivial:
             return
         # the array the algorithm reduces: buf itself, or the float32 twin of a float16 sum/avg/prod
@@ -95,7 +99,11 @@ class AllreducePlan:
             self._fast = self._req is not None and w is self._flat and op != "avg" and not self._dev
             return
         self._native = False
-        if algorithm == "ring":
+        nseg = 0 if self._dev else ring.bound_segments(w.nbytes, st.size)
+        if algorithm == "ring" and nseg:
+            self._slots = xp.empty(max(1, ring.bound_slot_elems(w.size, st.size)), dtype=w.dtype)
+            self._bound = ring.Bound(st.comm, st.rank, st.size, w, op, self._tag, self._slots, nseg)
+        elif algorithm == "ring":
             self._slots = xp.empty(max(1, ring.slot_elems(w.size, st.size, w.itemsize)), dtype=w.dtype)
         elif algorithm == "tree":
             self._slots = xp.empty(max(1, w.size), dtype=w.dtype)
@@ -141,6 +149,9 @@ class AllreducePlan:
             req = self._req if self._fast else self._pending
             if req is not None and not req.Test():
                 return False
+        elif self._bound is not None:
+            if not self._bound.run(False):
+                return False
         else:
             while self._gen is not None:
                 if self._pending is not None and not self._pending.Test():
@@ -159,6 +170,8 @@ class AllreducePlan:
             if self._native:
                 if self._pending is not None:
                     self._pending.Wait()
+            elif self._bound is not None:
+                self._bound.run(True)
             else:
                 while self._gen is not None:
                     if self._pending is not None:
@@ -194,13 +207,16 @@ class AllreducePlan:
             if not self.active:
                 self._release()
             else:
-                self._s, self._req, self._gen, self._pending = FREED, None, None, None
+                self._s, self._req, self._gen, self._pending, self._bound = FREED, None, None, None, None
         return False
 
     def __del__(self):
         try:
-            if not self.freed and not self.active and self._req is not None and not MPI.Is_finalized():
-                self._req.Free()
+            if not self.freed and not self.active and not MPI.Is_finalized():
+                if self._req is not None:
+                    self._req.Free()
+                if self._bound is not None:
+                    self._bound.free()
         except Exception:
             pass
 
@@ -230,6 +246,8 @@ class AllreducePlan:
                 self._pending = self._req
             else:
                 self._pending = self._st.comm.Iallreduce(MPI.IN_PLACE, self._work, op=_MPI_OP[self.op])
+        elif self._bound is not None:
+            self._bound.begin()
         else:
             self._gen = self._steps()
             self._advance()
@@ -237,7 +255,9 @@ class AllreducePlan:
     def _release(self):
         if self._req is not None:
             self._req.Free()
-        self._req = self._gen = self._pending = None
+        if self._bound is not None:
+            self._bound.free()
+        self._req = self._gen = self._pending = self._bound = None
         self._slots = self._work = None
         self._s = FREED
 
