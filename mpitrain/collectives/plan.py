@@ -160,6 +160,10 @@ class AllreducePlan:
         self._finish()
         return True
 
+    def progress(self) -> bool:
+        """``test()`` under the name non-blocking handles use (nonblocking.Handle)."""
+        return self.test()
+
     def wait(self):
         """Block until the reduction is complete; return ``buf``. Waiting for a plan not in flight returns at once."""
         if self._s == ACTIVE:
