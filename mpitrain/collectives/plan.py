@@ -78,6 +78,7 @@ class AllreducePlan:
         self._s = READY  # READY | ACTIVE | FREED
         self._turn = st.calls.turn
         self._fast = False  # start = Prequest.Start, wait = Prequest.Wait: nothing else to do
+        self._bfast = False  # start = Bound.begin, wait = Bound.finish: nothing else to do
         self._req = None  # native: the persistent request (or None: Iallreduce per start)
         self._gen = self._pending = None
         self._trivial = st.size == 1 or buf.size == 0
@@ -103,6 +104,7 @@ class AllreducePlan:
         if algorithm == "ring" and nseg:
             self._slots = xp.empty(max(1, ring.bound_slot_elems(w.size, st.size)), dtype=w.dtype)
             self._bound = ring.Bound(st.comm, st.rank, st.size, w, op, self._tag, self._slots, nseg)
+            self._bfast = w is self._flat
         elif algorithm == "ring":
             self._slots = xp.empty(max(1, ring.slot_elems(w.size, st.size, w.itemsize)), dtype=w.dtype)
         elif algorithm == "tree":
@@ -132,6 +134,8 @@ class AllreducePlan:
         try:
             if self._fast:
                 self._req.Start()
+            elif self._bfast:
+                self._bound.begin()
             else:
                 self._begin()
             self._s = ACTIVE
@@ -169,6 +173,10 @@ class AllreducePlan:
         if self._s == ACTIVE:
             if self._fast:
                 self._req.Wait()
+                self._s = READY
+                return self.buf
+            if self._bfast:
+                self._bound.finish()
                 self._s = READY
                 return self.buf
             if self._native:
@@ -212,6 +220,7 @@ class AllreducePlan:
                 self._release()
             else:
                 self._s, self._req, self._gen, self._pending, self._bound = FREED, None, None, None, None
+                self._bfast = False
         return False
 
     def __del__(self):
@@ -262,6 +271,7 @@ class AllreducePlan:
         if self._bound is not None:
             self._bound.free()
         self._req = self._gen = self._pending = self._bound = None
+        self._bfast = False
         self._slots = self._work = None
         self._s = FREED
 

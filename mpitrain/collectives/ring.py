@@ -235,6 +235,9 @@ class Bound:
         else:
             self._ring(comm, rank, p, flat, tag, slots, nseg)
         self.t = self.k = len(self.prog)  # the next step and request to complete (done: len(prog))
+        # for finish(): per step (requests, [(x, y, out)] to fold after them, divide for avg?)
+        self.flat_prog = [(reqs, [xyo for fs in folds for xyo in fs], last and self.avg)
+                          for reqs, _, folds, last in self.prog]
 
     def _ring(self, comm, rank, p, flat, tag, slots, nseg):
         n, right, left = flat.size, (rank + 1) % p, (rank - 1) % p
@@ -284,6 +287,26 @@ class Bound:
         if self.prog and self.prog[0][0]:
             MPI.Prequest.Startall(self.prog[0][0])
 
+    def finish(self) -> None:
+        """``run(True)`` for an all-reduce nothing has progressed since ``begin``: the same work, fewer
+        Python steps (one Waitall per step, then its folds)."""
+        if self.t or self.k:
+            self.run(True)
+            return
+        startall, waitall, f = MPI.Prequest.Startall, MPI.Request.Waitall, self.f
+        first = True
+        for reqs, folds, divide in self.flat_prog:
+            if reqs:
+                if not first:
+                    startall(reqs)
+                waitall(reqs)
+            first = False
+            for x, y, out in folds:
+                f(x, y, out=out)
+            if divide:
+                finish_avg(self.owned, self.p)
+        self.t = len(self.prog)
+
     def run(self, block: bool) -> bool:
         """Drive the started all-reduce: to the end (``block``) or as far as it goes without blocking;
         True once complete."""
@@ -319,4 +342,4 @@ class Bound:
         for reqs, _, _, _ in self.prog:
             for q in reqs:
                 q.Free()
-        self.prog = []
+        self.prog, self.flat_prog = [], []
