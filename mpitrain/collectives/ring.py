@@ -199,7 +199,8 @@ BOUND_SCHEDULE = os.environ.get("MPITRAIN_RING_BOUND", "direct")
 
 
 def bound_segments(nbytes: int, p: int) -> int:
-    """Segments per chunk for a bound (plan) ring of ``nbytes`` on ``p`` ranks; 0: use the pipeline."""
+    """Segments per chunk for a bound (plan) ring of ``nbytes`` on ``p`` ranks (the ring schedule; direct
+    sends one message per chunk); 0: use the pipeline."""
     if nbytes >= BOUND_PIPELINE_MIN:
         return 0
     if SEGMENT_BYTES:
