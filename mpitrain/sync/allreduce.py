@@ -5,7 +5,8 @@
 One all-reduce per step (``comm.algorithm``), or, with ``comm.bucket_bytes > 0``, buckets that
 leave while backprop still runs (like DDP). Each bucket (or the whole buffer) is a persistent plan
 (``allreduce_init``, op avg): checked and bound once, on the first step (and again if the model's
-``grads`` buffer is ever replaced), then only ``start()`` / ``test()`` / ``wait()`` every step:
+``grads`` buffer is ever replaced), then only ``start()`` / ``test()`` / ``wait()`` every step (GPU
+gradients without a CUDA-aware MPI: the blocking call, which stages through the host):
 
     grads:  | last layer | ... | first layer |      backprop fills it from offset 0
             |--bucket 0--|--bucket 1--| ... |      fixed cuts of bucket_bytes (the last shorter);
@@ -21,7 +22,7 @@ Bytes per rank and step: 2(p-1)/p · n · itemsize (``allreduce_bytes``).
 from __future__ import annotations
 
 from .. import backend
-from ..collectives import allreduce_init
+from ..collectives import allreduce, allreduce_init
 from ..collectives.nonblocking import CommThread, iallreduce
 from ..runtime import UserError
 from .base import Strategy, allreduce_bytes
@@ -117,7 +118,10 @@ class AllReduce(Strategy):
         else:
             run.faults.at(step, grads)
             with run.timers("comm"), run.watchdog.collective(step):
-                self.plans_for(grads)[0].start().wait()
+                if backend.is_device(grads) and not backend.cuda_aware_mpi():  # plans need MPI to read the GPU
+                    allreduce(grads, self.comm, op="avg", algorithm=self.algorithm)  # (host staging: staging.py)
+                else:
+                    self.plans_for(grads)[0].start().wait()
         self.sent_bytes += allreduce_bytes(grads.nbytes, self.size)
 
     def drain(self, step, what: str) -> None:
