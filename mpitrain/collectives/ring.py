@@ -33,12 +33,13 @@ step. Below BOUND_PIPELINE_MIN it runs unpipelined (on this box MPICH's single-c
 path copies inside the receiver's own MPI calls, so a reduction cannot overlap its own receive), in
 one of two schedules with the same chains, so the same bits as the pipelined ring:
 
-    direct (default)  phase 1: every rank sends rank q its piece of chunk q+1 at once; q folds the
-                      p-1 pieces in the ring's order.  phase 2: every owner sends its chunk to all.
-                      Cost: 2·alpha (p-1 concurrent messages each) + 2(p-1)/p·n·beta + (p-1)/p·n·gamma
-                      -- two synchronisations instead of 2(p-1): less waiting for descheduled ranks
-                      when ranks outnumber cores; a network would see p-1 senders at once (incast).
-    ring              the 2(p-1) neighbour steps above, one at a time (MPITRAIN_RING_BOUND=ring).
+    ring (default)    the 2(p-1) neighbour steps above, one at a time.
+                      Cost: 2(p-1)·alpha + 2(p-1)/p·n·beta + (p-1)/p·n·gamma, no overlap.
+    direct            (MPITRAIN_RING_BOUND=direct) phase 1: every rank sends rank q its piece of
+                      chunk q+1 at once; q folds the p-1 pieces in the ring's order.  phase 2: every
+                      owner sends its chunk to all.  Cost: 2·alpha (p-1 concurrent messages each) +
+                      2(p-1)/p·n·beta + (p-1)/p·n·gamma -- two synchronisations instead of 2(p-1), but
+                      measured slower than ring at 3-4 ranks here; a network would see incast.
 
 At p = 2 both are the plain two-step exchange (Sendrecv half, add, Sendrecv half).
 """
@@ -194,8 +195,9 @@ def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING
 # A bound ring pipelines (the generator above, cross-step) from this size on; below it runs step by
 # step with persistent requests (measured on 2 cores, 2-4 ranks: docs/benchmarks.md "The ring at the wire").
 BOUND_PIPELINE_MIN = 64 << 20
-# "direct" (2 phases, every peer at once) or "ring" (2(p-1) neighbour steps) below BOUND_PIPELINE_MIN
-BOUND_SCHEDULE = os.environ.get("MPITRAIN_RING_BOUND", "direct")
+# "ring" (2(p-1) neighbour steps) or "direct" (2 phases, every peer at once) below BOUND_PIPELINE_MIN;
+# at 3 and 4 ranks ring measured 0.8-1.0x direct's time (docs/benchmarks.md); at 2 they are the same
+BOUND_SCHEDULE = os.environ.get("MPITRAIN_RING_BOUND", "ring")
 
 
 def bound_segments(nbytes: int, p: int) -> int:
