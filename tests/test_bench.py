@@ -78,6 +78,8 @@ def _rows():
          "speedup": 0.96, "wrong": 0},
         {**base, "algorithm": "memcpy", "picked": "", "time_us": 0.5, "algbw": 2.048, "busbw": 2.048,
          "speedup": None, "wrong": 0, "ranks": 1},
+        {**base, "algorithm": "p2p", "picked": "", "time_us": 1.0, "algbw": 1.024, "busbw": 1.024,
+         "speedup": None, "wrong": 0, "ranks": 2},
     ]
 
 
@@ -97,15 +99,37 @@ def test_format_table():
     assert any("ranks 4 on 2 host(s)" in line for line in lines)
     assert any("MPICH" in line for line in lines)
     body = [line for line in lines if not line.startswith("#")]
-    assert len(body) == 4
+    assert len(body) == 5
     ring = body[0].split()
     assert ring[:5] == ["1KiB", "256", "float32", "sum", "ring"]
     assert ring[5:] == ["50.0", "0.020", "0.031", "0.50", "0"]
     assert "auto:native" in body[2]
     mem = body[3].split()
     assert mem[4] == "memcpy" and mem[-2:] == ["-", "-"]
+    wire = body[4].split()
+    assert wire[4] == "p2p" and wire[-2:] == ["-", "-"] and wire[7] == "1.024"
+    assert any(line.startswith("#   p2p: ranks 0 and 1 ping-pong") for line in lines)
     # columns line up with the header
-    assert len(body[0]) == len(body[3]) == len(header)
+    assert len(body[0]) == len(body[3]) == len(body[4]) == len(header)
+
+
+def test_summary_shows_the_wire_beside_memcpy():
+    s = report.summarize(_rows())
+    assert any("memcpy: peak 2.048 GB/s" in line for line in s)
+    assert any("p2p: peak 1.024 GB/s at 1KiB (ping-pong, ranks 0-1)" in line for line in s)
+    ring = next(line for line in s if "ring: busbw / p2p at 1KiB" in line)
+    assert ring.endswith(f"{0.03072 / 1.024:.2f}")
+    assert not any(line.lstrip("# ").startswith("p2p: peak busbw") for line in s), "p2p is no algorithm"
+
+
+def test_the_fit_takes_the_wire_from_p2p_rows_that_span_both_regimes():
+    from mpitrain.bench.fit import wire_pingpong
+    rows = [{"algorithm": "p2p", "size": n, "time_us": 1 + n / 1e4} for n in (8, 1024, 65536, 1 << 20)]
+    sizes, times = wire_pingpong(rows + _rows()[:3])  # the algorithms' rows are not the wire
+    assert sizes == [8, 1024, 65536, 1 << 20] and times[0] == pytest.approx(1.0008e-6)
+    big = [r for r in rows if r["size"] >= 65536] + [{"algorithm": "p2p", "size": 1 << 22, "time_us": 400.0}]
+    assert wire_pingpong(big) is None  # nothing in the latency regime
+    assert wire_pingpong(rows[:2]) is None  # too few, nothing large
 
 
 def test_summary_reports_failures():
@@ -124,7 +148,7 @@ def test_csv_and_json(tmp_path):
     with open(tmp_path / "b.csv", newline="") as f:
         got = list(csv.DictReader(f))
     assert list(got[0].keys()) == list(COLUMNS)
-    assert [g["algorithm"] for g in got] == ["ring", "native", "auto", "memcpy"]
+    assert [g["algorithm"] for g in got] == ["ring", "native", "auto", "memcpy", "p2p"]
     assert float(got[0]["busbw"]) == pytest.approx(0.03072) and got[3]["speedup"] == ""
     assert got[2]["picked"] == "native"
     bench.write_json(tmp_path / "b.json", rows, _meta())
@@ -203,17 +227,18 @@ def test_bench_command_end_to_end(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     table = [line for line in res.stdout.splitlines() if line.strip() and not line.startswith("#")]
     sizes = size_range(8, 64 << 10, 4)
-    assert len(table) == len(sizes) * 5  # ring, tree, native, auto, memcpy
+    assert len(table) == len(sizes) * 6  # ring, tree, native, auto, memcpy, p2p
     assert res.stdout.count("# mpitrain bench") == 1  # rank 0 only
     doc = json.loads(j.read_text())
     rows = doc["rows"]
     assert doc["meta"]["ranks"] == 2
     assert [r["size"] for r in rows if r["algorithm"] == "ring"] == sizes
-    assert {r["algorithm"] for r in rows} == {"ring", "tree", "native", "auto", "memcpy"}
+    assert {r["algorithm"] for r in rows} == {"ring", "tree", "native", "auto", "memcpy", "p2p"}
+    assert "p2p: peak" in res.stdout and "ring: busbw / p2p at 64KiB" in res.stdout
     for r in rows:
         assert r["wrong"] == 0
         assert r["time_us"] > 0 and r["algbw"] == pytest.approx(r["size"] / r["time_us"] / 1e3)
-        if r["algorithm"] != "memcpy":
+        if r["algorithm"] not in ("memcpy", "p2p"):
             assert r["busbw"] == pytest.approx(r["algbw"])  # 2(n-1)/n = 1 for n = 2
             assert r["count"] == r["size"] // 4 and r["type"] == "float32" and r["op"] == "sum"
     with open(c, newline="") as f:
@@ -285,16 +310,18 @@ def test_run_sweep_rows_correct_and_busbw(comm):
     algs = ["ring", "tree", "native", "auto"]
     rows = bench.run_sweep(comm, sizes, algs, "float32", "sum", iters=2, warmup=0)
     assert _same_everywhere(comm, rows)
-    assert len(rows) == len(sizes) * (len(algs) + 1)
+    ceilings = ["memcpy"] + (["p2p"] if p > 1 else [])  # p2p: the wire between ranks 0 and 1
+    assert len(rows) == len(sizes) * (len(algs) + len(ceilings))
     for s in sizes:
         at = [r for r in rows if r["size"] == s]
-        assert [r["algorithm"] for r in at] == algs + ["memcpy"]
+        assert [r["algorithm"] for r in at] == algs + ceilings
     for r in rows:
         assert r["wrong"] == 0, r
         assert r["time_us"] > 0
         assert r["algbw"] == pytest.approx(r["size"] / (r["time_us"] * 1e-6) / 1e9)
-        if r["algorithm"] == "memcpy":
+        if r["algorithm"] in ("memcpy", "p2p"):
             assert r["busbw"] == r["algbw"] and r["speedup"] is None
+            assert r["ranks"] == (1 if r["algorithm"] == "memcpy" else 2)
             continue
         assert r["busbw"] == pytest.approx(r["algbw"] * (2 * (p - 1) / p if p > 1 else 1))
         assert r["iters"] == 2 and r["ranks"] == p
@@ -382,7 +409,7 @@ def test_main_in_process(comm, shared_tmp, capsys):
     out = capsys.readouterr().out
     assert out == ""  # --quiet
     rows = json.loads((shared_tmp / "m.json").read_text())["rows"]
-    assert len(rows) == 3 * 5 and all(r["wrong"] == 0 for r in rows)
+    assert len(rows) == 3 * (5 + (comm.Get_size() > 1)) and all(r["wrong"] == 0 for r in rows)  # + p2p
     assert (shared_tmp / "m.csv").exists()
 
 
@@ -469,11 +496,11 @@ def test_run_sweep_halves_correct_and_busbw(comm, collective):
     algs = ["ring", "native", "auto"]
     rows = bench.run_sweep(comm, sizes, algs, "float32", "sum", iters=2, warmup=0, collective=collective)
     assert _same_everywhere(comm, rows)
-    assert [r["algorithm"] for r in rows] == (algs + ["memcpy"]) * len(sizes)
+    assert [r["algorithm"] for r in rows] == (algs + ["memcpy"] + (["p2p"] if p > 1 else [])) * len(sizes)
     for r in rows:
         assert r["wrong"] == 0, r
         assert r["op"] == ("-" if collective == "allgather" else "sum")
-        if r["algorithm"] == "memcpy":
+        if r["algorithm"] in ("memcpy", "p2p"):
             continue
         assert r["busbw"] == pytest.approx(r["algbw"] * ((p - 1) / p if p > 1 else 1))
         assert r["picked"] == (picked(comm, collective, r["size"]) if r["algorithm"] == "auto" else "")
@@ -546,7 +573,7 @@ def test_main_allgather_in_process(comm, shared_tmp, capsys):
     doc = json.loads((shared_tmp / "g.json").read_text())
     assert doc["meta"]["collective"] == "allgather" and doc["meta"]["algorithms"] == ["ring", "native", "auto"]
     rows = doc["rows"]
-    assert len(rows) == 3 * 4 and all(r["wrong"] == 0 for r in rows)
+    assert len(rows) == 3 * (4 + (comm.Get_size() > 1)) and all(r["wrong"] == 0 for r in rows)  # + p2p
     with open(shared_tmp / "g.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     if comm.Get_rank() == 0:

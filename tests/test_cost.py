@@ -472,6 +472,19 @@ def test_node_ids_and_measure_links(comm):
         assert all(t > 0 for t in ln["pingpong"][1])
 
 
+@pytest.mark.mpi(min_size=2)
+def test_measure_primitives_takes_a_given_ping_pong(comm, monkeypatch):
+    """bench --fit hands its p2p rows over (bench/fit.py wire_pingpong): no second ping-pong, the same fit."""
+    def no(*a, **k):
+        raise AssertionError("the ping-pong was timed again")
+    monkeypatch.setattr(measure, "measure_pingpong", no)
+    sizes, times = [8, 4096, 65536], [2e-6, 3e-6, 10e-6]
+    prims = measure.measure_primitives(collectives.state_for(comm).comm, 65536, pingpong=(sizes, times))
+    assert prims["pingpong"] == [sizes, times] and comm.allgather(prims["alpha"]) == [prims["alpha"]] * comm.Get_size()
+    assert (prims["alpha"], prims["beta"]) == pytest.approx(fit.fit_alpha_beta(sizes, times))
+    assert prims["links"]["intra"]["pingpong"] == [sizes, times]
+
+
 @pytest.mark.mpi
 def test_install_switches_the_model(comm):
     p = comm.Get_size()

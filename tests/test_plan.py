@@ -183,3 +183,27 @@ def test_several_plans_in_flight_at_once(comm):
     finally:
         for h in plans:
             h.free()
+
+
+@pytest.mark.parametrize("schedule,seg", [("direct", None), ("ring", None), ("ring", 4096)])
+@pytest.mark.parametrize("op", ["sum", "avg", "max"])
+def test_bound_ring_plan_is_bitwise_the_blocking_ring(comm, monkeypatch, schedule, seg, op):
+    """A ring plan on host memory runs ring.Bound (persistent requests): the same bits as the blocking
+    (pipelined) ring, driven by wait() or by test(), at lengths that do not divide by p."""
+    monkeypatch.setattr(ring, "SEGMENT_BYTES", seg)
+    monkeypatch.setattr(ring, "BOUND_SCHEDULE", schedule)
+    r, p = comm.Get_rank(), comm.Get_size()
+    for n in (1, 2, 7, 4099, 100_003):
+        buf = np.empty(n, dtype=np.float32)
+        with mpitrain.allreduce_init(buf, comm, op=op, algorithm="ring") as h:
+            assert (h._bound is not None) == (p > 1)
+            for k, drive in enumerate(("wait", "test", "wait")):
+                buf[...] = data(n, r, k, np.float32)
+                ref = allreduce(buf.copy(), comm, op=op, algorithm="ring")
+                h.start()
+                if drive == "test":
+                    while not h.test():
+                        pass
+                h.wait()
+                assert buf.tobytes() == ref.tobytes(), (n, k, drive)
+                assert len(set(comm.allgather(buf.tobytes()))) == 1

@@ -256,3 +256,35 @@ def test_resume_after_changing_the_optimizer_is_a_clear_error(tmp_path):
     b, _ = _run(2, [*job, "--set", "train.epochs=2", "--set", "train.optimizer=adam", "--resume"], tmp_path)
     assert b.returncode != 0 and "does not fit train.optimizer='adam'" in b.stderr, b.stdout + b.stderr
     assert "Traceback" not in b.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("buckets", [0, 8 * 40])
+def test_gradients_reduce_on_plans_bound_once_and_rebound_to_a_new_buffer(comm, buckets):
+    """The all-reduce strategy makes one persistent plan per bucket on the first step and reuses it; a new
+    gradient buffer gets new plans (the old ones freed); close() frees them."""
+    from mpitrain.collectives.plan import AllreducePlan
+    r, p, b = comm.Get_rank(), comm.Get_size(), 4
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((3, p * b, 12)), rng.integers(0, 5, size=(3, p * b))
+    keys = {"bucket_bytes": buckets} if buckets else None
+    plain, planned = _trainer(comm, "ring"), _trainer(comm, "ring", comm_keys=keys)
+    s, grads = planned.run.strategy, planned.run.model.grads
+    try:
+        for k in range(3):
+            for t in (plain, planned):
+                t.train_step((X[k, r * b:(r + 1) * b], Y[k, r * b:(r + 1) * b]))
+            planned.run.step = plain.run.step = k + 1
+            assert s._plan_buf is grads and len(s._plans) == len(s.cuts(grads.size)) > (1 if buckets else 0)
+            assert all(isinstance(h, AllreducePlan) for h in s._plans)
+            first = first if k else list(s._plans)
+            assert s._plans == first, "the same plans every step"
+        np.testing.assert_allclose(planned.run.model.params, plain.run.model.params, rtol=1e-12, atol=1e-12)
+        other = np.arange(grads.size, dtype=grads.dtype) * (r + 1)
+        for h in s.plans_for(other):
+            h.start().wait()
+        assert all(h.freed for h in first) and s._plan_buf is other
+        np.testing.assert_allclose(other, np.arange(grads.size) * (p + 1) / 2)
+    finally:
+        s.close()
+    assert not s._plans

@@ -24,6 +24,9 @@ every rank's input; allgather: every rank's chunk of its own input, exactly, at 
 
 A ``memcpy`` row per size (one rank copying the same number of bytes, the
 other ranks idle) shows the physical ceiling; its bandwidth is bytes / time.
+A ``p2p`` row per size (2 ranks or more: ranks 0 and 1 ping-pong the same bytes, the others idle;
+bytes / one-way time, perf/measure.py's ping-pong) shows the wire the algorithms run on; ``--fit``
+fits the model's alpha and beta to these rows when they span small and large sizes.
 With ``--backend cupy`` a ``d2h`` row per size (every rank copying the bytes from
 its GPU into pinned host memory at the same time) shows the ceiling of the
 staged ring (collectives/staging.py), which moves every byte over that link.

@@ -4,7 +4,9 @@
        first (with shm too when every rank is on one node); merged per size and algorithm (the
        lowest time: other processes only ever add time)
     2. the primitives on the library's private communicator (perf/measure.py): ping-pong,
-       exchange, np.add, and per link type when the job spans more than one node
+       exchange, np.add, and per link type when the job spans more than one node; the ping-pong
+       is the sweep's own p2p rows when they span the latency and the bandwidth regimes
+       (``wire_pingpong``: from <= 4 KiB to >= 64 KiB, 3 sizes or more), else timed here
     3. rank 0 fits (perf/fit.py) and stores the model with auto's decision table (perf/store.py,
        where collectives/tuning.py will read it); every rank installs the same model, so ``auto``
        uses it on this communicator from now on
@@ -23,6 +25,15 @@ from ..runtime import UserError, hostname, log0
 from .sweep import run_sweep
 
 FIT_PASSES = 2  # sweeps bench --fit fits: its own, then one more with the sizes largest first
+
+
+def wire_pingpong(rows):
+    """([sizes], [one-way seconds]) of the sweep's p2p rows, or None when they cannot fit alpha and
+    beta (fewer than 3 sizes, none <= 4 KiB or none >= 64 KiB)."""
+    wire = sorted((r["size"], r["time_us"] * 1e-6) for r in rows if r["algorithm"] == "p2p" and r["time_us"] > 0)
+    if len(wire) < 3 or wire[0][0] > 4096 or wire[-1][0] < 65536:
+        return None
+    return [n for n, _ in wire], [t for _, t in wire]
 
 
 def _passes(comm, rows, meta: dict) -> list[dict]:
@@ -66,10 +77,11 @@ def fit_for_bench(comm, rows, meta: dict) -> dict:
     fitted), "report" (text for rank 0)}.
     """
     st = state_for(comm)
+    wire = wire_pingpong(rows)
     rows = _passes(comm, rows, meta)
     nodes = node_ids(st.comm)
     prims = measure_primitives(st.comm, int(meta.get("max") or max(r["size"] for r in rows)),
-                               meta.get("dtype", "float32"), nodes=nodes)
+                               meta.get("dtype", "float32"), nodes=nodes, pingpong=wire)
     hosts = st.comm.gather(hostname(), root=0)
     done = _fit_and_store(rows, prims, meta, st.size, hosts, nodes) if st.rank == 0 else None
     d, problem, path = st.comm.bcast(done, root=0)

@@ -3,7 +3,7 @@
     #     size      count     type    op    algorithm    time(us) algbw(GB/s) busbw(GB/s)  speedup  #wrong
 
 CSV has the columns COLUMNS; JSON {"meta": run parameters, "rows": [...]} (every key of a row);
-the plot draws busbw vs size per algorithm, memcpy (and d2h) as dashed ceilings.
+the plot draws busbw vs size per algorithm, memcpy, p2p (and d2h) as dashed ceilings.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ HEADER = (f"#{'size':>9} {'count':>10} {'type':>8} {'op':>5} {'algorithm':>12} {
           f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'speedup':>8} {'#wrong':>7}")
 
 
-CEILINGS = ("memcpy", "d2h")  # rows that are copies, not all-reduces
+CEILINGS = ("memcpy", "p2p", "d2h")  # rows that are copies or messages, not all-reduces
 
 
 def format_row(row) -> str:
@@ -66,6 +66,8 @@ def format_header(meta: dict) -> str:
         f"#   time: max over ranks of the median; algbw = bytes/time; busbw = algbw*{factor}; "
         "speedup = native time / time",
         _WRONG[coll].format(tol=tol) + "memcpy: one rank copying the same bytes (the ceiling)",
+        "#   p2p: ranks 0 and 1 ping-pong the same bytes, busbw = bytes / one-way time (the wire every "
+        "algorithm here runs on)",
         "#",
         HEADER,
     ]
@@ -106,6 +108,15 @@ def _ceilings(rows, algs) -> list[str]:
     if mc:
         peak = max(mc, key=lambda r: r["busbw"])
         out.append(f"#   memcpy: peak {peak['busbw']:.3f} GB/s at {format_size(peak['size'])} (one rank)")
+    wire = {r["size"]: r for r in rows if r["algorithm"] == "p2p"}
+    if wire:
+        peak = max(wire.values(), key=lambda r: r["busbw"])
+        out.append(f"#      p2p: peak {peak['busbw']:.3f} GB/s at {format_size(peak['size'])} (ping-pong, ranks 0-1)")
+        top = max(wire)
+        for a in algs:
+            r = next((r for r in rows if r["algorithm"] == a and r["size"] == top), None)
+            if r is not None and wire[top]["busbw"] > 0:
+                out.append(f"# {a:>8}: busbw / p2p at {format_size(top)}: {r['busbw'] / wire[top]['busbw']:.2f}")
     d2h = {r["size"]: r for r in rows if r["algorithm"] == "d2h"}
     if d2h:
         peak = max(d2h.values(), key=lambda r: r["busbw"])
@@ -157,6 +168,8 @@ def plot(path, rows, meta: dict | None = None) -> None:
         ys = [max(r["busbw"], 1e-9) for r in rs]
         if a == "memcpy":
             ax.plot(xs, ys, "--", color="0.3", label="memcpy (1 rank, ceiling)")
+        elif a == "p2p":
+            ax.plot(xs, ys, "-.", color="0.45", label="p2p ping-pong (ranks 0-1, the wire)")
         elif a == "d2h":
             ax.plot(xs, ys, ":", color="0.3", label="GPU->host copy (all ranks, staging ceiling)")
         else:

@@ -10,7 +10,8 @@ One collective per sweep (kinds.py: allreduce, reduce_scatter or allgather). Per
     rows        per algorithm: time = max over ranks of the median, low_us = of the lower quartile
                 (what bench --fit fits), algbw, busbw = algbw * 2(n-1)/n (the halves: (n-1)/n),
                 speedup vs native, #wrong;
-                then the ceilings: memcpy (one rank), d2h (device buffers: every rank at once)
+                then the ceilings: memcpy (one rank), p2p (the wire: a ping-pong between ranks 0 and
+                1, bytes / one-way time, perf/measure.py's), d2h (device buffers: every rank at once)
 
 With ``shm`` among the algorithms the buffer is ``alloc_shared``'s (the zero-copy case shm is made
 for; the other algorithms do not care where their buffer lives).
@@ -25,8 +26,9 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import backend
-from ..collectives import DTYPES, OPS, alloc_shared
+from ..collectives import DTYPES, OPS, alloc_shared, state_for
 from ..collectives.staging import ops_for
+from ..perf.measure import measure_pingpong, pingpong_reps
 from . import kinds
 from .checks import check_result, make_source, tolerance
 from .timing import MIN_ROUNDS, TARGET_SECONDS, measure_d2h, measure_memcpy, rounds_for, time_once
@@ -180,10 +182,15 @@ class _Sweep:
                 "wrong": 0, "iters": iters, "ranks": ranks}
 
     def ceilings(self, b, s, n: int, rounds: int) -> list[dict]:
-        """The memcpy row (one rank copying) and, for device buffers, the d2h row (every rank at once)."""
+        """The memcpy row (one rank copying), the p2p row (ranks 0 and 1 ping-pong the same bytes; the
+        others idle) and, for device buffers, the d2h row (every rank at once)."""
         out, it = [], max(MIN_ROUNDS, min(rounds, 50))
         if self.memcpy:
             out.append(self._ceiling(n, "memcpy", measure_memcpy(self.comm, b, s, it, self.xp), it, 1))
+        if self.memcpy and self.p > 1:
+            nbytes = n * self.dt.itemsize
+            t = measure_pingpong(state_for(self.comm).comm, [nbytes])[0]
+            out.append(self._ceiling(n, "p2p", t, pingpong_reps(nbytes), 2))
         if self.pinned is not None:
             out.append(self._ceiling(n, "d2h", measure_d2h(self.comm, self.pinned[:n], b, it), it, self.p))
         return out

@@ -22,9 +22,12 @@ Per algorithm:
           with ``Wait``/``Test``; avg divides after completion, float16 sum/avg/prod runs on the plan's
           float32 twin (copied in at start, rounded once at the end, as wide.py). Without MPI-4
           persistent collectives the plan falls back to an ``Iallreduce`` per start (same results).
-  ring    ring.steps (the generator the blocking ring and iallreduce drive) on the plan's own DEPTH
-  tree    segment slots (allocated once, at init) and the plan's own tag, so plans, handles and
-  hier    blocking calls on the same communicator never share scratch or match each other's messages.
+  ring    ring.Bound: the ring's every message a persistent request on precomputed views (made at
+          init), each step Startall + Wait + one add, step by step (ring.bound_segments; the same
+          chains and bits as the blocking ring; device buffers: ring.steps as below).
+  tree    the algorithm's generator (tree.steps, hier.steps) on the plan's own slots (allocated once,
+  hier    at init) and the plan's own tag, so plans, handles and blocking calls on the same
+          communicator never share scratch or match each other's messages.
           The per-start work is the schedule itself: no check, no allocation. (Tags come from a span of
           TAG_SPAN = 4096 per communicator, by creation order: at most 4096 plans in flight at once.)
   shm     the whole shared-memory reduction runs inside start() (node barriers cannot be yielded safely
@@ -77,10 +80,12 @@ class AllreducePlan:
         self._s = READY  # READY | ACTIVE | FREED
         self._turn = st.calls.turn
         self._fast = False  # start = Prequest.Start, wait = Prequest.Wait: nothing else to do
+        self._bfast = False  # start = Bound.begin, wait = Bound.finish: nothing else to do
         self._req = None  # native: the persistent request (or None: Iallreduce per start)
         self._gen = self._pending = None
         self._trivial = st.size == 1 or buf.size == 0
         self._native, self._work, self._slots = algorithm == "native", self._flat, None
+        self._bound = None  # ring: ring.Bound (persistent requests per step), or None: ring.steps
         if self._trivial:
             return
         # the array the algorithm reduces: buf itself, or the float32 twin of a float16 sum/avg/prod
@@ -97,7 +102,12 @@ class AllreducePlan:
             self._fast = self._req is not None and w is self._flat and op != "avg" and not self._dev
             return
         self._native = False
-        if algorithm == "ring":
+        nseg = 0 if self._dev else ring.bound_segments(w.nbytes, st.size)
+        if algorithm == "ring" and nseg:
+            self._slots = xp.empty(max(1, ring.bound_slot_elems(w.size, st.size)), dtype=w.dtype)
+            self._bound = ring.Bound(st.comm, st.rank, st.size, w, op, self._tag, self._slots, nseg)
+            self._bfast = w is self._flat
+        elif algorithm == "ring":
             self._slots = xp.empty(max(1, ring.slot_elems(w.size, st.size, w.itemsize)), dtype=w.dtype)
         elif algorithm == "tree":
             self._slots = xp.empty(max(1, w.size), dtype=w.dtype)
@@ -130,6 +140,8 @@ class AllreducePlan:
         try:
             if self._fast:
                 self._req.Start()
+            elif self._bfast:
+                self._bound.begin()
             else:
                 self._begin()
             self._s = ACTIVE
@@ -147,6 +159,9 @@ class AllreducePlan:
             req = self._req if self._fast else self._pending
             if req is not None and not req.Test():
                 return False
+        elif self._bound is not None:
+            if not self._bound.run(False):
+                return False
         else:
             while self._gen is not None:
                 if self._pending is not None and not self._pending.Test():
@@ -155,6 +170,10 @@ class AllreducePlan:
         self._finish()
         return True
 
+    def progress(self) -> bool:
+        """``test()`` under the name non-blocking handles use (nonblocking.Handle)."""
+        return self.test()
+
     def wait(self):
         """Block until the reduction is complete; return ``buf``. Waiting for a plan not in flight returns at once."""
         if self._s == ACTIVE:
@@ -162,9 +181,15 @@ class AllreducePlan:
                 self._req.Wait()
                 self._s = READY
                 return self.buf
+            if self._bfast:
+                self._bound.finish()
+                self._s = READY
+                return self.buf
             if self._native:
                 if self._pending is not None:
                     self._pending.Wait()
+            elif self._bound is not None:
+                self._bound.run(True)
             else:
                 while self._gen is not None:
                     if self._pending is not None:
@@ -200,13 +225,17 @@ class AllreducePlan:
             if not self.active:
                 self._release()
             else:
-                self._s, self._req, self._gen, self._pending = FREED, None, None, None
+                self._s, self._req, self._gen, self._pending, self._bound = FREED, None, None, None, None
+                self._bfast = False
         return False
 
     def __del__(self):
         try:
-            if not self.freed and not self.active and self._req is not None and not MPI.Is_finalized():
-                self._req.Free()
+            if not self.freed and not self.active and not MPI.Is_finalized():
+                if self._req is not None:
+                    self._req.Free()
+                if self._bound is not None:
+                    self._bound.free()
         except Exception:
             pass
 
@@ -236,6 +265,8 @@ class AllreducePlan:
                 self._pending = self._req
             else:
                 self._pending = self._st.comm.Iallreduce(MPI.IN_PLACE, self._work, op=_MPI_OP[self.op])
+        elif self._bound is not None:
+            self._bound.begin()
         else:
             self._gen = self._steps()
             self._advance()
@@ -243,7 +274,10 @@ class AllreducePlan:
     def _release(self):
         if self._req is not None:
             self._req.Free()
-        self._req = self._gen = self._pending = None
+        if self._bound is not None:
+            self._bound.free()
+        self._req = self._gen = self._pending = self._bound = None
+        self._bfast = False
         self._slots = self._work = None
         self._s = FREED
 

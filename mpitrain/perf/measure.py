@@ -36,8 +36,12 @@ def pingpong_sizes(max_bytes: int) -> list[int]:
     return geometric(8, max_bytes, 4) or [8]
 
 
-def _reps(n: int) -> int:
+def pingpong_reps(n: int) -> int:
+    """Round trips a ping-pong of ``n`` bytes is timed over (the bench's p2p row says it too)."""
     return max(5, min(200, int(4e7 // max(n, 1))))
+
+
+_reps = pingpong_reps
 
 
 def measure_pingpong(comm, sizes, pair=(0, 1)) -> list[float]:
@@ -151,13 +155,17 @@ def measure_links(comm, sizes, nodes) -> dict:
     return {kind: link_entry(comm, sizes, pair) for kind, pair in sorted(link_pairs(nodes).items())}
 
 
-def measure_primitives(comm, max_bytes: int, dtype="float32", nodes=None) -> dict:
+def measure_primitives(comm, max_bytes: int, dtype="float32", nodes=None, pingpong=None) -> dict:
     """Collective: ping-pong and reduction timings, and their fits (same on every rank).
 
     ``nodes`` (``node_ids``): when the ranks span more than one node, also a ping-pong per link
-    type (``links``: within a node, between nodes)."""
-    pp = pingpong_sizes(min(max_bytes, 64 << 20))
-    tp = measure_pingpong(comm, pp) if comm.Get_size() > 1 else []
+    type (``links``: within a node, between nodes). ``pingpong`` ([sizes], [one-way seconds]) of
+    ranks 0 and 1 measured already (the bench's p2p rows, bench/fit.py): used instead of timing again."""
+    if pingpong and comm.Get_size() > 1:
+        pp, tp = [int(n) for n in pingpong[0]], [float(t) for t in pingpong[1]]
+    else:
+        pp = pingpong_sizes(min(max_bytes, 64 << 20))
+        tp = measure_pingpong(comm, pp) if comm.Get_size() > 1 else []
     gs = gamma_sizes(min(max(max_bytes, 4096), 64 << 20))
     tg = measure_reduce(comm, gs, dtype)
     alpha, beta = fit_alpha_beta(pp, tp) if tp else (0.0, 0.0)

@@ -26,7 +26,7 @@ def file_topology(doc: dict, ppn: int | None = None) -> tuple[int, int, int]:
     its meta; ``ppn`` overrides (H = ceil(N / ppn))."""
     meta = doc.get("meta") or {}
     rows = doc.get("rows") or []
-    N = int(meta.get("ranks") or max((r.get("ranks", 1) for r in rows if r.get("algorithm") not in ("memcpy",)),
+    N = int(meta.get("ranks") or max((r.get("ranks", 1) for r in rows if r.get("algorithm") not in ("memcpy", "p2p", "d2h")),
                                      default=1))
     if ppn:
         H, L = topology(N, ppn)

@@ -3,12 +3,15 @@
     rank r:  batch_r --backward--> grads_r --allreduce(avg)--> g (identical everywhere) --step-->
 
 One all-reduce per step (``comm.algorithm``), or, with ``comm.bucket_bytes > 0``, buckets that
-leave while backprop still runs (like DDP):
+leave while backprop still runs (like DDP). Each bucket (or the whole buffer) is a persistent plan
+(``allreduce_init``, op avg): checked and bound once, on the first step (and again if the model's
+``grads`` buffer is ever replaced), then only ``start()`` / ``test()`` / ``wait()`` every step (GPU
+gradients without a CUDA-aware MPI: the blocking call, which stages through the host):
 
     grads:  | last layer | ... | first layer |      backprop fills it from offset 0
             |--bucket 0--|--bucket 1--| ... |      fixed cuts of bucket_bytes (the last shorter);
-                  iallreduce   iallreduce          once the finished prefix covers a bucket it goes
-                                                   to a non-blocking all-reduce, progressed after every
+                  plan.start() plan.start()        once the finished prefix covers a bucket its plan
+                                                   is started (non-blocking), progressed after every
                                                    layer ("progress") or by a communication thread
                                                    ("thread"). Fixed cuts: ZeRO (zero.py) shards the
                                                    same buckets, so both reduce along the same chains.
@@ -19,7 +22,7 @@ Bytes per rank and step: 2(p-1)/p · n · itemsize (``allreduce_bytes``).
 from __future__ import annotations
 
 from .. import backend
-from ..collectives import allreduce
+from ..collectives import allreduce, allreduce_init
 from ..collectives.nonblocking import CommThread, iallreduce
 from ..runtime import UserError
 from .base import Strategy, allreduce_bytes
@@ -33,6 +36,7 @@ def bucket_cuts(n: int, limit: int) -> list[tuple[int, int]]:
 
 
 class AllReduce(Strategy):
+    plans = True  # buckets on persistent plans; False: ``_launch`` (an iallreduce-like handle) per bucket
     @staticmethod
     def label_for(cfg) -> str:
         c = cfg.comm
@@ -44,6 +48,7 @@ class AllReduce(Strategy):
         self.algorithm, self.bucket_bytes, self.overlap = c.algorithm, c.bucket_bytes, c.overlap
         self.label = self.label_for(cfg)
         self._handles, self._thread = [], None
+        self._plans, self._plan_buf = [], None  # one plan per bucket, bound to _plan_buf
 
     def grads_allocator(self, backend_name: str):
         """shm (or auto with a table that runs shm): gradients in a node-shared window, so the all-reduce
@@ -69,14 +74,31 @@ class AllReduce(Strategy):
         return bucket_cuts(n, max(1, self.bucket_bytes // itemsize) if self.bucket_bytes > 0 else 0)
 
     def _launch(self, view):
-        """A non-blocking reduction of one finished bucket."""
+        """A non-blocking reduction of one finished bucket (without plans)."""
         return iallreduce(view, self.comm, op="avg", algorithm=self.algorithm)
+
+    def plans_for(self, grads) -> list:
+        """The plans of ``grads``' buckets (one for the whole buffer without buckets): made on first use,
+        collectively, and again when ``grads`` is another buffer than the one they are bound to."""
+        if self._plan_buf is not grads:
+            self.free_plans()
+            self._plans = [allreduce_init(grads[s:e], self.comm, op="avg", algorithm=self.algorithm)
+                           for s, e in self.cuts(grads.size)]
+            self._plan_buf = grads
+        return self._plans
+
+    def free_plans(self) -> None:
+        for h in self._plans:
+            if not h.active:
+                h.free()
+        self._plans, self._plan_buf = [], None
 
     def grad_hook(self, step):
         if self.bucket_bytes <= 0:
             return None
         run, grads = self.run, self.run.model.grads
         cuts = self.cuts(grads.size)
+        plans = self.plans_for(grads) if self.plans else None
         if self.overlap == "thread" and self._thread is None:
             self._thread = CommThread()
         nxt, first = 0, True
@@ -91,7 +113,7 @@ class AllReduce(Strategy):
                 backend.synchronize(grads)
             while nxt < len(cuts) and cuts[nxt][1] <= hi:
                 s, e = cuts[nxt]
-                h = self._launch(grads[s:e])
+                h = plans[nxt].start() if plans is not None else self._launch(grads[s:e])
                 if self._thread is not None:
                     self._thread.submit(h)
                 else:
@@ -109,7 +131,10 @@ class AllReduce(Strategy):
         else:
             run.faults.at(step, grads)
             with run.timers("comm"), run.watchdog.collective(step):
-                allreduce(grads, self.comm, op="avg", algorithm=self.algorithm)
+                if backend.is_device(grads) and not backend.cuda_aware_mpi():  # plans need MPI to read the GPU
+                    allreduce(grads, self.comm, op="avg", algorithm=self.algorithm)  # (host staging: staging.py)
+                else:
+                    self.plans_for(grads)[0].start().wait()
         self.sent_bytes += allreduce_bytes(grads.nbytes, self.size)
 
     def drain(self, step, what: str) -> None:
@@ -126,3 +151,4 @@ class AllReduce(Strategy):
         if self._thread is not None:
             self._thread.close()
             self._thread = None
+        self.free_plans()
