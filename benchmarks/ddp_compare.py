@@ -170,28 +170,28 @@ def run_ddp(cfg, comm, tmp: Path, seq: int) -> dict:
         data.close()
 
 
-def worker(args) -> int:
+def torch_comm():
+    """One compute thread per rank for torch; the run's communicator."""
     import torch
 
-    from mpitrain import config
-    from mpitrain.data import ensure_dataset
     from mpitrain.runtime import get_comm
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-    comm = get_comm()
-    cfg = config.load(args.job, [*DEFAULT_SET, *args.set])
-    d = cfg.data
-    ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=cfg.train.seed,
-                   rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+    return get_comm()
+
+
+def interleaved(comm, cfg, repeats: int, ours, theirs) -> int:
+    """``repeats`` rounds of ``ours(tmp)`` and ``theirs(tmp, rep)``, the order alternating each round;
+    rank 0 prints the RESULT line the driver reads."""
+    import torch
+
     tmp = _tmpdir(comm)
     results = {"ours": [], "ddp": []}
     try:
-        for rep in range(args.repeats):
-            order = ("ours", "ddp") if rep % 2 == 0 else ("ddp", "ours")
-            for which in order:
-                r = run_ours(cfg, comm, tmp) if which == "ours" else run_ddp(cfg, comm, tmp, rep)
-                results[which].append(r)
+        for rep in range(repeats):
+            for which in (("ours", "ddp") if rep % 2 == 0 else ("ddp", "ours")):
+                results[which].append(ours(tmp) if which == "ours" else theirs(tmp, rep))
     finally:
         comm.Barrier()
         if comm.Get_rank() == 0:
@@ -200,6 +200,19 @@ def worker(args) -> int:
         print("RESULT " + json.dumps({"ranks": comm.Get_size(), "config": cfg.to_dict(),
                                       "torch": torch.__version__, **results}), flush=True)
     return 0
+
+
+def worker(args) -> int:
+    from mpitrain import config
+    from mpitrain.data import ensure_dataset
+
+    comm = torch_comm()
+    cfg = config.load(args.job, [*DEFAULT_SET, *args.set])
+    d = cfg.data
+    ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=cfg.train.seed,
+                   rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+    return interleaved(comm, cfg, args.repeats, lambda tmp: run_ours(cfg, comm, tmp),
+                       lambda tmp, rep: run_ddp(cfg, comm, tmp, rep))
 
 
 # --------------------------------------------------------------------------- driver

@@ -27,7 +27,6 @@ script says so and exits 0 (``pip install torch`` -- the CPU build).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -99,39 +98,19 @@ def run_ddp(cfg, comm, tmp: Path, seq: int, steps: int) -> dict:
 
 
 def worker(args) -> int:
-    import torch
-
     from mpitrain import config
     from mpitrain.data import ensure_dataset
-    from mpitrain.runtime import get_comm
 
-    torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
-    comm = get_comm()
+    comm = dc.torch_comm()
     cfg = config.load(args.job, [*DEFAULT_SET, f"train.max_steps={args.steps}", *args.set])
-    d = cfg.data
-    ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=cfg.train.seed)
-    tmp = dc._tmpdir(comm)
-    results = {"ours": [], "ddp": []}
-    try:
-        for rep in range(args.repeats):
-            for which in (("ours", "ddp") if rep % 2 == 0 else ("ddp", "ours")):
-                if which == "ours":
-                    r = dc.run_ours(cfg, comm, tmp)
-                    r["global_tokens"] = cfg.train.batch_size * cfg.model.block_size * comm.Get_size()
-                else:
-                    r = run_ddp(cfg, comm, tmp, rep, args.steps)
-                results[which].append(r)
-    finally:
-        comm.Barrier()
-        if comm.Get_rank() == 0:
-            import shutil
+    ensure_dataset(cfg.data.path, cfg.data.dataset, comm, shards=cfg.data.shards, seed=cfg.train.seed)
 
-            shutil.rmtree(tmp, ignore_errors=True)
-    if comm.Get_rank() == 0:
-        print("RESULT " + json.dumps({"ranks": comm.Get_size(), "config": cfg.to_dict(),
-                                      "torch": torch.__version__, **results}), flush=True)
-    return 0
+    def ours(tmp):
+        r = dc.run_ours(cfg, comm, tmp)
+        r["global_tokens"] = cfg.train.batch_size * cfg.model.block_size * comm.Get_size()
+        return r
+
+    return dc.interleaved(comm, cfg, args.repeats, ours, lambda tmp, rep: run_ddp(cfg, comm, tmp, rep, args.steps))
 
 
 def table(results) -> str:

@@ -43,9 +43,10 @@ def timed(comm, fn, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def measure(comm, contenders: dict, rounds: int, budget_s: float) -> tuple[dict, dict]:
+def measure(comm, contenders: dict, rounds: int, budget_s: float, shuffle: bool = False) -> tuple[dict, dict]:
     """({name: best seconds per op}, {name: median seconds per op}): calibrated iters (the same on every
-    rank), interleaved rounds; per rank the best (or median) round, then the maximum over ranks."""
+    rank), interleaved rounds; per rank the best (or median) round, then the maximum over ranks.
+    Each round rotates the order by one, or (``shuffle``) draws a random one, the same on every rank."""
     for fn in contenders.values():  # warm-up
         fn()
         fn()
@@ -53,8 +54,10 @@ def measure(comm, contenders: dict, rounds: int, budget_s: float) -> tuple[dict,
     iters = comm.allreduce(max(3, min(5000, int(budget_s / max(est, 1e-7)))), op=MPI.MAX)
     names = list(contenders)
     got = {k: [] for k in names}
+    rng = np.random.default_rng(17)
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = [names[i] for i in rng.permutation(len(names))] if shuffle else \
+            names[r % len(names):] + names[:r % len(names)]
         for k in order:
             got[k].append(timed(comm, contenders[k], iters))
     best = {k: comm.allreduce(float(np.min(v)), op=MPI.MAX) for k, v in got.items()}

@@ -30,7 +30,7 @@ import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plan_latency import sizes, timed  # noqa: E402  (the house timing loop)
+from plan_latency import measure, sizes  # noqa: E402  (the house timing loop)
 
 import mpitrain  # noqa: E402
 from mpitrain.collectives.partition import chunk_bounds  # noqa: E402
@@ -38,26 +38,6 @@ from mpitrain.runtime import get_comm  # noqa: E402
 from mpitrain.units import format_size, parse_size  # noqa: E402
 
 TAG = 77
-
-
-def measure(comm, contenders: dict, rounds: int, budget_s: float) -> tuple[dict, dict]:
-    """plan_latency.measure, but each round in a fresh random order (the same on every rank): a fixed
-    rotation always runs the same contender after the same one, and here the one after ``wire`` paid
-    for it (measured: the same plan 1.1-1.9x slower in that position than in another)."""
-    for fn in contenders.values():  # warm-up
-        fn()
-        fn()
-    est = max(timed(comm, fn, 3) for fn in contenders.values())
-    iters = comm.allreduce(max(3, min(5000, int(budget_s / max(est, 1e-7)))), op=MPI.MAX)
-    names = list(contenders)
-    got = {k: [] for k in names}
-    rng = np.random.default_rng(17)
-    for _ in range(rounds):
-        for i in rng.permutation(len(names)):
-            got[names[i]].append(timed(comm, contenders[names[i]], iters))
-    best = {k: comm.allreduce(float(np.min(v)), op=MPI.MAX) for k, v in got.items()}
-    med = {k: comm.allreduce(float(np.median(v)), op=MPI.MAX) for k, v in got.items()}
-    return best, med
 
 
 def exchange(comm, buf, tmp):
@@ -117,7 +97,9 @@ def main() -> None:
             fns["exchange"] = exchange(raw, buf, tmp)
         fns["native"] = lambda: raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         fns["wire"] = wire(raw, buf, tmp)
-        t, m = measure(comm, fns, args.rounds, args.budget)
+        # a random order each round: a fixed rotation always runs the same contender after the same one,
+        # and the one after ``wire`` paid for it (measured: the same plan 1.1-1.9x slower in that place)
+        t, m = measure(comm, fns, args.rounds, args.budget, shuffle=True)
         h.free()
         row = {"bytes": nbytes, **{k: v * 1e6 for k, v in t.items()}, **{k + "_med": v * 1e6 for k, v in m.items()}}
         rows.append(row)

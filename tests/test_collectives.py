@@ -12,6 +12,28 @@ pytestmark = pytest.mark.mpi
 LENGTHS = [0, 1, 2, 3, 5, 7, 17, 100, 1001]
 
 
+def _spans_nodes(comm) -> bool:
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    spans = comm.allreduce(node.Get_size(), op=MPI.MIN) < comm.Get_size()
+    node.Free()
+    return spans
+
+
+@pytest.fixture(autouse=True)
+def shm_on_one_node(request, comm):
+    """shm on ranks of several nodes (tests/test_hosts.py runs this file across emulated hosts): it
+    refuses on every rank -- checked here -- and the test with algorithm='shm' is skipped."""
+    params = getattr(request.node, "callspec", None)
+    if params is None or params.params.get("algorithm") != "shm":
+        return
+    if _spans_nodes(comm):
+        from mpitrain.collectives.shm import NodeError
+
+        with pytest.raises(NodeError, match="needs every rank on one node"):
+            allreduce(np.ones(5, np.float32), comm, algorithm="shm")
+        pytest.skip("algorithm='shm' needs every rank on one node (its refusal checked)")
+
+
 @pytest.fixture(autouse=True)
 def small_segments(monkeypatch):
     """Tiny ring segments, so a few hundred elements already cross many segments and slots."""
@@ -172,6 +194,10 @@ def test_subcommunicators_of_any_size(comm):
             q = sub.Get_size()
             for alg in ALGORITHMS:
                 x = np.arange(13, dtype=np.int64) * (sub.Get_rank() + 1)
+                if alg == "shm" and _spans_nodes(sub):  # refused on every rank of ``sub`` (emulated hosts)
+                    with pytest.raises(ValueError, match="needs every rank on one node"):
+                        allreduce(x, sub, algorithm=alg)
+                    continue
                 allreduce(x, sub, algorithm=alg)
                 np.testing.assert_array_equal(x, np.arange(13) * q * (q + 1) // 2)
         finally:

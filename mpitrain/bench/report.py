@@ -101,32 +101,30 @@ def _peaks(rows, algs) -> list[str]:
     return out
 
 
+def _against(rows, algs, ceiling: str, how: str, ratio: str) -> list[str]:
+    """A ceiling row's peak, and each algorithm's busbw over the ceiling's at the largest size."""
+    top_rows = {r["size"]: r for r in rows if r["algorithm"] == ceiling}
+    if not top_rows:
+        return []
+    peak = max(top_rows.values(), key=lambda r: r["busbw"])
+    out = [f"# {ceiling:>8}: peak {peak['busbw']:.3f} GB/s at {format_size(peak['size'])} {how}"]
+    top = max(top_rows)
+    for a in algs:
+        r = next((r for r in rows if r["algorithm"] == a and r["size"] == top), None)
+        if r is not None and top_rows[top]["busbw"] > 0:
+            out.append(f"# {a:>8}: {ratio} at {format_size(top)}: {r['busbw'] / top_rows[top]['busbw']:.2f}")
+    return out
+
+
 def _ceilings(rows, algs) -> list[str]:
-    """The memcpy and d2h peaks, and each algorithm's busbw against the d2h ceiling at the largest size."""
+    """The memcpy, p2p and d2h peaks, and each algorithm's busbw against p2p and d2h at the largest size."""
     out = []
     mc = [r for r in rows if r["algorithm"] == "memcpy"]
     if mc:
         peak = max(mc, key=lambda r: r["busbw"])
         out.append(f"#   memcpy: peak {peak['busbw']:.3f} GB/s at {format_size(peak['size'])} (one rank)")
-    wire = {r["size"]: r for r in rows if r["algorithm"] == "p2p"}
-    if wire:
-        peak = max(wire.values(), key=lambda r: r["busbw"])
-        out.append(f"#      p2p: peak {peak['busbw']:.3f} GB/s at {format_size(peak['size'])} (ping-pong, ranks 0-1)")
-        top = max(wire)
-        for a in algs:
-            r = next((r for r in rows if r["algorithm"] == a and r["size"] == top), None)
-            if r is not None and wire[top]["busbw"] > 0:
-                out.append(f"# {a:>8}: busbw / p2p at {format_size(top)}: {r['busbw'] / wire[top]['busbw']:.2f}")
-    d2h = {r["size"]: r for r in rows if r["algorithm"] == "d2h"}
-    if d2h:
-        peak = max(d2h.values(), key=lambda r: r["busbw"])
-        out.append(f"#      d2h: peak {peak['busbw']:.3f} GB/s at {format_size(peak['size'])} (all ranks at once)")
-        top = max(d2h)
-        for a in algs:
-            r = next((r for r in rows if r["algorithm"] == a and r["size"] == top), None)
-            if r is not None and d2h[top]["busbw"] > 0:
-                out.append(f"# {a:>8}: busbw / d2h ceiling at {format_size(top)}: "
-                           f"{r['busbw'] / d2h[top]['busbw']:.2f}")
+    out += _against(rows, algs, "p2p", "(ping-pong, ranks 0-1)", "busbw / p2p")
+    out += _against(rows, algs, "d2h", "(all ranks at once)", "busbw / d2h ceiling")
     return out
 
 
