@@ -281,28 +281,36 @@ def main(argv=None) -> int:
         return 0
     if args.worker:
         return worker(args)
+
+    def header(results, cores):
+        cfg = results[0]["config"]
+        return (f"MLP {cfg['data'].get('features') or '?'}-{'-'.join(map(str, cfg['model']['hidden']))}-"
+                f"{cfg['data'].get('classes') or '?'} {cfg['model']['activation']}, batch "
+                f"{cfg['train']['batch_size']} per rank, {cfg['train']['epochs']} epoch(s) of {cfg['data']['rows']} "
+                f"rows, SGD momentum {cfg['train']['momentum']}, mpitrain allreduce={cfg['comm']['algorithm']}"
+                f"{', buckets ' + str(cfg['comm']['bucket_bytes']) + ' B' if cfg['comm'].get('bucket_bytes') else ''}; "
+                f"torch {results[0]['torch']} (gloo); 1 thread per rank; {cores} cores.\n"
+                f"samples/s: wall clock of the epochs (training + per-epoch test), best of {args.repeats} "
+                "interleaved runs; per-step: global batch / median step time (forward, backward, gradient "
+                "averaging, optimizer step; slowest rank), median over the runs")
+
+    return drive(args, argv, Path(__file__).resolve(), "samples_per_s", "samples/s", header, table)
+
+
+def drive(args, argv, script: Path, key: str, unit: str, header, table, extra=()) -> int:
+    """The driver of both comparisons: one mpirun per N, the per-N line, the header and the table."""
     cores = os.cpu_count() or 1
     results = []
     for n in [int(x) for x in args.ranks.split(",") if x.strip()]:
-        r = launch(n, args)
+        r = launch(n, args, script=script, extra=extra)
         r["oversubscribed"] = n > cores
         results.append(r)
-        print(f"# N={n}: mpitrain {[round(x['samples_per_s']) for x in r['ours']]} samples/s, "
-              f"DDP {[round(x['samples_per_s']) for x in r['ddp']]}", file=sys.stderr, flush=True)
-    cfg = results[0]["config"]
-    head = (f"MLP {cfg['data'].get('features') or '?'}-{'-'.join(map(str, cfg['model']['hidden']))}-"
-            f"{cfg['data'].get('classes') or '?'} {cfg['model']['activation']}, batch {cfg['train']['batch_size']} "
-            f"per rank, {cfg['train']['epochs']} epoch(s) of {cfg['data']['rows']} rows, SGD momentum "
-            f"{cfg['train']['momentum']}, mpitrain allreduce={cfg['comm']['algorithm']}"
-            f"{', buckets ' + str(cfg['comm']['bucket_bytes']) + ' B' if cfg['comm'].get('bucket_bytes') else ''}; "
-            f"torch {results[0]['torch']} (gloo); 1 thread per rank; {cores} cores.\n"
-            f"samples/s: wall clock of the epochs (training + per-epoch test), best of {args.repeats} interleaved "
-            "runs; per-step: global batch / median step time (forward, backward, gradient averaging, "
-            "optimizer step; slowest rank), median over the runs")
-    text = head + "\n\n" + table(results)
+        print(f"# N={n}: mpitrain {[round(x[key]) for x in r['ours']]} {unit}, "
+              f"DDP {[round(x[key]) for x in r['ddp']]}", file=sys.stderr, flush=True)
+    text = header(results, cores) + "\n\n" + table(results)
     print(text)
     if args.markdown:
-        cmd = "python benchmarks/ddp_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = f"python benchmarks/{script.name} " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(args.markdown).write_text(f"`{cmd.strip()}`\n\n{text}\n")
     return 0
 

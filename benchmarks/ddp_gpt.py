@@ -27,7 +27,6 @@ script says so and exits 0 (``pip install torch`` -- the CPU build).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -145,27 +144,16 @@ def main(argv=None) -> int:
         return 0
     if args.worker:
         return worker(args)
-    extra = ["--steps", str(args.steps)]
-    cores = os.cpu_count() or 1
-    results = []
-    for n in [int(x) for x in args.ranks.split(",") if x.strip()]:
-        r = dc.launch(n, args, script=Path(__file__).resolve(), extra=extra)
-        r["oversubscribed"] = n > cores
-        results.append(r)
-        print(f"# N={n}: mpitrain {[round(x['tokens_per_s']) for x in r['ours']]} tokens/s, "
-              f"DDP {[round(x['tokens_per_s']) for x in r['ddp']]}", file=sys.stderr, flush=True)
-    m, t = results[0]["config"]["model"], results[0]["config"]["train"]
-    head = (f"GPT {m['n_layer']}L {m['n_head']}H {m['n_embd']}C ctx {m['block_size']}, batch {t['batch_size']} "
-            f"windows per rank, {args.steps} steps of AdamW, mpitrain allreduce="
-            f"{results[0]['config']['comm']['algorithm']}; torch {results[0]['torch']} (gloo, SDPA attention); "
-            f"1 thread per rank; {cores} cores.\ntokens/s: best of {args.repeats} interleaved runs; per-step: "
-            "global tokens per step / median step time (slowest rank), median over the runs")
-    text = head + "\n\n" + table(results)
-    print(text)
-    if args.markdown:
-        cmd = "python benchmarks/ddp_gpt.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        Path(args.markdown).write_text(f"`{cmd.strip()}`\n\n{text}\n")
-    return 0
+    def header(results, cores):
+        m, t = results[0]["config"]["model"], results[0]["config"]["train"]
+        return (f"GPT {m['n_layer']}L {m['n_head']}H {m['n_embd']}C ctx {m['block_size']}, batch {t['batch_size']} "
+                f"windows per rank, {args.steps} steps of AdamW, mpitrain allreduce="
+                f"{results[0]['config']['comm']['algorithm']}; torch {results[0]['torch']} (gloo, SDPA attention); "
+                f"1 thread per rank; {cores} cores.\ntokens/s: best of {args.repeats} interleaved runs; per-step: "
+                "global tokens per step / median step time (slowest rank), median over the runs")
+
+    return dc.drive(args, argv, Path(__file__).resolve(), "tokens_per_s", "tokens/s", header, table,
+                    extra=["--steps", str(args.steps)])
 
 
 if __name__ == "__main__":
