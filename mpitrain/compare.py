@@ -34,8 +34,9 @@ STRATEGIES = {
     "local4": ["train.sync_every=4"],
     "local16": ["train.sync_every=16"],
     "ps": ["comm.mode=\"ps\"", "comm.max_staleness=4"],
+    "zero1": ["train.zero=1"],  # the same averages as sync; optimizer state sharded (sync/zero.py)
 }
-DEFAULT = "sync,fp16,topk,topk-noef,sign,sign-noef,local4,local16,ps"
+DEFAULT = "sync,fp16,topk,topk-noef,sign,sign-noef,local4,local16,ps,zero1"
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
