@@ -8,7 +8,7 @@ all-reduce:
     raise   raise RuntimeError (a bug on one rank)
     exit    os._exit(3) without telling anyone
     kill    SIGKILL itself (what the OOM killer does)
-    hang    sleep forever before the collective (a stuck rank)
+    hang    sleep forever before the collective (a stuck rank); says so on stderr first
     nan     put NaN into its gradients
     ckptkill  SIGKILL itself while writing the next checkpoint (rank 0)
     usr1    send itself SIGUSR1 (what `#SBATCH --signal` does before the time limit)
@@ -30,9 +30,10 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 
-from .runtime import UserError, job_size
+from .runtime import UserError, job_size, tag
 
 KINDS = ("raise", "exit", "kill", "hang", "nan", "ckptkill", "usr1", "slow", "finish")
 SLOW_S = 0.05  # seconds per step of a "slow" rank; MPITRAIN_SLOW_S overrides
@@ -99,7 +100,9 @@ class Faults:
                 os._exit(3)
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            if kind == "hang":
+            if kind == "hang":  # said once, so that a test (or a reader of the log) knows when it began
+                print(f"{tag()} fault: hanging before the gradient all-reduce of step {step} (MPITRAIN_FAULT)",
+                      file=sys.stderr, flush=True)
                 while True:
                     time.sleep(3600)
             if kind == "usr1":

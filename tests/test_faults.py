@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,30 +152,56 @@ def _rank_pids(marker: str) -> dict[int, int]:
     return found
 
 
+class Watched:
+    """A job in its own session whose output (stdout and stderr together) is read as it comes:
+    ``wait_for(text)`` returns once a line holds ``text`` -- an event, not a guess at how long it takes."""
+
+    def __init__(self, cmd, cwd, env):
+        self.p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True)
+        self.lines, self.closed, self._cond = [], False, threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60) -> bool:
+        seen = lambda: any(text in ln for ln in self.lines)  # noqa: E731
+        with self._cond:
+            self._cond.wait_for(lambda: seen() or self.closed, timeout)
+            return seen()
+
+    def text(self) -> str:
+        """All the output (the job has ended: its pipe is drained first)."""
+        self._reader.join(10)
+        return "".join(self.lines)
+
+
 def test_kill_9_during_allreduce_ends_the_job(digits, tmp_path):
-    # a big model: ~4.3M parameters (17 MB of gradients), so a rank spends much of a step in the ring
+    """Rank 1 stops before the all-reduce of step 5 (a hang fault, which says so) while rank 0 goes on
+    into the ring and waits there for it; then rank 1 is SIGKILLed. The job must end, promptly."""
     ck = tmp_path / "kill9-ckpt"
     cmd = [MPIRUN, "-n", "2", PY, "-m", "mpitrain", "--set", f"data.path={digits}", "--set",
-           f"checkpoint.dir={ck}", "--set", "model.hidden=[2048,2048]", "--set", "train.epochs=50",
-           "--set", "checkpoint.every=0"]
-    out = (tmp_path / "out.txt").open("w+")
+           f"checkpoint.dir={ck}", "--set", "train.epochs=50", "--set", "checkpoint.every=0"]
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    job = Watched(cmd, tmp_path, _env("1:5:hang"))
     try:
-        deadline = time.monotonic() + 60
-        while "epoch 1/50  step" not in (tmp_path / "out.txt").read_text() and time.monotonic() < deadline:
-            assert p.poll() is None, (tmp_path / "out.txt").read_text()
-            time.sleep(0.1)
-        time.sleep(1.0)  # well into training: the ranks spend most of a step averaging gradients
+        assert job.wait_for("fault: hanging before the gradient all-reduce of step 5"), "".join(job.lines)
         pids = _rank_pids(str(ck))
         assert set(pids) == {0, 1}, pids
         killed = time.monotonic()
         os.kill(pids[1], signal.SIGKILL)
-        rc = p.wait(timeout=LIMIT)
+        rc = job.p.wait(timeout=LIMIT)
     finally:
-        _kill_group(p)
-    text = (tmp_path / "out.txt").read_text()
+        _kill_group(job.p)
+    text = job.text()
     print(f"kill -9 of rank 1: the job ended {time.monotonic() - killed:.1f} s later")
     assert rc != 0, text
     assert time.monotonic() - killed < BOUND, text
@@ -241,23 +268,16 @@ def test_sigterm_ends_a_job_with_a_stuck_rank(digits, tmp_path):
     """
     cmd = [MPIRUN, "-n", "2", PY, "-m", "mpitrain", "--set", f"data.path={digits}", "--set",
            f"checkpoint.dir={tmp_path / 'c'}", *TINY]
-    log = tmp_path / "out.txt"
-    with log.open("w") as out:
-        p = subprocess.Popen(cmd, cwd=tmp_path, env=_env("1:30:hang", MPITRAIN_TERM_GRACE_S="3"),
-                             stdout=out, stderr=out, text=True, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while "epoch   1/2" not in log.read_text() and time.monotonic() < deadline:
-                assert p.poll() is None, log.read_text()
-                time.sleep(0.1)
-            time.sleep(1.0)  # rank 1 is stuck at step 30 by now, rank 0 waits in the all-reduce
-            t0 = time.monotonic()
-            p.send_signal(signal.SIGTERM)
-            rc = p.wait(timeout=LIMIT)
-            wall = time.monotonic() - t0
-        finally:
-            _kill_group(p)
-    text = log.read_text()
+    job = Watched(cmd, tmp_path, _env("1:30:hang", MPITRAIN_TERM_GRACE_S="3"))
+    try:  # rank 1 says it stopped; rank 0 is then in (or on its way into) the all-reduce it never leaves
+        assert job.wait_for("fault: hanging before the gradient all-reduce of step 30"), "".join(job.lines)
+        t0 = time.monotonic()
+        job.p.send_signal(signal.SIGTERM)
+        rc = job.p.wait(timeout=LIMIT)
+        wall = time.monotonic() - t0
+    finally:
+        _kill_group(job.p)
+    text = job.text()
     job = Job(rc, "", text, wall)
     failed_cleanly(job, "got SIGTERM 3 s ago, but the ranks could not stop at a step boundary", "--resume",
                    rank=0)
@@ -505,8 +525,12 @@ def test_sigterm_delivered_twice_at_once_is_one_kill_but_a_later_one_ends_the_ra
     """srun and the batch script's trap may both forward one scancel: that must not skip the checkpoint."""
     from mpitrain import watchdog
 
-    monkeypatch.setattr(watchdog.TermGrace, "_fire", lambda self, what: fired.append(what))
-    fired = []
+    def fire(self, what):
+        fired.append(what)
+        ended.set()
+
+    monkeypatch.setattr(watchdog.TermGrace, "_fire", fire)
+    fired, ended = [], threading.Event()
     old = signal.signal(signal.SIGTERM, lambda *a: None)  # the trainer's stop flag stands in here
     grace = watchdog.TermGrace(grace_s=60)
     try:
@@ -517,9 +541,7 @@ def test_sigterm_delivered_twice_at_once_is_one_kill_but_a_later_one_ends_the_ra
         assert fired == [], fired
         time.sleep(watchdog.TERM_DUPLICATE_S)
         os.kill(os.getpid(), signal.SIGTERM)  # the user insists
-        deadline = time.monotonic() + 5
-        while not fired and time.monotonic() < deadline:
-            time.sleep(0.05)
+        ended.wait(5)
         assert fired and fired[0].startswith("a second SIGTERM"), fired
     finally:
         grace.restore()
