@@ -264,17 +264,22 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str, job: Path, set_help: str) -> argparse.ArgumentParser:
+    """The options both comparisons take (ddp_gpt.py adds --steps)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts (default 1,2,4)")
-    ap.add_argument("--job", default=str(DEFAULT_JOB), help="job file (default jobs/synthetic.toml)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a job key for both (after the defaults: " + " ".join(DEFAULT_SET) + ")")
+    ap.add_argument("--job", default=str(job), help=f"job file (default {job.relative_to(ROOT)})")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each per N (default 3)")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table (and the command) to FILE")
     ap.add_argument("--log-dir", default="runs", help="worker logs go here (default runs/)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per mpirun")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser(__doc__, DEFAULT_JOB, "override a job key for both (after the defaults: " + " ".join(DEFAULT_SET) + ")")
     args = ap.parse_args(argv)
     if not have_torch():
         print("ddp_compare: PyTorch is not installed; skipping (pip install torch -- the CPU build is enough)")

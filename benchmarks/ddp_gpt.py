@@ -26,7 +26,6 @@ script says so and exits 0 (``pip install torch`` -- the CPU build).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -128,16 +127,8 @@ def table(results) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts (default 1,2,4)")
-    ap.add_argument("--job", default=str(DEFAULT_JOB), help="job file (default jobs/gpt.toml)")
+    ap = dc.parser(__doc__, DEFAULT_JOB, "override a job key for both")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a job key for both")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each per N (default 3)")
-    ap.add_argument("--markdown", metavar="FILE", help="also write the table (and the command) to FILE")
-    ap.add_argument("--log-dir", default="runs", help="worker logs go here (default runs/)")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per mpirun")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not dc.have_torch():
         print("ddp_gpt: PyTorch is not installed; skipping (pip install torch -- the CPU build is enough)")

@@ -16,9 +16,6 @@ made once under runs/graphs-bench; prints test accuracy, graphs/s (samples_per_s
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,17 +68,17 @@ def kernel(args):
                   f"{t['add.at'] / t['bincount']:.1f}x |", flush=True)
 
 
-def _train(n, job, data, out, extra=()):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    mpirun = str(Path(sys.executable).with_name("mpirun"))
-    cmd = [mpirun, "-n", str(n), sys.executable, "-m", "mpitrain", "train", str(ROOT / "jobs" / job), "--set",
-           f"data.path={data}", "--set", f"checkpoint.dir={out}/ck-{job}-{n}", "--set", "checkpoint.every=0",
-           "--metrics-out", f"{out}/m.json", *extra]
+def _train(n, job, data, out, sets=()):
+    from mpitrain.compare import train_run
+    from mpitrain.runtime import UserError
+
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if p.returncode:
-        sys.exit(p.stdout + p.stderr)
-    return json.loads(Path(f"{out}/m.json").read_text()), time.perf_counter() - t0
+    try:
+        m = train_run(n, [f"data.path={data}", f"checkpoint.dir={out}/ck-{job}-{n}", "checkpoint.every=0", *sets],
+                      Path(f"{out}/m.json"), job=ROOT / "jobs" / job, what=f"{job} on {n} rank(s)")
+    except UserError as e:
+        sys.exit(str(e))
+    return m, time.perf_counter() - t0
 
 
 def jobs(args):
@@ -91,7 +88,7 @@ def jobs(args):
     with tempfile.TemporaryDirectory() as out:
         for job, ranks in (("graph.toml", args.ranks), ("graph-mlp.toml", [2])):
             for n in ranks:
-                m, wall = _train(n, job, data, out, [a for s in args.set for a in ("--set", s)])
+                m, wall = _train(n, job, data, out, args.set)
                 print(f"| {job} | {n} | {m['test_accuracy']:.4f} | {m['samples_per_s']:,.0f} | {wall:.1f} |",
                       flush=True)
 

@@ -2,7 +2,8 @@
 # Whole training jobs before/after a change (default: the branch `main` vs the working tree), interleaved,
 # 2 ranks, one all-reduce vs buckets of 256 KiB, on the synthetic job (8 Ki rows) and jobs/gpt-tiny.toml.
 #   bash benchmarks/plan_steps.sh [BASE_REF]      (docs/benchmarks.md "Training on plans")
-# "before" runs BASE_REF's mpitrain package (git archive into a temporary directory, on PYTHONPATH).
+# "before" runs BASE_REF's mpitrain package (git archive into a temporary directory, on PYTHONPATH;
+# PYTHONSAFEPATH=1, or `python -m` would put the working tree first on sys.path and run it instead).
 # The in-process A/B (plans vs per-step calls, alternating steps): benchmarks/plan_steps.py.
 cd "$(dirname "$0")/.."
 BASE=${1:-main}
@@ -18,7 +19,7 @@ for who in before after; do
   pp=""; [ "$who" = before ] && pp=$T
   J=$SYN; [ "$job" = gpt ] && J=$GPT
   out=$T/$job-$b-$who-$rep.json
-  PYTHONPATH=$pp OMP_NUM_THREADS=1 timeout 300 .venv/bin/mpirun -n 2 .venv/bin/python -m mpitrain train $J \
+  PYTHONSAFEPATH=1 PYTHONPATH=$pp OMP_NUM_THREADS=1 timeout 300 .venv/bin/mpirun -n 2 .venv/bin/python -m mpitrain train $J \
     --set checkpoint.every=0 --set checkpoint.dir="$T/ck" --set comm.bucket_bytes=$b --metrics-out "$out" \
     > "$T/log" 2>&1 || { echo "FAILED: $job $b $who"; tail -3 "$T/log"; continue; }
   .venv/bin/python -c "

@@ -22,6 +22,8 @@ mpirun -n 3 python benchmarks/ring_wire.py --rounds 11 --budget 0.02 --max 64MiB
 uptime
 python benchmarks/train_steps.py --repeats 2 --markdown runs/q-steps-after.md > runs/q-steps-after.txt 2>&1
 python benchmarks/train_steps.py --repeats 2 --code "${BEFORE:-/tmp/before}" --variants "ring,ring + buckets,native,native + buckets" --markdown runs/q-steps-before.md > runs/q-steps-before.txt 2>&1
+bash benchmarks/plan_steps.sh 22496bd > runs/q-plan-steps.txt 2>&1
+mpirun -n 2 python benchmarks/shm_floor.py > runs/q-shm-floor-n2.txt 2>&1
 python benchmarks/gpt_profile.py --steps 20 > runs/q-profile.txt 2>&1
 mpirun -n 2 python -m mpitrain bench --fit --max 64MiB --step 2 > runs/q-fit.txt 2>&1
 uptime

@@ -22,36 +22,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from mpitrain.compare import train_run  # noqa: E402  (mpirun ... train --metrics-out, one thread per rank)
+from mpitrain.runtime import UserError  # noqa: E402
 DEFAULT_JOB = ROOT / "jobs" / "synthetic.toml"
 # a smaller variant of the synthetic job (same widths, batch and data generator): one epoch of 16 Ki rows
 DEFAULT_SET = ["data.path=data/bench/synthetic-16k", "data.rows=16384", "train.epochs=1", "checkpoint.every=0"]
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def run_one(n: int, algorithm: str, args, tmp: Path) -> dict:
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
-    out = tmp / f"m-{n}-{algorithm}.json"
-    out.unlink(missing_ok=True)
     sets = [*DEFAULT_SET, *args.set, f"comm.algorithm={algorithm}"]
-    cmd = [mpirun, "-n", str(n), sys.executable, "-m", "mpitrain", "train", str(args.job)]
-    for s in sets:
-        cmd += ["--set", s]
-    cmd += ["--metrics-out", str(out)]
-    env = dict(os.environ, **THREAD_ENV)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if res.returncode != 0 or not out.exists():
-        sys.stderr.write(res.stdout[-3000:] + res.stderr[-3000:])
-        raise SystemExit(f"N={n} {algorithm}: training failed (exit {res.returncode})")
-    m = json.loads(out.read_text())
+    try:
+        m = train_run(n, sets, tmp / f"m-{n}-{algorithm}.json", job=args.job, timeout=args.timeout,
+                      env={"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}, cwd=ROOT,
+                      what=f"N={n} {algorithm}")
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     print(f"#   N={n} {algorithm:>6}: {m['samples_per_s']:8,.0f} samples/s, comm {100 * m['comm_fraction']:.0f}%",
           file=sys.stderr, flush=True)
     return m

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+sys.path.insert(0, str(ROOT))
+from mpitrain.compare import train_run  # noqa: E402  (mpirun ... train --metrics-out, one thread per rank)
+from mpitrain.runtime import UserError  # noqa: E402
 
 
 def worker(scale: str, argv: list[str]) -> int:
@@ -43,23 +42,15 @@ def worker(scale: str, argv: list[str]) -> int:
 
 
 def run_one(args, block: int, seed: int, scale: str, tmp: Path) -> dict:
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
-    out = tmp / f"m-{scale}-{block}-{seed}.json"
-    out.unlink(missing_ok=True)
     sets = ['comm.compress="sign"', f"comm.sign_block={block}", f"train.seed={seed}", "checkpoint.every=0",
             f'data.path="{args.data}"', *args.set]
     entry = ["-m", "mpitrain"] if scale == "rms" else [str(Path(__file__).resolve()), "--worker-scale", scale, "--"]
-    cmd = [mpirun, "-n", str(args.ranks), sys.executable, *entry, "train"]
-    for s in sets:
-        cmd += ["--set", s]
-    cmd += ["--metrics-out", str(out)]
-    env = dict(os.environ, **THREAD_ENV)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if res.returncode != 0 or not out.exists():
-        sys.stderr.write(res.stdout[-3000:] + res.stderr[-3000:])
-        raise SystemExit(f"scale={scale} block={block} seed={seed}: training failed (exit {res.returncode})")
-    m = json.loads(out.read_text())
+    try:
+        m = train_run(args.ranks, sets, tmp / f"m-{scale}-{block}-{seed}.json", entry=entry, timeout=args.timeout,
+                      env={"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}, cwd=ROOT,
+                      what=f"scale={scale} block={block} seed={seed}")
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     print(f"#   {scale:>4} block {block:>5} seed {seed}: test acc {m['test_accuracy']:.4f}, "
           f"{m['bytes_per_step']:,.0f} B/step/rank", file=sys.stderr, flush=True)
     return m

@@ -17,14 +17,15 @@ checkout does not know (a config error) print "n/a".
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from mpitrain.compare import train_run  # noqa: E402  (mpirun ... train --metrics-out, one thread per rank)
+from mpitrain.runtime import UserError  # noqa: E402
 B = "comm.bucket_bytes=1048576"
 JOBS = {
     "synthetic": ("jobs/synthetic.toml", ["data.path=data/bench/synthetic-16k", "data.rows=16384", "train.epochs=1",
@@ -43,17 +44,11 @@ VARIANTS = {
 
 def run(job, sets, n, code, tmp) -> dict | None:
     path, base = JOBS[job]
-    out = Path(tmp) / "m.json"
-    cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", str(n), sys.executable, "-m", "mpitrain", "train",
-           path, "--metrics-out", str(out)]
-    for s in (*base, *sets):
-        cmd += ["--set", s]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=str(code))
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
+    try:
+        m = train_run(n, [*base, *sets], Path(tmp) / "m.json", job=path, timeout=900, cwd=ROOT,
+                      env={"PYTHONPATH": str(code), "PYTHONSAFEPATH": "1"})  # not the cwd's package: ``code``'s
+    except UserError:  # a variant this checkout does not know: "n/a"
         return None
-    m = json.loads(out.read_text())
     st, t = max(m["steps"], 1), m["timers_s"]
     return {"step_ms": 1e3 * sum(t.values()) / st, "comm_ms": 1e3 * t.get("comm", 0) / st,
             "compute_ms": 1e3 * t.get("compute", 0) / st}

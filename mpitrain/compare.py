@@ -74,28 +74,39 @@ def _mpirun(explicit: str | None) -> str:
     return found
 
 
+def train_run(n: int, sets, metrics: Path, *, job=None, mpirun: str | None = None, timeout=None,
+              entry=("-m", "mpitrain"), env=None, cwd=None, what: str = "training") -> dict:
+    """``mpirun -n n python ENTRY train [JOB] --set S ... --metrics-out METRICS``, one thread per rank
+    (``env`` on top); its metrics, with ``"command"`` added. A run that fails, writes no metrics or
+    outlives ``timeout`` raises UserError naming ``what``, the command and the run's last lines.
+    Also what the benchmark scripts that train (benchmarks/*.py) call."""
+    metrics = Path(metrics)
+    metrics.unlink(missing_ok=True)
+    cmd = [mpirun or _mpirun(None), "-n", str(n), sys.executable, *entry, "train", *([str(job)] if job else [])]
+    for s in sets:
+        cmd += ["--set", s]
+    cmd += ["--metrics-out", str(metrics)]
+    try:
+        res = subprocess.run(cmd, env=dict(os.environ, **THREAD_ENV, **(env or {})), cwd=cwd,
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{what}: no result after {timeout:.0f} s (--timeout); command: {' '.join(cmd)}") from None
+    if res.returncode != 0 or not metrics.exists():
+        tail = (res.stdout + res.stderr).strip().splitlines()[-6:]
+        raise UserError(f"{what}: training failed (exit {res.returncode}); command: {' '.join(cmd)}\n  "
+                        + "\n  ".join(tail))
+    m = json.loads(metrics.read_text())
+    m["command"] = " ".join(cmd)
+    return m
+
+
 def run_one(name: str, rep: int, args, mpirun: str, out: Path) -> dict:
     """Train once with strategy ``name``; return its metrics (or raise UserError with the run's tail)."""
     path = out / f"{name}-{rep}.json"
-    path.unlink(missing_ok=True)
     sets = [*args.overrides, *STRATEGIES[name], f"checkpoint.dir={out / 'ckpt' / name}"]
-    cmd = [mpirun, "-n", str(args.ranks), sys.executable, "-m", "mpitrain", "train"]
-    cmd += [args.job] if args.job else []
-    for s in sets:
-        cmd += ["--set", s]
-    cmd += ["--metrics-out", str(path)]
-    env = dict(os.environ, **THREAD_ENV)
     t0 = time.perf_counter()
-    try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"{name}: no result after {args.timeout:.0f} s (--timeout); command: {' '.join(cmd)}")
-    if res.returncode != 0 or not path.exists():
-        tail = (res.stdout + res.stderr).strip().splitlines()[-6:]
-        raise UserError(f"{name}: training failed (exit {res.returncode}); command: {' '.join(cmd)}\n  "
-                        + "\n  ".join(tail))
-    m = json.loads(path.read_text())
-    m["name"], m["command"] = name, " ".join(cmd)
+    m = train_run(args.ranks, sets, path, job=args.job, mpirun=mpirun, timeout=args.timeout, what=name)
+    m["name"] = name
     path.write_text(json.dumps(m, indent=2) + "\n")
     print(f"# {name:<10} accuracy {m['test_accuracy']:.4f}  {time.perf_counter() - t0:5.1f} s  "
           f"{m['bytes_per_step'] / 1e3:9.1f} kB/step/rank", file=sys.stderr, flush=True)

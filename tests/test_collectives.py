@@ -115,14 +115,19 @@ def test_multidimensional_and_large(comm, monkeypatch):
     assert (x == p * (p + 1) / 2).all()
 
 
+def disagreeing(rank: int, what: str, other: str = "tree"):
+    """(n, dtype, op, algorithm) of a call where rank 1 differs from the others in ``what``."""
+    n, dtype, op, alg = 10, np.float32, "sum", "ring"
+    if rank != 1:
+        return n, dtype, op, alg
+    return {"length": (11, dtype, op, alg), "dtype": (n, np.float64, op, alg), "op": (n, dtype, "max", alg),
+            "algorithm": (n, dtype, op, other)}[what]
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("what", ["length", "dtype", "op", "algorithm"])
 def test_disagreeing_ranks_all_raise(comm, what):
-    r = comm.Get_rank()
-    n, dtype, op, alg = 10, np.float32, "sum", "ring"
-    if r == 1:
-        n, dtype, op, alg = {"length": (11, dtype, op, alg), "dtype": (n, np.float64, op, alg),
-                             "op": (n, dtype, "max", alg), "algorithm": (n, dtype, op, "tree")}[what]
+    n, dtype, op, alg = disagreeing(comm.Get_rank(), what)
     with pytest.raises(ValueError, match="disagree"):
         allreduce(np.ones(n, dtype), comm, op=op, algorithm=alg)
     # the communicator is still usable afterwards

@@ -43,6 +43,15 @@ def test_compare_reports_a_failed_strategy_and_exits_nonzero(tmp_path):
     assert "sync: training failed" in p.stderr and "train.epochs = 0 must be >= 1" in p.stderr
 
 
+def test_train_run_that_never_answers_is_a_timeout_error(tmp_path):
+    """A launcher that never returns (here: one that blocks for ever) ends at ``timeout`` with the command."""
+    stuck = tmp_path / "mpirun"
+    stuck.write_text(f"#!{sys.executable}\nimport select\nselect.select([], [], [])\n")
+    stuck.chmod(0o755)
+    with pytest.raises(compare.UserError, match=r"digits: no result after 1 s \(--timeout\); command: .*mpirun -n 2"):
+        compare.train_run(2, ["train.epochs=1"], tmp_path / "m.json", mpirun=str(stuck), timeout=1, what="digits")
+
+
 def test_unknown_strategy_lists_the_known_ones():
     with pytest.raises(compare.UserError, match="unknown 'bogus'; choose from sync, fp16"):
         compare._strategies("sync,bogus")

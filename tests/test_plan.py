@@ -97,11 +97,9 @@ def test_test_polls_to_completion_and_other_calls_overlap(comm, algorithm, dtype
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("case", ["length", "dtype", "op", "algorithm"])
 def test_disagreeing_init_raises_on_every_rank(comm, case):
-    r = comm.Get_rank()
-    n, dtype, op, alg = 10, np.float32, "sum", "ring"
-    if r == 1:
-        n, dtype, op, alg = {"length": (11, dtype, op, alg), "dtype": (n, np.float64, op, alg),
-                             "op": (n, dtype, "max", alg), "algorithm": (n, dtype, op, "native")}[case]
+    from test_collectives import disagreeing
+
+    n, dtype, op, alg = disagreeing(comm.Get_rank(), case, other="native")
     with pytest.raises(ValueError, match="allreduce_init"):
         mpitrain.allreduce_init(np.ones(n, dtype=dtype), comm, op=op, algorithm=alg)
     assert allreduce(np.ones(2), comm)[0] == comm.Get_size()  # still usable

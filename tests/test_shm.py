@@ -43,7 +43,7 @@ def assert_matches_native(comm, buf, n, r, dtype, op, where):
 
 @MPI_TEST
 def test_alloc_shared_is_seen_by_node_peers(comm):
-    r, p = comm.Get_rank(), comm.Get_size()
+    r = comm.Get_rank()
     a = mpitrain.alloc_shared(100, np.float64, comm)
     assert isinstance(a, np.ndarray) and a.shape == (100,) and a.dtype == np.float64 and (a == 0).all()
     a[...] = r + 1
@@ -84,7 +84,7 @@ def test_zero_copy_and_scratch_against_native(comm, dtype, tiny_tiles):
 
 @MPI_TEST
 def test_large_odd_size(comm):
-    r, p = comm.Get_rank(), comm.Get_size()
+    r = comm.Get_rank()
     n = 1000003
     a = mpitrain.alloc_shared(n, np.float32, comm)
     a[...] = rank_data(n, r, np.float32, "sum")
@@ -120,7 +120,7 @@ def test_back_to_back_calls_rewriting_the_buffer_at_once(comm, tiny_tiles, monke
 @MPI_TEST
 def test_mixed_shared_and_plain_buffers(comm):
     """Some ranks pass alloc_shared memory, others plain: every rank takes the scratch path."""
-    r, p = comm.Get_rank(), comm.Get_size()
+    r = comm.Get_rank()
     a = mpitrain.alloc_shared(1001, np.float64, comm)
     b = mpitrain.alloc_shared(1001, np.float64, comm)
     for buf in (a if r % 2 else np.zeros(1001), a if r == 0 else b, a[1:] if r == 0 else a[:-1]):
@@ -142,7 +142,7 @@ def test_mismatched_algorithm_raises_on_every_rank(comm):
 
 @MPI_TEST
 def test_nonblocking_and_plans(comm):
-    r, p = comm.Get_rank(), comm.Get_size()
+    r = comm.Get_rank()
     a = mpitrain.alloc_shared(1001, np.float16, comm)
     a[...] = rank_data(1001, r, np.float16, "sum")
     h = iallreduce(a, comm, algorithm="shm")
@@ -327,7 +327,7 @@ def test_hier_goes_through_shared_memory_within_hosts(comm, monkeypatch, spec):
         monkeypatch.delenv(hier.ENV, raising=False)
     hier.reset(st)
     try:
-        r, p = comm.Get_rank(), comm.Get_size()
+        r = comm.Get_rank()
         for op, dtype in (("sum", "float32"), ("avg", "float64"), ("max", "int64"), ("sum", "float16")):
             x = rank_data(1001, r, dtype, op)
             allreduce(x, comm, op=op, algorithm="hier")

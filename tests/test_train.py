@@ -270,6 +270,7 @@ def test_gradients_reduce_on_plans_bound_once_and_rebound_to_a_new_buffer(comm, 
     keys = {"bucket_bytes": buckets} if buckets else None
     plain, planned = _trainer(comm, "ring"), _trainer(comm, "ring", comm_keys=keys)
     s, grads = planned.run.strategy, planned.run.model.grads
+    first = None  # the plans of the first step
     try:
         for k in range(3):
             for t in (plain, planned):
@@ -277,7 +278,7 @@ def test_gradients_reduce_on_plans_bound_once_and_rebound_to_a_new_buffer(comm, 
             planned.run.step = plain.run.step = k + 1
             assert s._plan_buf is grads and len(s._plans) == len(s.cuts(grads.size)) > (1 if buckets else 0)
             assert all(isinstance(h, AllreducePlan) for h in s._plans)
-            first = first if k else list(s._plans)
+            first = first or list(s._plans)
             assert s._plans == first, "the same plans every step"
         np.testing.assert_allclose(planned.run.model.params, plain.run.model.params, rtol=1e-12, atol=1e-12)
         other = np.arange(grads.size, dtype=grads.dtype) * (r + 1)
