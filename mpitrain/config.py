@@ -95,6 +95,13 @@ class CommConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1                      # tensor-parallel ranks per stage (1 = off)
+    pp: int = 1                      # pipeline stages (the model's blocks split across ranks); 1 = off
+    schedule: str = "1f1b"           # pipeline schedule: 1f1b | gpipe
+
+
+@dataclass
 class CheckpointConfig:
     dir: str = "checkpoints/digits"
     every: int = 1                   # epochs; 0 = off
@@ -109,6 +116,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = "<defaults>"
 
     def to_dict(self) -> dict:
@@ -135,6 +143,7 @@ CHOICES = {
     ("comm", "mode"): ("sync", "ps"),
     ("comm", "compress"): ("none", "fp16", "topk", "sign"),
     ("data", "dataset"): ("digits", "synthetic", "graphs", "pycode", ""),
+    ("parallel", "schedule"): ("1f1b", "gpipe"),
 }
 
 
@@ -259,12 +268,17 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = at epoch ends only)"),
         ("train.eval_batches", t.eval_batches >= 0, "must be >= 0 (0 = all)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
+        ("parallel.pp", cfg.parallel.pp >= 1, "must be >= 1 (1 = no pipeline)"),
+        ("parallel.tp", cfg.parallel.tp >= 1, "must be >= 1 (1 = no tensor parallelism)"),
+        ("parallel.tp", cfg.parallel.tp == 1, "is not supported yet: tensor parallelism is not built; "
+         "set parallel.tp = 1"),
     ]
     for key, ok, why in rules:
         if not ok:
             s, k = key.split(".")
             raise UserError(f"{origins.get(key, cfg.source)}: {key} = {getattr(getattr(cfg, s), k)!r} {why}")
     _exclusive(cfg, origins)
+    _model_parallel(cfg, origins)
 
 
 MAX_WIDTH = 2**20              # model.hidden: widest layer accepted
@@ -305,6 +319,24 @@ def _exclusive(cfg: JobConfig, origins: dict) -> None:
                         f"strategy per job); keep one and reset the other to its default "
                         f"(comm.compress=\"none\", train.sync_every=1, comm.mode=\"sync\", comm.bucket_bytes=0, "
                         "train.zero=0)")
+
+
+def _model_parallel(cfg: JobConfig, origins: dict) -> None:
+    """What a pipeline does not combine with yet: one line naming both keys."""
+    pp, t, c = cfg.parallel.pp, cfg.train, cfg.comm
+    if pp == 1:
+        return
+    where = origins.get("parallel.pp", cfg.source)
+    clash = [("model.kind", cfg.model.kind, cfg.model.kind != "gpt", "only the GPT (model.kind = \"gpt\") has "
+              "pipeline stages"),
+             ("model.n_layer", cfg.model.n_layer, cfg.model.n_layer < pp, "every stage needs at least one block"),
+             ("comm.compress", c.compress, c.compress != "none", "reset comm.compress = \"none\""),
+             ("train.sync_every", t.sync_every, t.sync_every > 1, "reset train.sync_every = 1"),
+             ("comm.mode", c.mode, c.mode == "ps", "reset comm.mode = \"sync\""),
+             ("train.zero", t.zero, t.zero > 0, "reset train.zero = 0 (ZeRO with a pipeline is not built yet)")]
+    for key, value, bad, hint in clash:
+        if bad:
+            raise UserError(f"{where}: parallel.pp = {pp} and {key} = {value!r} do not combine: {hint}")
 
 
 def default_job_path() -> Path:

@@ -23,8 +23,9 @@ KINDS["mpnn"] = MPNN            # message passing on graph data (mpnn.py)
 KINDS["graph-mlp"] = GraphMLP   # its baseline: an MLP on each graph's mean node features
 
 
-def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.float32) -> Model:
-    """The model of ``kind`` for a data set described by ``spec`` (a data.spec.DataSpec)."""
+def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.float32, part=None) -> Model:
+    """The model of ``kind`` for a data set described by ``spec`` (a data.spec.DataSpec); ``part``: the
+    pipeline stage's share (models with ``pipeline = True`` only)."""
     cls = KINDS.get(kind)
     if cls is None:
         raise UserError(f"model.kind = {kind!r} is not a model; known: {', '.join(map(repr, KINDS))}")
@@ -32,7 +33,12 @@ def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.floa
         raise UserError(f"model.kind = {kind!r} trains on {' or '.join(cls.consumes)} data, but the data set "
                         f"yields {spec.describe()}; choose a data set of that kind (data.path / data.dataset) "
                         "or a model that consumes this one")
-    return cls.from_spec(spec, {k: options[k] for k in cls.options_keys}, xp=xp, seed=seed, dtype=dtype)
+    opts = {k: options[k] for k in cls.options_keys}
+    if part is not None:
+        if not getattr(cls, "pipeline", False):
+            raise UserError(f"model.kind = {kind!r} has no pipeline stages; set parallel.pp = 1")
+        return cls.from_spec(spec, opts, xp=xp, seed=seed, dtype=dtype, part=part)
+    return cls.from_spec(spec, opts, xp=xp, seed=seed, dtype=dtype)
 
 
 __all__ = ["Model", "MLP", "GPT", "MPNN", "GraphMLP", "KINDS", "build", "grads_allocator"]

@@ -27,6 +27,15 @@ the order wte, wpe, lm_head, then blocks 0..L-1): GPT-2 style N(0, 0.02) weights
 the residual projections (attn_proj.w, mlp_proj.w) N(0, 0.02/sqrt(2 n_layer)), zero biases, LayerNorm
 weights 1. Weight decay (AdamW) applies only to the 2-D linear weights (``decay_segments()``).
 
+Pipeline parts (``part=Part(lo, hi, embed, head)``; the whole model is ``Part(0, n_layer, True,
+True)``): a part holds only its tensors -- blocks [lo, hi), wte + wpe with ``embed``, lnf (+ lm_head, or
+wte when tied) with ``head`` -- in the same relative order, so its buffers are a subsequence of the
+full layout (``tensors()`` names them as the full model does). ``stage_forward`` / ``stage_backward``
+run one micro-batch through the part; ``loss_and_grad`` of the whole model is the same pieces
+composed, so a pipeline computes exactly what one rank computes. The tied ``wte`` gradient has two
+parts, the head's (``g_head``) and the embedding's; they are kept apart and added once
+(``keep_apart=True`` leaves the adding to the caller, as accumulation and pipelines need).
+
 Cost: training FLOPs per token ~ 6·N_mm + 12·L·T·C (``flops_per_token``), N_mm the parameters
 in matmuls (the blocks' weights and the head; not wpe, LayerNorm or biases). Activations kept
 for backward per layer ~ 16·N·C + B·nh·T² values (N = B·T). A model knows nothing of MPI.
@@ -35,6 +44,7 @@ for backward per layer ~ 16·N·C + B·nh·T² values (N = B·T). A model knows 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,13 +61,49 @@ def _block_shapes(C):
             "attn_qkv.w": (C, 3 * C), "attn_qkv.b": (3 * C,), "ln1.w": (C,), "ln1.b": (C,)}
 
 
+class Part(NamedTuple):
+    """The slice of the model one pipeline stage holds: blocks [lo, hi), the embeddings, the head."""
+    lo: int
+    hi: int
+    embed: bool
+    head: bool
+
+
+def layout(n_layer, C, V, T, tie, part):
+    """``([(name, offset, shape)], n, ready)`` of ``part``: the tensors in backprop order (docstring)."""
+    out, off, ready = [], 0, []
+
+    def add(name, shape):
+        nonlocal off
+        out.append((name, off, tuple(shape)))
+        off += math.prod(shape)
+
+    if part.head:
+        if not tie:
+            add("lm_head", (V, C))
+        add("lnf.w", (C,))
+        add("lnf.b", (C,))
+        ready.append(off)
+    shapes = _block_shapes(C)
+    for layer in reversed(range(part.lo, part.hi)):
+        for t in BLOCK_TENSORS:
+            add(f"h{layer}.{t}", shapes[t])
+        ready.append(off)
+    if part.embed:
+        add("wpe", (T, C))
+    if part.embed or (part.head and tie):
+        add("wte", (V, C))
+    return out, off, ready
+
+
 class GPT(Model):
     kind = "gpt"
     consumes = ("tokens",)
     options_keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings")
+    pipeline = True  # offers stage parts (part=, stage_forward, stage_backward)
 
     @classmethod
-    def from_spec(cls, spec, options, *, xp=np, seed=0, dtype=np.float32):
+    def from_spec(cls, spec, options, *, xp=np, seed=0, dtype=np.float32, part=None):
         from ..runtime import UserError
 
         vocab = int(options["vocab_size"]) or int(spec.vocab_size)
@@ -69,54 +115,45 @@ class GPT(Model):
             raise UserError(f"model.n_embd = {options['n_embd']} is not a multiple of model.n_head = "
                             f"{options['n_head']}")
         return cls(options["n_layer"], options["n_head"], options["n_embd"], options["block_size"], vocab,
-                   tie_embeddings=options["tie_embeddings"], xp=xp, dtype=dtype, seed=seed)
+                   tie_embeddings=options["tie_embeddings"], xp=xp, dtype=dtype, seed=seed, part=part)
 
     def __init__(self, n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=256, *,
-                 tie_embeddings=True, xp=np, dtype=np.float32, seed=0):
+                 tie_embeddings=True, xp=np, dtype=np.float32, seed=0, part=None):
         n_layer, n_head, n_embd = int(n_layer), int(n_head), int(n_embd)
         block_size, vocab_size = int(block_size), int(vocab_size)
         if min(n_layer, n_head, n_embd, block_size) < 1 or vocab_size < 2:
             raise ValueError("n_layer, n_head, n_embd, block_size must be >= 1 and vocab_size >= 2")
         if n_embd % n_head:
             raise ValueError(f"n_embd = {n_embd} is not a multiple of n_head = {n_head}")
+        self.part = Part(0, n_layer, True, True) if part is None else Part(*part)
+        if not 0 <= self.part.lo <= self.part.hi <= n_layer:
+            raise ValueError(f"part {self.part}: blocks must lie in [0, {n_layer}]")
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
         self.block_size, self.vocab_size, self.tie = block_size, vocab_size, bool(tie_embeddings)
         self.xp, self.dtype = xp, np.dtype(dtype)
-        self._layout()
+        self._tensors, self._n, self.ready = layout(n_layer, n_embd, vocab_size, block_size, self.tie, self.part)
         self.params = xp.zeros(self._n, dtype=self.dtype)
         self.grads = grads_buffer(xp, self._n, self.dtype)
         self.p = {name: self.params[o:o + math.prod(s)].reshape(s) for name, o, s in self._tensors}
         self.g = {name: self.grads[o:o + math.prod(s)].reshape(s) for name, o, s in self._tensors}
+        self.g_head = None  # the head's gradient: lm_head's, or the head part of a tied wte
+        if self.part.head:
+            both = self.tie and self.part.embed
+            self.g_head = xp.zeros((vocab_size, n_embd), self.dtype) if both else self.g[
+                "wte" if self.tie else "lm_head"]
         self._masks = {}
         self.seed = None
         self.init(seed)
 
-    # ------------------------------------------------------------------ layout
-    def _layout(self):
-        C, V = self.n_embd, self.vocab_size
-        out, off, self.ready = [], 0, []
-
-        def add(name, shape):
-            nonlocal off
-            out.append((name, off, tuple(shape)))
-            off += math.prod(shape)
-
-        if not self.tie:
-            add("lm_head", (V, C))
-        add("lnf.w", (C,))
-        add("lnf.b", (C,))
-        self.ready.append(off)
-        shapes = _block_shapes(C)
-        for layer in reversed(range(self.n_layer)):
-            for t in BLOCK_TENSORS:
-                add(f"h{layer}.{t}", shapes[t])
-            self.ready.append(off)
-        add("wpe", (self.block_size, C))
-        add("wte", (V, C))
-        self._tensors, self._n = out, off
-
     def tensors(self):
         return list(self._tensors)
+
+    def grads_apart(self):
+        """``[(lo, hi, array)]``: gradient parts that ``keep_apart=True`` leaves out of ``grads[lo:hi]``."""
+        if self.tie and self.part.embed and self.part.head:
+            o = next(o for name, o, _ in self._tensors if name == "wte")
+            return [(o, o + self.g_head.size, self.g_head.reshape(-1))]
+        return []
 
     def decay_segments(self):
         """``[(lo, hi), ...]`` of the tensors weight decay applies to: the 2-D linear weights
@@ -125,22 +162,25 @@ class GPT(Model):
                 if len(s) == 2 and name not in ("wte", "wpe")]
 
     def init(self, seed=0):
+        """Every tensor of the whole model drawn in one order (the docstring's); this part keeps its own."""
         rng = np.random.default_rng(seed)
         host = np.zeros(self._n, dtype=np.float64)
         where = {name: (o, s) for name, o, s in self._tensors}
         resid = 0.02 / math.sqrt(2 * self.n_layer)
+        C, V, T = self.n_embd, self.vocab_size, self.block_size
 
         def put(name, values):
-            o, s = where[name]
-            host[o:o + math.prod(s)] = np.asarray(values, dtype=np.float64).ravel()
+            if name in where:
+                o, s = where[name]
+                host[o:o + math.prod(s)] = np.asarray(values, dtype=np.float64).ravel()
 
-        put("wte", rng.normal(0.0, 0.02, where["wte"][1]))
-        put("wpe", rng.normal(0.0, 0.02, where["wpe"][1]))
+        put("wte", rng.normal(0.0, 0.02, (V, C)))
+        put("wpe", rng.normal(0.0, 0.02, (T, C)))
         if not self.tie:
-            put("lm_head", rng.normal(0.0, 0.02, where["lm_head"][1]))
-        put("lnf.w", np.ones(self.n_embd))
+            put("lm_head", rng.normal(0.0, 0.02, (V, C)))
+        put("lnf.w", np.ones(C))
         for layer in range(self.n_layer):
-            for t, shape in _block_shapes(self.n_embd).items():
+            for t, shape in _block_shapes(C).items():
                 if t.startswith("ln") and t.endswith(".w"):
                     put(f"h{layer}.{t}", np.ones(shape))
                 elif t.endswith(".w"):
@@ -161,8 +201,23 @@ class GPT(Model):
         n_mm = L * 12 * C * C + V * C
         return 6.0 * n_mm + 12.0 * L * T * C
 
+    def piece_flops(self, T=None) -> tuple[float, float, float]:
+        """Training FLOPs per token of (the embeddings, one block, the head + loss): pipeline balancing."""
+        T = self.block_size if T is None else int(T)
+        C, V = self.n_embd, self.vocab_size
+        return 6.0 * C, 6.0 * 12 * C * C + 12.0 * T * C, 6.0 * V * C + 15.0 * V
+
+    def full_tensors(self):
+        """``tensors()`` of the whole model (every part's names and shapes are a subsequence of it)."""
+        return layout(self.n_layer, self.n_embd, self.vocab_size, self.block_size, self.tie,
+                      Part(0, self.n_layer, True, True))[0]
+
     def describe(self):
         tie = "tied" if self.tie else "untied"
+        lo, hi, embed, head = self.part
+        if (lo, hi, embed, head) != (0, self.n_layer, True, True):
+            what = "+".join((["embeddings"] if embed else []) + [f"blocks {lo}-{hi - 1}"] + (["head"] if head else []))
+            tie += f"; this stage: {what}"
         return (f"GPT {self.n_layer}L {self.n_head}H {self.n_embd}C ctx {self.block_size} vocab "
                 f"{self.vocab_size} ({tie}), {self.n_params:,} params ({self.dtype.name}, {self.xp.__name__})")
 
@@ -183,6 +238,10 @@ class GPT(Model):
             raise ValueError(f"sequence length {x.shape[1]} exceeds block_size {self.block_size}")
         return x.astype(np.int64), y.astype(np.int64)
 
+    def split_batch(self, batch):
+        """A batch -> (x (B, T), y (B, T)) int64 (the inputs and the next-token targets)."""
+        return self._split(batch)
+
     def count(self, batch):
         x, _ = self._split(batch)
         return int(x.size)
@@ -193,31 +252,62 @@ class GPT(Model):
             m = self._masks[T] = K.causal_mask(self.xp, T, self.dtype)
         return m
 
-    # ----------------------------------------------------------------- forward
-    def _forward(self, x, keep):
-        """x (B, T) int -> logits (B*T, V) and, with ``keep``, the per-layer caches."""
-        xp, p, C = self.xp, self.p, self.n_embd
-        B, T = x.shape
-        N = B * T
-        h = (p["wte"][x.reshape(-1)].reshape(B, T, C) + p["wpe"][:T]).reshape(N, C)   # (N, C)
-        mask, caches = self._mask(T), []
-        for layer in range(self.n_layer):
-            q = lambda t: p[f"h{layer}.{t}"]  # noqa: E731
-            ln1, c_ln1 = K.layernorm_forward(xp, h, q("ln1.w"), q("ln1.b"))           # (N, C)
-            qkv = xp.matmul(ln1, q("attn_qkv.w")) + q("attn_qkv.b")                   # (N, 3C)
-            att, c_att = K.attention_forward(xp, qkv.reshape(B, T, 3 * C), self.n_head, mask)
-            att = att.reshape(N, C)                                                   # (N, C)
-            h2 = h + xp.matmul(att, q("attn_proj.w")) + q("attn_proj.b")              # (N, C)
-            ln2, c_ln2 = K.layernorm_forward(xp, h2, q("ln2.w"), q("ln2.b"))          # (N, C)
-            fc = xp.matmul(ln2, q("mlp_fc.w")) + q("mlp_fc.b")                        # (N, 4C)
-            gl, c_gelu = K.gelu_forward(xp, fc)                                       # (N, 4C)
-            h = h2 + xp.matmul(gl, q("mlp_proj.w")) + q("mlp_proj.b")                 # (N, C)
-            if keep:
-                caches.append((ln1, c_ln1, c_att, att, ln2, c_ln2, c_gelu, gl))
-        lnf, c_lnf = K.layernorm_forward(xp, h, p["lnf.w"], p["lnf.b"])               # (N, C)
+    # ------------------------------------------------------------------ pieces
+    def _embed(self, x):
+        """x (B, T) int -> h (N, C): wte[x] + wpe[:T]."""
+        p, (B, T), C = self.p, x.shape, self.n_embd
+        return (p["wte"][x.reshape(-1)].reshape(B, T, C) + p["wpe"][:T]).reshape(B * T, C)
+
+    def _block(self, layer, h, B, T, keep):
+        """One block's forward: h (N, C) -> h (N, C), and (with ``keep``) what its backward needs."""
+        xp, C, N = self.xp, self.n_embd, B * T
+        q = lambda t: self.p[f"h{layer}.{t}"]  # noqa: E731
+        ln1, c_ln1 = K.layernorm_forward(xp, h, q("ln1.w"), q("ln1.b"))               # (N, C)
+        qkv = xp.matmul(ln1, q("attn_qkv.w")) + q("attn_qkv.b")                       # (N, 3C)
+        att, c_att = K.attention_forward(xp, qkv.reshape(B, T, 3 * C), self.n_head, self._mask(T))
+        att = att.reshape(N, C)                                                       # (N, C)
+        h2 = h + xp.matmul(att, q("attn_proj.w")) + q("attn_proj.b")                  # (N, C)
+        ln2, c_ln2 = K.layernorm_forward(xp, h2, q("ln2.w"), q("ln2.b"))              # (N, C)
+        fc = xp.matmul(ln2, q("mlp_fc.w")) + q("mlp_fc.b")                            # (N, 4C)
+        gl, c_gelu = K.gelu_forward(xp, fc)                                           # (N, 4C)
+        h = h2 + xp.matmul(gl, q("mlp_proj.w")) + q("mlp_proj.b")                     # (N, C)
+        return h, ((ln1, c_ln1, c_att, att, ln2, c_ln2, c_gelu, gl) if keep else None)
+
+    def _head(self, h):
+        """h (N, C) -> logits (N, V), (lnf, its cache)."""
+        p = self.p
+        lnf, c_lnf = K.layernorm_forward(self.xp, h, p["lnf.w"], p["lnf.b"])           # (N, C)
         head = p["wte"] if self.tie else p["lm_head"]                                 # (V, C)
-        logits = xp.matmul(lnf, head.T)                                               # (N, V)
-        return logits, (caches, lnf, c_lnf)
+        return self.xp.matmul(lnf, head.T), (lnf, c_lnf)                              # (N, V)
+
+    def _head_backward(self, z, y, ctx):
+        """z: softmax probabilities (N, V), y (N) targets -> dh (N, C); lnf's and the head's grads written."""
+        xp, p, g = self.xp, self.p, self.g
+        lnf, c_lnf = ctx
+        N = z.shape[0]
+        z[xp.arange(N), y] -= 1
+        z *= 1.0 / N                                                                  # dlogits (N, V)
+        head = p["wte"] if self.tie else p["lm_head"]
+        xp.matmul(z.T, lnf, out=self.g_head)                                          # (V, C)
+        return K.layernorm_backward(xp, xp.matmul(z, head), c_lnf, p["lnf.w"], g["lnf.w"], g["lnf.b"])
+
+    def _embed_backward(self, x, dh):
+        """dh (N, C) at the embeddings -> wpe's and wte's (embedding part) grads written."""
+        xp, g, (B, T), C = self.xp, self.g, x.shape, self.n_embd
+        g["wpe"][T:] = 0
+        xp.sum(dh.reshape(B, T, C), axis=0, out=g["wpe"][:T])                         # (T, C)
+        g["wte"][...] = 0
+        K.embedding_backward(xp, g["wte"], x.reshape(-1), dh)
+
+    def _forward(self, x, keep):
+        """x (B, T) int -> logits (B*T, V) and, with ``keep``, the per-layer caches (the whole model)."""
+        B, T = x.shape
+        h, caches = self._embed(x), []
+        for layer in range(self.n_layer):
+            h, cache = self._block(layer, h, B, T, keep)
+            caches.append(cache)
+        logits, ctx = self._head(h)
+        return logits, (caches, ctx)
 
     def logits(self, x):
         """x (B, T) int tokens -> logits (B, T, V) (a new array)."""
@@ -226,22 +316,18 @@ class GPT(Model):
         return z.reshape(x.shape[0], x.shape[1], self.vocab_size)
 
     # ---------------------------------------------------------------- backward
-    def loss_and_grad(self, batch, on_grad_ready=None):
-        """Forward + backward on ``batch``; overwrites ``grads``; (mean loss per token, correct)."""
-        xp, p, g, C = self.xp, self.p, self.g, self.n_embd
+    def loss_and_grad(self, batch, on_grad_ready=None, keep_apart=False):
+        """Forward + backward on ``batch``; overwrites ``grads``; (mean loss per token, correct).
+        ``keep_apart``: the tied head part stays in ``g_head`` (``grads_apart``), not added to wte's."""
+        xp = self.xp
         x, y = self._split(batch)
         B, T = x.shape
         N = B * T
         if N == 0:
             raise ValueError("loss_and_grad needs a non-empty batch")
-        z, (caches, lnf, c_lnf) = self._forward(x, keep=True)
+        z, (caches, ctx) = self._forward(x, keep=True)
         loss_sum, correct = K.cross_entropy(xp, z, y.reshape(-1), xp.arange(N))
-        z[xp.arange(N), y.reshape(-1)] -= 1
-        z *= 1.0 / N                                                                  # dlogits (N, V)
-        head = p["wte"] if self.tie else p["lm_head"]
-        dhead = g["wte"] if self.tie else g["lm_head"]
-        xp.matmul(z.T, lnf, out=dhead)                                                # (V, C)
-        dh = K.layernorm_backward(xp, xp.matmul(z, head), c_lnf, p["lnf.w"], g["lnf.w"], g["lnf.b"])
+        dh = self._head_backward(z, y.reshape(-1), ctx)
         del z
         if on_grad_ready is not None:
             on_grad_ready(self.ready[0])
@@ -250,11 +336,9 @@ class GPT(Model):
             caches[layer] = None
             if on_grad_ready is not None:
                 on_grad_ready(self.ready[i + 1])
-        g["wpe"][T:] = 0
-        xp.sum(dh.reshape(B, T, C), axis=0, out=g["wpe"][:T])                         # (T, C)
-        if not self.tie:
-            g["wte"][...] = 0
-        K.embedding_backward(xp, g["wte"], x.reshape(-1), dh)
+        self._embed_backward(x, dh)
+        if self.tie and not keep_apart:
+            self.g["wte"] += self.g_head
         if on_grad_ready is not None:
             on_grad_ready(self._n)
         return float(loss_sum) / N, int(correct)
@@ -280,6 +364,49 @@ class GPT(Model):
         xp.sum(dqkv, axis=0, out=d("attn_qkv.b"))
         return dh2 + K.layernorm_backward(xp, xp.matmul(dqkv, q("attn_qkv.w").T), c_ln1, q("ln1.w"),
                                           d("ln1.w"), d("ln1.b"))
+
+    # ------------------------------------------------------------------ stages
+    def stage_forward(self, inp, y=None, keep=True):
+        """One micro-batch through this part. ``inp``: tokens x (B, T) when the part embeds, else
+        h (B, T, C). Returns (out, ctx): out = h (B, T, C), or on the head part (loss sum, correct,
+        tokens) against targets ``y`` (B, T); ``ctx`` is what ``stage_backward`` needs."""
+        xp, part = self.xp, self.part
+        if part.embed:
+            x = xp.asarray(inp).astype(np.int64)
+            B, T = x.shape
+            h = self._embed(x)
+        else:
+            x, (B, T, _) = None, inp.shape
+            h = inp.reshape(B * T, self.n_embd)
+        caches = []
+        for layer in range(part.lo, part.hi):
+            h, cache = self._block(layer, h, B, T, keep)
+            caches.append(cache)
+        if not part.head:
+            return h.reshape(B, T, self.n_embd), (x, caches, None, None)
+        z, hctx = self._head(h)
+        yy = xp.asarray(y).astype(np.int64).reshape(-1)
+        loss_sum, correct = K.cross_entropy(xp, z, yy, xp.arange(B * T))
+        return (float(loss_sum), int(correct), B * T), (x, caches, (z, yy, hctx) if keep else None, (B, T))
+
+    def stage_backward(self, ctx, dout=None):
+        """Backward of one micro-batch through this part (``dout``: the gradient at its output, None on
+        the head part); overwrites this part's grads; returns the gradient at its input (None when it
+        embeds). The tied head part of wte stays in ``g_head`` when the part embeds too (``grads_apart``)."""
+        x, caches, head, shape = ctx
+        if head is not None:
+            z, yy, hctx = head
+            B, T = shape
+            dh = self._head_backward(z, yy, hctx)
+        else:
+            B, T, _ = dout.shape
+            dh = dout.reshape(B * T, self.n_embd)
+        for layer, cache in zip(reversed(range(self.part.lo, self.part.hi)), reversed(caches)):
+            dh = self._block_backward(layer, dh, cache, B, T)
+        if self.part.embed:
+            self._embed_backward(x, dh)
+            return None
+        return dh.reshape(B, T, self.n_embd)
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, batch, batch_size=64):

@@ -100,8 +100,7 @@ class Strategy:
         """The optimizer step on the agreed gradients; False when a non-finite gradient skipped it."""
         run, grads = self.run, self.run.model.grads
         with run.timers("compute"):
-            if not bool(run.xp.isfinite(grads).all()):
-                run.policy.nonfinite(loss, step, run.epoch, collective=self.grads_agree)
+            if not run.policy.finite(grads, loss, step, run.epoch, collective=self.grads_agree):
                 return False
             run.policy.clip(grads)
             run.opt.step(grads, run.schedule(step))

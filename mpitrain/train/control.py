@@ -6,12 +6,21 @@
                           non-finite; "skip": the step is skipped and counted
     clipping           -> train.clip_value, then train.clip_norm (after the gradients agree,
                           so every rank scales alike)
+
+The global norm is canonical, the same arithmetic in every layout: each tensor's sum of squares
+(in float64, over a fresh copy, so the tensor's place in a buffer cannot change the sum), then the
+sums added in the whole model's tensor order, a tensor two pipeline stages hold (a tied wte) once.
+A pipeline stage sends its tensors' sums to the others of its replica (one small allgather).
+Non-finite gradients: with a pipeline the stages of a replica agree on the flag (one all-reduce)
+before any of them skips, so a NaN on one stage never leaves the others waiting.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+
+import numpy as np
 
 from .. import watchdog
 from ..optim import clip_by_global_norm, clip_by_value
@@ -53,12 +62,50 @@ class GradPolicy:
     def __init__(self, train_cfg, comm):
         self.t, self.comm = train_cfg, comm
         self.skipped = 0
+        self.model = self.group = None
+
+    def bind(self, model, group=None) -> None:
+        """The model whose tensors the norm walks; ``group``: the other pipeline stages of this replica."""
+        self.model, self.group = model, group
 
     def clip(self, grads) -> None:
         if self.t.clip_value > 0:
             clip_by_value(grads, self.t.clip_value)
         if self.t.clip_norm > 0:
-            clip_by_global_norm(grads, self.t.clip_norm)
+            if self.model is None or grads is not self.model.grads:
+                clip_by_global_norm(grads, self.t.clip_norm)
+                return
+            norm = self.grad_norm(grads)
+            if math.isfinite(norm) and norm > self.t.clip_norm:
+                grads *= self.t.clip_norm / norm
+
+    def grad_norm(self, grads) -> float:
+        """The canonical global norm of the model's gradient ``grads`` (the module docstring)."""
+        m, xp = self.model, self.model.xp
+        sq = {}
+        for name, off, shape in m.tensors():
+            t = grads[off:off + math.prod(shape)].astype(xp.float64)
+            sq[name] = float((t * t).sum())
+        if self.group is not None:
+            for other in self.group.allgather(sq):
+                for k, v in other.items():
+                    sq.setdefault(k, v)
+        order = m.full_tensors() if hasattr(m, "full_tensors") else m.tensors()
+        total = 0.0
+        for name, _, _ in order:
+            total += sq[name]
+        return math.sqrt(total)
+
+    def finite(self, grads, loss: float, step: int, epoch: int, collective: bool) -> bool:
+        """Are the gradients finite (on every stage of the replica)? If not: the non-finite policy."""
+        ok = bool(self.model.xp.isfinite(grads).all()) if self.model is not None else bool(np.isfinite(grads).all())
+        if self.group is not None:
+            from mpi4py import MPI
+
+            ok = bool(self.group.allreduce(int(ok), op=MPI.MIN))
+        if not ok:
+            self.nonfinite(loss, step, epoch, collective=collective)
+        return ok
 
     def nonfinite(self, loss: float, step: int, epoch: int, collective: bool, where: str = "") -> None:
         """A non-finite gradient: count a skip, or raise. ``collective``: every rank sees the same

@@ -26,6 +26,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..metrics import ProgressBar, Trace
+from ..parallel.accumulate import Accumulator
 from ..runtime import EXIT_STOPPED, log0, signal_name
 
 
@@ -62,33 +63,43 @@ class Loop:
         xp, A = run.xp, len(micro)
         with run.timers("compute"):
             if self._acc is None:
-                self._acc = xp.zeros_like(model.grads)
+                self._acc = Accumulator(model, A)
             acc, losses, correct = self._acc, [], 0
-            for k, batch in enumerate(micro[:-1]):
-                loss, c = model.loss_and_grad(tuple(xp.asarray(a) for a in batch))
+            acc.reset()
+            kw = acc.kwargs()  # a tied wte: its head and embedding parts summed apart (parallel/accumulate.py)
+            for batch in micro[:-1]:
+                loss, c = model.loss_and_grad(tuple(xp.asarray(a) for a in batch), **kw)
                 losses.append(loss)
                 correct += c
-                if k == 0:
-                    acc[...] = model.grads
-                else:
-                    acc += model.grads
+                acc.add()
             inner, grads, done = strategy.grad_hook(run.step), model.grads, [0]
 
             def ready(hi):  # the last micro-step: finish grads[lo:hi] = (g + acc) / A, then hand it on
-                lo = done[0]
-                grads[lo:hi] += acc[lo:hi]
-                grads[lo:hi] *= 1.0 / A
+                acc.finish(done[0], hi)
                 done[0] = hi
                 if inner is not None:
                     inner(hi)
 
-            loss, c = model.loss_and_grad(tuple(xp.asarray(a) for a in micro[-1]), on_grad_ready=ready)
+            loss, c = model.loss_and_grad(tuple(xp.asarray(a) for a in micro[-1]), on_grad_ready=ready, **kw)
             if done[0] < grads.size:
                 ready(grads.size)
         losses.append(loss)
         correct += c
         strategy.after_backward(run.step)
         loss = float(np.mean(losses))
+        if not strategy.update(loss, run.step):
+            return float("nan"), 0
+        return loss, correct
+
+    def pipe_step(self, micro):
+        """One optimizer step through this rank's pipeline stage (parallel/pipeline.py): the schedule,
+        then the strategy over the dp group, exactly as a whole-model step."""
+        run, strategy = self.run, self.run.strategy
+        loss, correct = run.pipeline.step(micro)
+        hook = strategy.grad_hook(run.step)  # buckets: started once the stage's gradient is whole
+        if hook is not None:
+            hook(run.model.grads.size)
+        strategy.after_backward(run.step)
         if not strategy.update(loss, run.step):
             return float("nan"), 0
         return loss, correct
@@ -118,7 +129,10 @@ class Loop:
                 batch = next(batches, None) if A == 1 else [next(batches) for _ in range(A)]
             if batch is None:
                 break
-            loss, c = self.train_step(batch) if A == 1 else self.accum_step(batch)
+            if run.pipeline is not None:
+                loss, c = self.pipe_step([batch] if A == 1 else batch)
+            else:
+                loss, c = self.train_step(batch) if A == 1 else self.accum_step(batch)
             if t.step_sleep:
                 time.sleep(t.step_sleep)
             run.step += 1
@@ -127,12 +141,12 @@ class Loop:
             n = run.model.count(batch) if A == 1 else sum(run.model.count(b) for b in batch)
             if math.isfinite(loss):
                 stats = [stats[0] + loss * n, stats[1] + c, stats[2] + n]
-            self.samples += n * run.size
+            self.samples += n * run.replica_comm.Get_size()  # each replica's items once
             synced = run.strategy.synced()
             if t.check_every and run.step % t.check_every == 0 and synced:
                 run.check_replicas()
             bar.update(i, epoch=run.epoch + 1, loss=stats[0] / max(stats[2], 1),
-                       accuracy=stats[1] / max(stats[2], 1), samples=n * run.size,
+                       accuracy=stats[1] / max(stats[2], 1), samples=n * run.replica_comm.Get_size(),
                        comm_fraction=run.timers.fraction("comm"))
             self._periodic(bar, i, stats)
             if synced and self.should_stop():
@@ -197,6 +211,8 @@ class Loop:
         if trace:
             run.trace = Trace(self.comm)
             run.timers.trace = run.trace
+            if run.pipeline is not None:
+                run.pipeline.trace = run.trace
         per_epoch = min(run.steps_per_epoch, self.max_steps) if self.max_steps else run.steps_per_epoch
         bar = ProgressBar(per_epoch, epochs=run.results.epochs, comm=self.comm)
         run.results.start()

@@ -47,6 +47,8 @@ class Run:
         self.first_step = 0
         self.data = self.model = self.opt = self.schedule = None
         self.strategy = None
+        self.grid = self.pipeline = None  # the process grid (parallel/grid.py); this rank's pipeline stage
+        self.replica_comm = comm          # the ranks that hold the same parameters (the dp group)
         self.total_bytes = 0.0
         self.last_test = (float("nan"), float("nan"))  # the newest evaluation (also read back on resume)
         self.run_id, self._fresh, self._claimed = None, True, False  # who owns checkpoint.dir (_identify)
@@ -56,9 +58,13 @@ class Run:
     def setup(self, resume: bool) -> None:
         from ..data import ensure_dataset, open_dataset
 
+        from ..parallel.grid import Grid
+
         cfg, comm, t = self.cfg, self.comm, self.cfg.train
-        self.strategy = sync.make(cfg, comm)  # checks what every rank can check alone (e.g. rank counts)
         agree_config(comm, cfg)
+        self.grid = Grid(comm, cfg.parallel.tp, cfg.parallel.pp)
+        self.replica_comm = self.grid.dp_comm
+        self.strategy = sync.make(cfg, self.grid.dp_comm)  # checks what every rank can check alone
         if self.strategy.uses_watchdog:
             self.watchdog = watchdog.start(comm, cfg.comm.timeout_s, hint=self.resume_hint())
         dcomm = self.strategy.data_comm()
@@ -75,9 +81,16 @@ class Run:
                                      window=cfg.model.block_size + 1)
         self._data_info()
         with models.grads_allocator(self.strategy.grads_allocator(self.backend)):  # (shm: node-shared grads)
-            self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed)
+            self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed,
+                                      part=self._stage_part())
+        self.policy.bind(self.model, self.grid.pp_comm)
         self._lm_setup()
         self.strategy.bind(self)
+        if self.grid.pp > 1:
+            from ..parallel.pipeline import Pipeline
+
+            self.pipeline = Pipeline(self.model, self.grid, cfg.parallel.schedule, t.accum_steps, t.batch_size,
+                                     timers=self.timers)
         if self.checkpointing() or resume:
             ok = checkpoint.probe(cfg.checkpoint.dir) if self.rank == 0 else None
             comm.bcast(ok, root=0)
@@ -89,10 +102,47 @@ class Run:
             self.strategy.restore(ck)
         self.first_step = self.step
         accum = f" x {t.accum_steps} micro-steps" if t.accum_steps > 1 else ""
-        log0(f"mpitrain {__version__}: {self.strategy.describe_ranks()}, {self.model.describe()}, "
+        ranks = self.strategy.describe_ranks()
+        if self.pipeline is not None:
+            ranks = (f"{self.grid.describe()} ({cfg.parallel.schedule}, {t.accum_steps} micro-batches, "
+                     f"predicted bubble {self.pipeline.bubble:.0%})")
+        log0(f"mpitrain {__version__}: {ranks}, {self.model.describe()}, "
              f"{self.train_rows} training {self.data_unit}, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
              f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
+        if self.pipeline is not None:
+            self._log_layout()
+
+    def _stage_part(self):
+        """The blocks this rank's pipeline stage holds (parallel/stages.py), or None without a pipeline."""
+        pp = self.grid.pp
+        if pp == 1:
+            return None
+        from ..models.gpt import Part
+        from ..parallel.stages import split_blocks
+
+        m = self.cfg.model
+        if m.n_layer < pp:
+            raise UserError(f"parallel.pp = {pp} > model.n_layer = {m.n_layer}: every stage needs at least one block")
+        self.stage_splits = split_blocks(m.n_layer, pp, *self._piece_costs())
+        lo, hi = self.stage_splits[self.grid.pp_rank]
+        return Part(lo, hi, self.grid.first, self.grid.last)
+
+    def _piece_costs(self):
+        """(block, first, last) relative costs for balancing: one block's FLOPs, the embeddings', the head's."""
+        m = self.cfg.model
+        C, V, T = m.n_embd, m.vocab_size or self.spec.vocab_size, m.block_size
+        block = 72.0 * C * C + 12.0 * T * C
+        return block, 6.0 * C, 6.0 * V * C + 15.0 * V
+
+    def _log_layout(self) -> None:
+        """Which global ranks hold which stage (and its blocks), per dp replica."""
+        what = []
+        for s, (lo, hi) in enumerate(self.stage_splits):
+            extra = (["embeddings"] if s == 0 else []) + [f"blocks {lo}-{hi - 1}"] + (
+                ["head"] if s == self.grid.pp - 1 else [])
+            what.append("(" + " + ".join(extra) + ")")
+        log0("layout (rank = (stage * dp + replica) * tp + tp slot):\n" + "\n".join(self.grid.table(what)))
 
     def _data_info(self) -> None:
         """Every rank learns the data set's spec and sizes from a rank that reads training data."""
@@ -178,12 +228,12 @@ class Run:
     # ------------------------------------------------------------------ resume
     def broadcast_params(self) -> None:
         host = backend.to_numpy(self.model.params).copy()
-        self.comm.Bcast(host, root=0)
+        self.replica_comm.Bcast(host, root=0)
         self.model.params[...] = self.xp.asarray(host)
         self.check_replicas("initial parameters (hash)", "this is a bug: please report it")
 
     def check_replicas(self, what=None, hint=None) -> None:
-        agree(self.comm, params_digest(self.model.params), what or f"parameters at step {self.step} (hash)",
+        agree(self.replica_comm, params_digest(self.model.params), what or f"parameters at step {self.step} (hash)",
               hint or "the replicas diverged: check that every rank runs the same code and MPI library")
 
     def read_checkpoint(self):
@@ -193,10 +243,21 @@ class Run:
         if ck is None:
             log0(f"--resume: no checkpoint in {self.cfg.checkpoint.dir}; starting from scratch")
             return None
-        if ck["params"].size != self.model.params.size:
+        n = self._full_params()
+        if ck["params"].size != n:
             raise UserError(f"{ck['path']}: holds {ck['params'].size} parameters but the model has "
-                            f"{self.model.params.size}; the job's model section changed since it was written")
+                            f"{n}; the job's model section changed since it was written")
+        if self.pipeline is not None:  # the full layout -> this stage's share
+            from ..parallel.layout import checkpoint_for
+
+            ck = checkpoint_for(ck, self.model)
         return ck
+
+    def _full_params(self) -> int:
+        """The whole model's parameter count (a pipeline stage holds only part of it)."""
+        if self.pipeline is None:
+            return self.model.params.size
+        return sum(int(np.prod(s)) for _, _, s in self.model.full_tensors())
 
     def restore_replicated(self, ck) -> None:
         """Resume a run whose parameters and optimizer state are replicated on every rank."""
@@ -269,9 +330,14 @@ class Run:
         limit = self.cfg.train.eval_batches or None
         for arrays in itertools.islice(data.test_batches(self.cfg.train.eval_batch_size), limit):
             batch = tuple(xp.asarray(a) for a in arrays)  # (x, y), or a graph batch's five
+            if self.pipeline is not None:  # the loss is the last stage's; the others add zeros
+                ls, c, k = self.pipeline.evaluate(*self.model.split_batch(batch))
+                loss_sum, correct, count = loss_sum + ls, correct + c, count + k
+                continue
             ls, c = self.model.evaluate(batch)
             loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
-        tot = np.array([loss_sum, correct, count, self.strategy.sent_bytes], dtype=np.float64)
+        sent = self.strategy.sent_bytes + (self.pipeline.sent_bytes if self.pipeline is not None else 0.0)
+        tot = np.array([loss_sum, correct, count, sent], dtype=np.float64)
         if comm.Get_size() > 1:
             from mpi4py import MPI
 
@@ -291,6 +357,10 @@ class Run:
             state = self.strategy.state_dict()
         if optimizer is None:
             optimizer = self.strategy.optimizer_state()
+        if self.pipeline is not None and params is None:  # every stage's share, in the full layout
+            from ..parallel.layout import gather_full
+
+            params, optimizer = gather_full(self.model, optimizer, self.grid.pp_comm)
         ok = None
         if self.rank == 0:
             if not self._claimed:
@@ -320,4 +390,6 @@ class Run:
             self.strategy.close()
         if self.data is not None:
             self.data.close()
+        if self.grid is not None:
+            self.grid.free()
         self.watchdog.close()
