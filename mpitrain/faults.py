@@ -110,6 +110,13 @@ class Faults:
             if kind == "nan" and grads is not None:
                 grads[: max(1, grads.size // 7)] = float("nan")
 
+    def inside(self, step: int) -> None:
+        """Inside a pipeline schedule (before its first backward): only the faults that end a rank
+        (raise, exit, kill, hang); the rest wait for ``at``."""
+        for s, kind in self.plan:
+            if s == step and kind in ("raise", "exit", "kill", "hang"):
+                self.at(step)
+
     def finished(self, step: int) -> bool:
         """``finish``: a parameter-server worker stops before this step (as if out of data)."""
         return any(k == "finish" and s <= step for s, k in self.plan)

@@ -513,7 +513,7 @@ def test_resume_on_a_different_number_of_ranks(digits, tmp_path):
     metrics = tmp_path / "m.json"
     job = train(3, tmp_path, digits, "--resume", "--metrics-out", str(metrics))
     assert job.rc == 0, job
-    assert "written by 2 rank(s), now 3: the data is re-partitioned" in job.out, job
+    assert "written by 2 data-parallel rank(s), now 3: the data is re-partitioned" in job.out, job
     import json
 
     m = json.loads(metrics.read_text())

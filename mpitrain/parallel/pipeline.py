@@ -97,9 +97,10 @@ class Pipeline:
             self.timers.add("comm", time.perf_counter() - t0)
 
     # -------------------------------------------------------------------- step
-    def step(self, micro) -> tuple[float, int]:
+    def step(self, micro, before_backward=None) -> tuple[float, int]:
         """Forward and backward of the M micro-batches ``micro`` (every stage gets the same list);
-        leaves the stage's averaged gradient in ``model.grads``; (mean loss, correct) on every stage."""
+        leaves the stage's averaged gradient in ``model.grads``; (mean loss, correct) on every stage.
+        ``before_backward()`` is called once, before the first backward (fault injection)."""
         if len(micro) != self.m:
             raise ValueError(f"the pipeline was built for {self.m} micro-batches, got {len(micro)}")
         model, acc = self.model, self.acc
@@ -128,6 +129,9 @@ class Pipeline:
             elif op == "recv_grad":
                 dgrads[k] = self._recv(self.shape, self.r + 1, TAG_GRAD)
             elif op == "bwd":
+                if before_backward is not None:
+                    before_backward()
+                    before_backward = None
                 with self._span(f"B{k}", "backward"), self._compute():
                     din = model.stage_backward(stash.pop(k), None if self.last else dgrads.pop(k))
                     acc.add()

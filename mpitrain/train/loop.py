@@ -95,7 +95,7 @@ class Loop:
         """One optimizer step through this rank's pipeline stage (parallel/pipeline.py): the schedule,
         then the strategy over the dp group, exactly as a whole-model step."""
         run, strategy = self.run, self.run.strategy
-        loss, correct = run.pipeline.step(micro)
+        loss, correct = run.pipeline.step(micro, before_backward=lambda: run.faults.inside(run.step))
         hook = strategy.grad_hook(run.step)  # buckets: started once the stage's gradient is whole
         if hook is not None:
             hook(run.model.grads.size)

@@ -266,12 +266,13 @@ class Run:
         self.strategy.load_state_dict(ck.get("strategy", {}), ck["ranks"])
         self.step, self.epoch, self.start_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
         self.last_test = tuple(ck.get("last_test") or self.last_test)
-        if ck["ranks"] != self.size:  # a new data layout: the partly done epoch starts over on it
+        was = int(ck.get("data_ranks", ck["ranks"]))  # the replicas that read data (older files: all ranks)
+        if was != self.data_ranks:  # a new data layout: the partly done epoch starts over on it
             self.start_in_epoch = 0
         if self.start_in_epoch >= self.steps_per_epoch:
             self.epoch, self.start_in_epoch = self.epoch + 1, 0
-        note = "" if ck["ranks"] == self.size else (
-            f" (written by {ck['ranks']} rank(s), now {self.size}: the data is re-partitioned, "
+        note = "" if was == self.data_ranks else (
+            f" (written by {was} data-parallel rank(s), now {self.data_ranks}: the data is re-partitioned, "
             "so batches differ from an uninterrupted run)")
         done = self.epoch >= self.cfg.train.epochs and not getattr(self.cfg.train, "max_steps", 0)
         log0(f"resumed from {ck['path']}: " + (f"step {self.step}, all {self.epoch} epochs done" if done else
@@ -376,7 +377,8 @@ class Run:
                 epoch=self.epoch if epoch is None else epoch, step_in_epoch=step_in_epoch,
                 config=self.cfg.to_dict(), ranks=self.size, keep=self.cfg.checkpoint.keep, before_rename=hook,
                 state=state, extra={"last_test": [float(v) for v in self.last_test], "run_id": self.run_id,
-                                    "config_digest": self.cfg.digest(), **self._model_extra(), **(extra or {})}))
+                                    "config_digest": self.cfg.digest(), "data_ranks": self.data_ranks,
+                                    **self._model_extra(), **(extra or {})}))
         return self.comm.bcast(ok, root=0) if collective else ok
 
     def _model_extra(self) -> dict:
