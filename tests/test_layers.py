@@ -23,8 +23,9 @@ ALLOWED = {
     "data": BASE,
     "perf": BASE | {"backend", "collectives"},
     "bench": BASE | {"backend", "collectives", "perf", "metrics"},
-    "sync": UTIL | {"collectives", "models", "data"},
-    "train": UTIL | {"collectives", "models", "data", "sync"},
+    "parallel": BASE | {"backend", "collectives", "models", "data"},
+    "sync": UTIL | {"collectives", "models", "data", "parallel"},
+    "train": UTIL | {"collectives", "models", "data", "parallel", "sync"},
 }
 TOP = {"cli", "__main__", "compare", "info", "generate"}  # the commands: may import anything
 
