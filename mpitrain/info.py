@@ -9,6 +9,9 @@ from .runtime import get_comm, hostname, log0
 
 
 def add_arguments(p):
+    p.add_argument("--pp", type=int, default=1, help="show the process grid of this many pipeline stages "
+                   "(parallel.pp; default 1)")
+    p.add_argument("--tp", type=int, default=1, help="... and tensor-parallel ranks (parallel.tp; default 1)")
     p.set_defaults(func=main)
 
 
@@ -76,4 +79,23 @@ def main(args) -> int:
         log0("rank  host              local  pid      gpu  CUDA_VISIBLE_DEVICES")
         for r, h, lr, pid, g, cvd in rows:
             log0(f"{r:<5} {h:<17} {lr:<6} {pid:<8} {'-' if g is None else g:<4} {cvd}")
+    _grid(comm, getattr(args, "tp", 1), getattr(args, "pp", 1), rows)
     return 0
+
+
+def _grid(comm, tp: int, pp: int, rows) -> None:
+    """The process grid for ``--tp``/``--pp`` (parallel/grid.py): each stage's ranks and their hosts."""
+    from .parallel.grid import Grid
+
+    grid = Grid(comm, tp, pp)
+    try:
+        log0(f"grid          {grid.describe()} (rank = (stage * dp + replica) * tp + tp slot)")
+        for line in grid.table():
+            log0(line)
+        if comm.Get_rank() == 0 and tp > 1:
+            host = {r[0]: r[1] for r in rows}
+            split = [g for g in range(0, comm.Get_size(), tp) if len({host[g + t] for t in range(tp)}) > 1]
+            if split:
+                log0(f"note: the tp groups starting at ranks {split} span hosts; place tp ranks on one node")
+    finally:
+        grid.free()
