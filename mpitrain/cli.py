@@ -1,4 +1,4 @@
-"""Subcommands: train (the default), bench, compare, data, info, checkpoint, generate."""
+"""Subcommands: train (the default), bench, compare, data, info, checkpoint, generate, export."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("train", "bench", "compare", "data", "info", "checkpoint", "generate")
+COMMANDS = ("train", "bench", "compare", "data", "info", "checkpoint", "generate", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, compare, generate, info, train
+    from . import bench, compare, export, generate, info, train
     from .data import cli as data_cli
 
     ap = argparse.ArgumentParser(
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_arguments(sub.add_parser("data", help="make, import and check HDF5 shards"))
     info.add_arguments(sub.add_parser("info", help="MPI library, ranks, hosts, backend"))
     generate.add_arguments(sub.add_parser("generate", help="continue a prompt with a trained GPT checkpoint"))
+    export.add_arguments(sub.add_parser("export", help="a GPT checkpoint as Hugging Face GPT-2 files (safetensors)"))
     try:
         from . import checkpoint
 

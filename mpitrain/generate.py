@@ -48,14 +48,14 @@ def _checkpoint(args) -> dict:
     return ck
 
 
-def load_model(ck):
-    """The GPT a checkpoint holds (its params in)."""
+def load_model(ck, what: str = "generate"):
+    """The GPT a checkpoint holds (its params in); ``what`` names the command in the error."""
     from .models import GPT
 
     mc = ck.get("model_config")
     kind = (mc or {}).get("kind") or ((ck.get("config") or {}).get("model") or {}).get("kind", "?")
     if kind != "gpt" or mc is None:
-        raise UserError(f"{ck['path']}: holds a model of kind {kind!r}; generate needs a checkpoint of a "
+        raise UserError(f"{ck['path']}: holds a model of kind {kind!r}; {what} needs a checkpoint of a "
                         "model.kind = \"gpt\" job")
     m = GPT(mc["n_layer"], mc["n_head"], mc["n_embd"], mc["block_size"], mc["vocab_size"],
             tie_embeddings=mc["tie_embeddings"], dtype=np.float32, seed=0)

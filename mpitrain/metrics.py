@@ -288,22 +288,52 @@ class ProgressBar:
 
 
 class _Span:
-    __slots__ = ("_trace", "_name", "_cat", "_args", "_t0")
+    __slots__ = ("_trace", "_name", "_cat", "_args", "_t0", "_tid")
 
-    def __init__(self, trace, name, cat, args):
-        self._trace, self._name, self._cat, self._args = trace, name, cat, args
+    def __init__(self, trace, name, cat, args, tid=None):
+        self._trace, self._name, self._cat, self._args, self._tid = trace, name, cat, args, tid
 
     def __enter__(self):
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self._trace.add(self._name, self._cat, self._t0, time.perf_counter() - self._t0, args=self._args)
+        self._trace.add(self._name, self._cat, self._t0, time.perf_counter() - self._t0, tid=self._tid,
+                        args=self._args)
         return False
 
 
+class _Pending:
+    """A started non-blocking operation whose span (start -> seen complete) goes on a track."""
+
+    __slots__ = ("_h", "_trace", "_tid", "_name", "_args", "_t0", "_open")
+
+    def __init__(self, handle, trace, tid, name, args):
+        self._h, self._trace, self._tid, self._name, self._args = handle, trace, tid, name, args
+        self._t0, self._open = time.perf_counter(), True
+
+    def _close(self):
+        if self._open:
+            self._open = False
+            self._trace.add(self._name, "comm", self._t0, time.perf_counter() - self._t0, tid=self._tid,
+                            args=self._args)
+
+    def progress(self) -> bool:
+        done = self._h.progress()
+        if done:
+            self._close()
+        return done
+
+    test = progress
+
+    def wait(self):
+        out = self._h.wait()
+        self._close()
+        return out
+
+
 class Trace:
-    """Chrome-trace events ("ph": "X", microseconds), one process per rank.
+    """Chrome-trace events ("ph": "X", microseconds), one process per rank, on named tracks.
 
     Construction is collective: the ranks meet in a barrier and each takes the
     moment it leaves as its time zero, so events line up across ranks to within
@@ -315,6 +345,17 @@ class Trace:
     ``start`` from ``time.perf_counter()``; ``trace.counter(name, value)`` for a
     counter track (loss, lr). At most ``max_events`` are kept per rank (the rest
     are counted as dropped). ``enabled=False`` makes every call a no-op.
+
+    Tracks (a Chrome trace's threads, "tid"): each thread that records gets one (named after it),
+    and any code can put spans on a named track of its own:
+
+        with trace.span("eval", "eval @ step 40", step=40): ...        # a span on track "eval"
+        trace.add_span("steps", "step 41", t0, dur, step=41)           # start from perf_counter()
+        trace.instant("marks", track="pipeline", stage=1)              # a point in time
+        h = trace.pending(plan.start(), "allreduce bucket 3", "allreduce", bytes=n)
+            # h.progress() / h.test() / h.wait() as the handle's; the span ends when it is seen complete
+
+    Tracks appear in the order they were first used (the thread that made the Trace first).
     """
 
     def __init__(self, comm=None, *, enabled: bool = True, max_events: int = 1_000_000):
@@ -327,7 +368,9 @@ class Trace:
         self.max_events = int(max_events)
         self.events: list[tuple] = []
         self.dropped = 0
-        self._tids: dict[int, int] = {}
+        self._tids: dict = {}      # thread ident or track name -> tid
+        self._names: list[str] = []  # tid -> track name
+        self._tid()
         comm.Barrier()
         self.t0 = time.perf_counter()
         self.start_unix = comm.bcast(time.time() if comm.Get_rank() == 0 else None, root=0)
@@ -336,8 +379,32 @@ class Trace:
         ident = threading.get_ident()
         t = self._tids.get(ident)
         if t is None:
-            t = self._tids[ident] = len(self._tids)
+            t = self._new_track(ident, threading.current_thread().name)
         return t
+
+    def _new_track(self, key, name: str) -> int:
+        t = self._tids[key] = len(self._names)
+        self._names.append(name)
+        return t
+
+    def track(self, name: str) -> int:
+        """The tid of the track called ``name`` (made on first use)."""
+        t = self._tids.get(("track", name))
+        return t if t is not None else self._new_track(("track", name), name)
+
+    def span(self, track: str, name: str, **args):
+        """``with trace.span(track, name, **args): ...`` -- a span on a named track."""
+        return _Span(self, name, track, args or None, self.track(track))
+
+    def add_span(self, track: str, name: str, start: float, dur: float, **args) -> None:
+        """A span on a named track measured elsewhere (``start`` from ``time.perf_counter()``)."""
+        self.add(name, track, start, dur, tid=self.track(track), args=args or None)
+
+    def pending(self, handle, track: str, name: str, **args):
+        """Wrap a started non-blocking ``handle`` (progress/wait) so its life becomes a span on ``track``."""
+        if not self.enabled:
+            return handle
+        return _Pending(handle, self, self.track(track), name, args or None)
 
     def __call__(self, name: str, cat: str = "", args: dict | None = None):
         return _Span(self, name, cat, args)
@@ -362,20 +429,32 @@ class Trace:
         self.events.append(("C", name, "", time.perf_counter() if t is None else t, 0.0, 0,
                             {name: float(value)}))
 
-    def instant(self, name: str, cat: str = "") -> None:
-        self.add(name, cat, time.perf_counter(), 0.0)
+    def instant(self, name: str, cat: str = "", *, track: str | None = None, **args) -> None:
+        """A point in time (on the calling thread's track, or on ``track``)."""
+        if not self.enabled:
+            return
+        if len(self.events) >= self.max_events:
+            self.dropped += 1
+            return
+        tid = self._tid() if track is None else self.track(track)
+        self.events.append(("i", name, cat or track or "", time.perf_counter(), 0.0, tid, args or None))
 
     def _json_events(self, rank: int, host: str) -> list[dict]:
         out = [
             {"ph": "M", "name": "process_name", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}@{host}"}},
             {"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0, "args": {"sort_index": rank}},
         ]
+        for tid, track in enumerate(self._names):
+            out += [{"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": track}},
+                    {"ph": "M", "name": "thread_sort_index", "pid": rank, "tid": tid, "args": {"sort_index": tid}}]
         t0 = self.t0
         for ph, name, cat, start, dur, tid, args in self.events:
             ev = {"name": name, "cat": cat or "default", "ph": ph, "ts": round((start - t0) * 1e6, 3),
                   "pid": rank, "tid": tid}
             if ph == "X":
                 ev["dur"] = round(dur * 1e6, 3)
+            elif ph == "i":
+                ev["s"] = "t"  # an instant on its thread's track
             if args:
                 ev["args"] = args
             out.append(ev)

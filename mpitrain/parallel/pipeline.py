@@ -33,6 +33,7 @@ from . import schedule as sched
 from .accumulate import Accumulator
 
 TAG_ACT, TAG_GRAD, TAG_EVAL, TAG_TIED = 201, 202, 203, 204  # on the pp group (a Split: the library's own)
+_WHAT = {TAG_ACT: "activation", TAG_GRAD: "gradient", TAG_EVAL: "eval activation", TAG_TIED: "tied wte grad"}
 
 
 class Pipeline:
@@ -66,10 +67,11 @@ class Pipeline:
             raise ValueError(f"pipeline stages disagree on the activation shape/dtype: {every}")
 
     # ---------------------------------------------------------------- messages
-    def _span(self, name, cat):
+    def _span(self, name, k):
+        """A forward/backward span on the stage's track of ``--trace`` (F3 = forward of micro-batch 3)."""
         if self.trace is None:
             return contextlib.nullcontext()
-        return self.trace(name, cat, {"stage": self.r})
+        return self.trace.span(f"stage {self.r}", name, stage=self.r, micro_batch=k)
 
     def _send(self, arr, dest, tag):
         host = backend.to_numpy(arr) if self.staged else arr
@@ -78,13 +80,18 @@ class Pipeline:
         host = host if host.flags.c_contiguous else host.copy()
         self._sends.append((self.comm.Isend(host, dest=dest, tag=tag), host))
         self.sent_bytes += host.nbytes
+        if self.trace is not None:
+            self.trace.instant(f"send {_WHAT[tag]} to stage {dest}", track="pipeline send", bytes=host.nbytes)
 
     def _recv(self, shape, source, tag):
         buf = np.empty(shape, dtype=self.dtype) if self.staged else self.xp.empty(shape, dtype=self.dtype)
         t0 = time.perf_counter()
         self.comm.Recv(buf, source=source, tag=tag)
+        dt = time.perf_counter() - t0
         if self.timers is not None:
-            self.timers.add("comm", time.perf_counter() - t0)
+            self.timers.add("comm", dt)
+        if self.trace is not None:
+            self.trace.add_span("pipeline recv", f"recv {_WHAT[tag]} from stage {source}", t0, dt, bytes=buf.nbytes)
         return self.xp.asarray(buf) if self.staged else buf
 
     def _wait_sends(self) -> None:
@@ -116,7 +123,7 @@ class Pipeline:
                 if tuple(x.shape) != self.shape[:2]:
                     raise ValueError(f"micro-batch {k} has shape {tuple(x.shape)}; the pipeline agreed on "
                                      f"{self.shape[:2]} (train.batch_size x model.block_size)")
-                with self._span(f"F{k}", "forward"), self._compute():
+                with self._span(f"F{k}", k), self._compute():
                     out, ctx = model.stage_forward(x if self.first else inputs.pop(k), y if self.last else None)
                 stash[k] = ctx
                 self._note_stash(stash)
@@ -132,7 +139,7 @@ class Pipeline:
                 if before_backward is not None:
                     before_backward()
                     before_backward = None
-                with self._span(f"B{k}", "backward"), self._compute():
+                with self._span(f"B{k}", k), self._compute():
                     din = model.stage_backward(stash.pop(k), None if self.last else dgrads.pop(k))
                     acc.add()
                 if not self.first:

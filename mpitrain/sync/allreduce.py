@@ -37,6 +37,7 @@ def bucket_cuts(n: int, limit: int) -> list[tuple[int, int]]:
 
 class AllReduce(Strategy):
     plans = True  # buckets on persistent plans; False: ``_launch`` (an iallreduce-like handle) per bucket
+    bucket_op = "allreduce"  # what a bucket does (its --trace track's name)
     @staticmethod
     def label_for(cfg) -> str:
         c = cfg.comm
@@ -114,6 +115,7 @@ class AllReduce(Strategy):
             while nxt < len(cuts) and cuts[nxt][1] <= hi:
                 s, e = cuts[nxt]
                 h = plans[nxt].start() if plans is not None else self._launch(grads[s:e])
+                h = self._traced(h, nxt, step, (e - s) * grads.itemsize)
                 if self._thread is not None:
                     self._thread.submit(h)
                 else:
@@ -123,6 +125,13 @@ class AllReduce(Strategy):
                 h.progress()
 
         return ready
+
+    def _traced(self, h, i: int, step: int, nbytes: int):
+        """With --trace: bucket ``i``'s reduction as a span on a track of its own (start -> seen complete)."""
+        trace = self.run.trace
+        if trace is None:
+            return h
+        return trace.pending(h, f"{self.bucket_op} bucket {i}", f"{self.bucket_op} {i}", step=step + 1, bytes=nbytes)
 
     def after_backward(self, step):
         run, grads = self.run, self.run.model.grads

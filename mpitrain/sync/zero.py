@@ -38,6 +38,7 @@ from .base import allreduce_bytes
 
 class Zero(AllReduce):
     plans = False  # its buckets are reduce-scatters (_launch)
+    bucket_op = "reduce-scatter"
     @staticmethod
     def label_for(cfg) -> str:
         return AllReduce.label_for(cfg) + "+zero1"

@@ -44,6 +44,7 @@ class Loop:
         self.saved_step = -1     # the step of the last checkpoint this run wrote
         self.eval_s = 0.0        # seconds spent evaluating (not in tokens_per_s)
         self._acc = None         # accumulated gradients (accum_steps > 1)
+        self._bwd_t0 = None      # --trace: when backprop handed over its first gradients this step
 
     # --------------------------------------------------------------- one step
     def train_step(self, batch):
@@ -51,7 +52,8 @@ class Loop:
         run, strategy, model = self.run, self.run.strategy, self.run.model
         with run.timers("compute"):
             batch = tuple(run.xp.asarray(a) for a in batch)
-            loss, correct = model.loss_and_grad(batch, on_grad_ready=strategy.grad_hook(run.step))
+            loss, correct = model.loss_and_grad(batch, on_grad_ready=self._hook(strategy.grad_hook(run.step)))
+            self._backward_done()
         strategy.after_backward(run.step)
         if not strategy.update(loss, run.step):  # it times its own compute and communication
             return float("nan"), 0
@@ -80,7 +82,9 @@ class Loop:
                 if inner is not None:
                     inner(hi)
 
-            loss, c = model.loss_and_grad(tuple(xp.asarray(a) for a in micro[-1]), on_grad_ready=ready, **kw)
+            loss, c = model.loss_and_grad(tuple(xp.asarray(a) for a in micro[-1]), on_grad_ready=self._hook(ready),
+                                          **kw)
+            self._backward_done()
             if done[0] < grads.size:
                 ready(grads.size)
         losses.append(loss)
@@ -125,6 +129,7 @@ class Loop:
                 break
             if A > 1 and i >= run.steps_per_epoch:
                 break
+            t_step = time.perf_counter()
             with run.timers("data"):
                 batch = next(batches, None) if A == 1 else [next(batches) for _ in range(A)]
             if batch is None:
@@ -138,6 +143,7 @@ class Loop:
             run.step += 1
             i += 1
             run.strategy.after_step(run.step)
+            self._traced_step(t_step, loss)
             n = run.model.count(batch) if A == 1 else sum(run.model.count(b) for b in batch)
             if math.isfinite(loss):
                 stats = [stats[0] + loss * n, stats[1] + c, stats[2] + n]
@@ -175,24 +181,63 @@ class Loop:
         return None
 
     def _evaluate(self, bar):
-        t0 = time.perf_counter()
-        self.test = self.run.evaluate()
-        self.eval_s += time.perf_counter() - t0
+        self.test = self._timed_eval()
         bar.clear()
+
+    def _timed_eval(self):
+        """run.evaluate(), its time kept out of the rates (and, with --trace, a span on track "eval")."""
+        run, t0 = self.run, time.perf_counter()
+        val = run.evaluate()
+        dt = time.perf_counter() - t0
+        self.eval_s += dt
+        if run.trace is not None:
+            run.trace.add_span("eval", f"eval @ step {run.step}", t0, dt, step=run.step, loss=float(val[0]))
+        return val
 
     def _periodic(self, bar, i, stats) -> None:
         """train.eval_every: an eval line; checkpoint.every_steps: a checkpoint (not at the epoch's end)."""
         run, t = self.run, self.cfg.train
         if t.eval_every and run.step % t.eval_every == 0:
-            t0 = time.perf_counter()
-            val = run.evaluate()
-            self.eval_s += time.perf_counter() - t0
+            val = self._timed_eval()
             bar.clear()
             run.results.eval_line(run.step, run.total_steps, stats, val, self.rates())
         every = self.cfg.checkpoint.every_steps
         if every and run.step % every == 0 and i < run.steps_per_epoch and run.strategy.synced():
             run.save(i)
             self.saved_step = run.step
+
+    # ------------------------------------------------------------------- trace
+    def _hook(self, hook):
+        """With --trace: ``hook`` (may be None) that also notes when backprop hands over its first gradients."""
+        if self.run.trace is None:
+            return hook
+        self._bwd_t0 = None
+
+        def noted(hi):
+            if self._bwd_t0 is None:
+                self._bwd_t0 = time.perf_counter()
+            if hook is not None:
+                hook(hi)
+
+        return noted
+
+    def _backward_done(self) -> None:
+        """A "backward" span: from the first finished gradients (the head's) to the end of backprop."""
+        trace, t0 = self.run.trace, self._bwd_t0
+        if trace is not None and t0 is not None:
+            trace.add("backward", "compute", t0, time.perf_counter() - t0, args={"step": self.run.step + 1})
+
+    def _traced_step(self, t0: float, loss: float) -> None:
+        """A span per step on track "steps" (data, compute, communication, update) and the loss counter."""
+        trace = self.run.trace
+        if trace is None:
+            return
+        step = self.run.step
+        ok = math.isfinite(loss)
+        trace.add_span("steps", f"step {step}", t0, time.perf_counter() - t0, step=step, epoch=self.run.epoch + 1,
+                       loss=loss if ok else None)
+        if ok:
+            trace.counter("loss", loss)
 
     def rates(self) -> dict:
         """tokens (items) per second of training (evaluation time left out) and, for a model that counts
@@ -211,6 +256,8 @@ class Loop:
         if trace:
             run.trace = Trace(self.comm)
             run.timers.trace = run.trace
+            run.trace.track("steps")  # the tracks' order: main thread, steps, eval, then the buckets'
+            run.trace.track("eval")
             if run.pipeline is not None:
                 run.pipeline.trace = run.trace
         per_epoch = min(run.steps_per_epoch, self.max_steps) if self.max_steps else run.steps_per_epoch

@@ -7,7 +7,7 @@ Every strategy reports through here (the parameter server too), so a run's JSON 
     optimizer_bytes_per_rank history [+ strategy-specific sections, e.g. "ps"]
 
 ``history`` has one entry per epoch: epoch, step, wall_s, comm_bytes (sent by all ranks so far),
-test_accuracy, test_loss (a run that ends by train.max_steps mid-epoch: a fractional last epoch).
+train_loss, train_accuracy (this epoch's, rank 0's batches), test_accuracy, test_loss (a run that ends by train.max_steps mid-epoch: a fractional last epoch).
 ``evals`` has one entry per train.eval_every evaluation: step, wall_s, train_loss, val_loss.
 
 A language model (a model with ``flops_per_token``, the GPT) adds
@@ -27,6 +27,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+from .live import Live, clean
 
 from ..runtime import UserError, log0
 
@@ -53,6 +55,7 @@ class Results:
         self.history: list[dict] = []
         self.evals: list[dict] = []
         self.baseline = None  # token sets: {"gzip -9": bits, "xz -9": bits, "unit": ...} (data/baseline.py)
+        self.live = Live()    # --log / --tensorboard (rank 0; live.py): a record per line printed here
         self.t_start = time.perf_counter()
 
     def start(self) -> None:
@@ -67,9 +70,13 @@ class Results:
         """One history entry and the epoch line (rank 0 prints). ``train`` = (loss sum, correct, seen)."""
         elapsed = self.elapsed()
         test_loss, test_acc = test
-        self.history.append({"epoch": epoch, "step": step, "wall_s": elapsed, "comm_bytes": comm_bytes,
-                             "test_accuracy": float(test_acc), "test_loss": float(test_loss)})
         loss, correct, seen = train
+        train_loss, train_acc = (loss / seen, correct / seen) if seen else (float("nan"), float("nan"))
+        entry = {"epoch": epoch, "step": step, "wall_s": elapsed, "comm_bytes": comm_bytes,
+                 "train_loss": float(train_loss), "train_accuracy": float(train_acc),
+                 "test_accuracy": float(test_acc), "test_loss": float(test_loss)}
+        self.history.append(entry)
+        self.live.record("epoch", **entry, samples_per_s=samples / max(elapsed, 1e-9), comm_fraction=comm_fraction)
         log0(f"epoch {epoch:>3}/{self.epochs}  loss {loss / max(seen, 1):.4f}  train acc "
              f"{correct / max(seen, 1):.4f}  test loss {test_loss:.4f}  test acc {test_acc:.4f}  "
              f"{samples / max(elapsed, 1e-9):,.0f} samples/s  comm {100 * comm_fraction:.0f}%")
@@ -80,6 +87,7 @@ class Results:
         val_loss = float(val[0])
         self.evals.append({"step": step, "wall_s": self.elapsed(), "train_loss": loss / max(seen, 1),
                            "val_loss": val_loss})
+        self.live.record("eval", **self.evals[-1], val_bits=val_loss / math.log(2), **rates)
         mfu = f"  mfu {100 * rates['mfu']:.1f}%" if "mfu" in rates else ""
         b = self.baseline
         ref = f"; gzip -9 {b['gzip -9']:.3f}, xz -9 {b['xz -9']:.3f}" if b else ""
@@ -114,9 +122,8 @@ class Results:
         """Rank 0 only. NaN (nothing measured) is written as null: the file stays valid JSON."""
         if not path:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(clean, indent=2) + "\n")
+        Path(path).write_text(json.dumps(clean(metrics), indent=2, allow_nan=False) + "\n")
 
 
 def optimizer_bytes(opt) -> int:
