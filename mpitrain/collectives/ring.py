@@ -51,7 +51,7 @@ import os
 from mpi4py import MPI
 
 from . import TAG_RING, finish_avg, reducer, wide
-from .partition import chunk_bounds, segments
+from .partition import checked, chunk_bounds, segments
 from .. import backend
 
 # Segment size: None = adaptive (about a quarter of a chunk, between 1 MiB and 4 MiB,
@@ -82,7 +82,9 @@ def owned(n: int, p: int, rank: int) -> tuple[int, int]:
     """[lo, hi) of the chunk rank ``rank`` holds finished after the reduce-scatter: chunk rank+1.
 
     (Chunk k starts on rank k and is reduced along k, k+1, ..., k+p-1 = k-1, which finishes it.)
+    A rank outside 0..p-1 raises (partition.checked), never wraps round to another rank's chunk.
     """
+    n, p, rank = checked(n, p, rank, "rank")
     return chunk_bounds(n, p, (rank + 1) % p)
 
 
@@ -94,6 +96,7 @@ def plan(n: int, p: int, rank: int, seg_elems: int, phase: str = "both"):
     in the same order, so one tag is enough (MPI does not overtake messages
     between one pair on one tag).
     """
+    n, p, rank = checked(n, p, rank, "rank")
     units = []
     a0, a1 = PHASES[phase]
     for t in range(a0 * (p - 1), a1 * (p - 1)):
