@@ -54,7 +54,6 @@ overlap; they still give the same results.
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import numpy as np
@@ -63,9 +62,9 @@ from mpi4py import MPI
 from . import META, _slot, enter, finish_avg, reducer
 from .partition import chunk_bounds
 from .. import backend
-from ..runtime import UserError, get_comm
+from ..runtime import UserError, env_knob, get_comm
 
-TILE_BYTES = int(os.environ.get("MPITRAIN_SHM_TILE") or 256 * 1024)  # accumulator tile (L2-sized)
+TILE_BYTES = env_knob("MPITRAIN_SHM_TILE", 256 * 1024)  # accumulator tile (L2-sized), checked (runtime.KNOBS)
 _OFF = 1 << 40  # key = window id * _OFF + byte offset
 
 
