@@ -80,6 +80,7 @@ class Handle:
         self._gen = self._run(st, buf, op, algorithm) if phase == "both" else self._half(st, buf, op, algorithm)
         self._pending = None
         self.done = False
+        shm.hold(buf, self)  # free_shared refuses an alloc_shared buf's window until this is done
         self._advance()  # start now: collectives begin in creation order on every rank
 
     def _run(self, st, buf, op, algorithm):
@@ -130,6 +131,9 @@ class Handle:
             lo, hi = scatter.owned_chunk(flat.size, st.size, st.rank)
             wide.narrow(flat[lo:hi], w[lo:hi])
             st.give_back(w)
+
+    def holding(self) -> bool:
+        return not self.done
 
     def progress(self) -> bool:
         """Advance as far as possible without blocking; True once complete."""

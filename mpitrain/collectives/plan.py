@@ -101,6 +101,7 @@ class AllreducePlan:
         if algorithm == "auto":
             algorithm = choose(buf.nbytes, st.size, st)
         self.algorithm = algorithm
+        shm.hold(buf, self)  # an alloc_shared buf: free_shared refuses its window while the plan lives
         self._tag = None  # taken below for the algorithms that send messages with it (ring, tree, hier)
         self._flat = buf.reshape(-1)
         self._dev = backend.is_device(buf)
@@ -157,6 +158,10 @@ class AllreducePlan:
     @property
     def freed(self) -> bool:
         return self._s == FREED
+
+    def holding(self) -> bool:
+        """Still bound to ``buf`` (shm.hold: free_shared refuses the window meanwhile)."""
+        return self._s != FREED
 
     def start(self) -> "AllreducePlan":
         """Begin reducing the current contents of ``buf``; returns the plan. Raises ValueError when the plan
