@@ -71,7 +71,7 @@ def cuda_driver_version() -> int | None:
     cuDriverGetVersion -- no CuPy needed; None when there is no driver. MPITRAIN_CUDA_DRIVER
     (a number like 13000) overrides it (for tests and for machines whose libcuda hides)."""
     if os.environ.get("MPITRAIN_CUDA_DRIVER", "").strip():
-        from .runtime import env_knob
+        from .units import env_knob
 
         return env_knob("MPITRAIN_CUDA_DRIVER")
     try:

@@ -32,7 +32,8 @@ import signal
 import sys
 import time
 
-from .runtime import UserError, env_knob, job_size, tag
+from .runtime import UserError, job_size, tag
+from .units import env_knob
 
 KINDS = ("raise", "exit", "kill", "hang", "nan", "ckptkill", "usr1", "slow", "finish")
 SLOW_S = 0.05  # seconds per step of a "slow" rank; MPITRAIN_SLOW_S overrides

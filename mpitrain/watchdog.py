@@ -45,7 +45,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from .runtime import UserError, env_knob, tag
+from .runtime import UserError, tag
+from .units import env_knob
 
 TAG_ARRIVE = 21
 ROOT = 0

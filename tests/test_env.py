@@ -1,4 +1,4 @@
-"""MPITRAIN_* environment knobs: every one read through runtime.env_knob and checked there, so a bad
+"""MPITRAIN_* environment knobs: every one read through units.env_knob and checked there, so a bad
 value (text, zero where zero means nothing, negative) is one EnvError line naming the variable --
 at import and before the command starts -- never a traceback, never silently taken."""
 
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mpitrain import runtime
-from mpitrain.runtime import KNOBS, EnvError, UserError, env_knob
+from mpitrain import units
+from mpitrain.runtime import UserError
+from mpitrain.units import KNOBS, EnvError, env_knob
 
-SRC = Path(runtime.__file__).parent
+SRC = Path(units.__file__).parent
 TEXT_KNOBS = {"MPITRAIN_FAULT": "faults.parse checks the spec", "MPITRAIN_HOSTS": "hier.Topology checks the spec",
               "MPITRAIN_COST_FILE": "a path (or 'off')",
               "MPITRAIN_CUDA_AWARE": "documented: a value other than 0/1 is ignored and said so (backend)"}
@@ -33,7 +34,7 @@ def test_every_knob_refuses_bad_text_zero_and_negatives(monkeypatch, name):
         assert msg.startswith(f"{name}={value!r}: expected "), msg
         assert "\n" not in msg and isinstance(e.value, UserError) and isinstance(e.value, ValueError)
         with pytest.raises(EnvError, match=re.escape(name)):
-            runtime.check_env()
+            units.check_env()
 
 
 @pytest.mark.parametrize("name", sorted(KNOBS))

@@ -81,7 +81,8 @@ from . import TAG_HIER, finish_avg, reducer, wide
 from . import ring as _ring
 from .partition import segments
 from .. import backend
-from ..runtime import UserError, env_knob
+from ..runtime import UserError
+from ..units import env_knob
 
 ENV = "MPITRAIN_HOSTS"
 SHM_ENV = "MPITRAIN_HIER_SHM"  # "0": the blocking hier keeps the message tree within hosts

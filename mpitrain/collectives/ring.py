@@ -52,12 +52,12 @@ from mpi4py import MPI
 from . import TAG_RING, finish_avg, reducer, wide
 from .partition import checked, chunk_bounds, segments
 from .. import backend
-from ..runtime import env_knob
+from ..units import env_knob
 
 # Segment size: None = adaptive (about a quarter of a chunk, between 1 MiB and 4 MiB,
 # measured best on a 2-core box at 1-64 MiB with 2 and 4 ranks: docs/benchmarks.md).
 # MPITRAIN_RING_SEGMENT=bytes fixes it.
-SEGMENT_BYTES = env_knob("MPITRAIN_RING_SEGMENT")  # (checked: runtime.KNOBS)
+SEGMENT_BYTES = env_knob("MPITRAIN_RING_SEGMENT")  # (checked: units.KNOBS)
 SEGMENT_MIN, SEGMENT_MAX = 1024 * 1024, 4 * 1024 * 1024
 DEPTH = 4  # receives posted ahead
 

@@ -66,10 +66,11 @@ from mpi4py import MPI
 from . import META, _slot, enter, finish_avg, reducer
 from .partition import chunk_bounds
 from .. import backend
-from ..runtime import UserError, env_knob, get_comm
+from ..runtime import UserError, get_comm
+from ..units import env_knob
 from ..units import format_size
 
-TILE_BYTES = env_knob("MPITRAIN_SHM_TILE", 256 * 1024)  # accumulator tile (L2-sized), checked (runtime.KNOBS)
+TILE_BYTES = env_knob("MPITRAIN_SHM_TILE", 256 * 1024)  # accumulator tile (L2-sized), checked (units.KNOBS)
 _OFF = 1 << 40  # key = window id * _OFF + byte offset
 
 

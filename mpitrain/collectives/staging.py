@@ -77,7 +77,7 @@ from . import TAG_RING, finish_avg, reducer
 from . import ring as _ring
 from .partition import chunk_bounds, segments
 from .. import backend
-from ..runtime import env_knob
+from ..units import env_knob
 
 STREAMS = 2  # staged ring, per rank: D2H on one stream, H2D + reductions on the other (MPITRAIN_STAGING_STREAMS)
 
