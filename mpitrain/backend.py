@@ -70,9 +70,10 @@ def cuda_driver_version() -> int | None:
     """The CUDA version the installed driver supports (e.g. 12040 for 12.4), from libcuda's
     cuDriverGetVersion -- no CuPy needed; None when there is no driver. MPITRAIN_CUDA_DRIVER
     (a number like 13000) overrides it (for tests and for machines whose libcuda hides)."""
-    env = os.environ.get("MPITRAIN_CUDA_DRIVER", "").strip()
-    if env:
-        return int(env) if env.isdigit() and int(env) > 0 else None
+    if os.environ.get("MPITRAIN_CUDA_DRIVER", "").strip():
+        from .units import env_knob
+
+        return env_knob("MPITRAIN_CUDA_DRIVER")
     try:
         lib = ctypes.CDLL("libcuda.so.1")
         v = ctypes.c_int(0)

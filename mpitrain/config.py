@@ -301,9 +301,25 @@ def _finite(cfg: JobConfig, origins: dict) -> None:
                                 "(not nan or inf)")
 
 
+ZERO_ALGORITHMS = ("ring", "native", "auto")  # those with reduce-scatter + all-gather halves (= scatter.ALGORITHMS)
+
+
+def zero_problem(zero: int, algorithm: str) -> str | None:
+    """Why ``train.zero`` cannot run on ``comm.algorithm`` (None: it can). ZeRO-1 steps between the
+    all-reduce's two halves, which tree, hier and shm do not have as collectives of their own."""
+    if zero and algorithm not in ZERO_ALGORITHMS:
+        return (f"train.zero = {zero} needs an all-reduce split into reduce-scatter and all-gather, which "
+                f"comm.algorithm = {algorithm!r} does not have; use comm.algorithm = "
+                f"{', '.join(repr(a) for a in ZERO_ALGORITHMS)} or train.zero = 0")
+    return None
+
+
 def _exclusive(cfg: JobConfig, origins: dict) -> None:
     """Strategies that do not combine: one error naming both keys and what to drop."""
     c, t = cfg.comm, cfg.train
+    problem = zero_problem(t.zero, c.algorithm)
+    if problem:
+        raise UserError(f"{origins.get('comm.algorithm', origins.get('train.zero', cfg.source))}: {problem}")
     on = {"comm.compress": c.compress != "none", "train.sync_every": t.sync_every > 1,
           "comm.mode": c.mode == "ps", "comm.bucket_bytes": c.bucket_bytes > 0}
     shown = {"comm.compress": repr(c.compress), "train.sync_every": t.sync_every, "comm.mode": repr(c.mode),

@@ -26,7 +26,6 @@ A malformed value is a user error (every rank reports it before training).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
@@ -34,6 +33,7 @@ import sys
 import time
 
 from .runtime import UserError, job_size, tag
+from .units import env_knob
 
 KINDS = ("raise", "exit", "kill", "hang", "nan", "ckptkill", "usr1", "slow", "finish")
 SLOW_S = 0.05  # seconds per step of a "slow" rank; MPITRAIN_SLOW_S overrides
@@ -57,16 +57,7 @@ def parse(spec: str | None) -> list[tuple[int, int, str]]:
 
 def slow_seconds(text: str | None) -> float:
     """``MPITRAIN_SLOW_S``: a finite number of seconds >= 0 (unset or empty: the default)."""
-    if not text:
-        return SLOW_S
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not math.isfinite(v) or v < 0:
-        raise UserError(f"MPITRAIN_SLOW_S={text!r}: expected seconds >= 0, e.g. 0.05 (the sleep per step of "
-                        "a 'slow' rank); unset it for the default")
-    return v
+    return env_knob("MPITRAIN_SLOW_S", SLOW_S, text or "")
 
 
 class Faults:
@@ -82,7 +73,7 @@ class Faults:
                             f"rank(s) (0..{size - 1}); the fault would never happen. Name an existing rank "
                             "or start more ranks")
         self.plan = [(s, k) for r, s, k in faults if r == rank]
-        self.slow_s = slow_seconds(os.environ.get("MPITRAIN_SLOW_S"))
+        self.slow_s = env_knob("MPITRAIN_SLOW_S", SLOW_S)
 
     def __bool__(self):
         return bool(self.plan)

@@ -153,3 +153,4 @@ def agree_config(comm, cfg) -> None:
 def signal_name(signum: int) -> str:
     """``SIGUSR1`` for 10; the number itself for anything that is not a signal."""
     return signal.Signals(signum).name if signum in iter(signal.Signals) else str(signum)
+

@@ -6,15 +6,21 @@
     times       ``25us``, ``0.1ms``, ``2s`` -> seconds; printed in microseconds
     bandwidths  ``1.17GB/s``, ``10gbit`` -> bytes per second; printed as GB/s from beta (s per byte)
 
-Pure functions; nothing here imports the rest of mpitrain.
+    knobs       MPITRAIN_* environment variables: KNOBS, env_knob (read and checked), check_env
+
+Pure functions (the knobs read the environment); nothing here imports the rest of mpitrain but
+runtime's UserError.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
+
+from .runtime import UserError
 
 _SIZE_UNITS = {"": 1, "b": 1,
                "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
@@ -120,3 +126,80 @@ def parse_time(text: str, what: str = "latency") -> float:
 def parse_bandwidth(text: str, what: str = "bandwidth") -> float:
     """``1.17GB/s``, ``10gbit``, ``100mbps`` -> bytes per second."""
     return parse_quantity(text, BANDWIDTH_UNITS, what)
+
+
+# --------------------------------------------------------------------------- environment knobs
+
+
+class EnvError(UserError, ValueError):
+    """A bad MPITRAIN_* environment variable: one line naming it (a user error, and a ValueError)."""
+
+
+def _finite_seconds(text: str) -> float:
+    import math
+
+    v = float(text)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(text)
+    return v
+
+
+def _size_at_least(lo: int):
+    def parse(text: str) -> int:
+        v = parse_size(text)
+        if v < lo:
+            raise ValueError(text)
+        return v
+    return parse
+
+
+def _one_of(*choices):
+    def parse(text: str):
+        for c in choices:
+            if text.lower() == str(c):
+                return c
+        raise ValueError(text)
+    return parse
+
+
+def _positive_int_or_none(text: str):
+    if text.lower() == "none":
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+        raise ValueError(text)
+    return int(text)
+
+
+# Every numeric or choice knob read from the environment: name -> (parse, what it expects, zero allowed).
+# Read only through env_knob(); tests walk this table (bad text, zero, negative -> EnvError naming it).
+KNOBS = {
+    "MPITRAIN_SHM_TILE": (_size_at_least(64), "a size of at least 64 bytes, e.g. 262144 or 256KiB", False),
+    "MPITRAIN_RING_SEGMENT": (_size_at_least(64), "a size of at least 64 bytes, e.g. 1MiB", False),
+    "MPITRAIN_RING_BOUND": (_one_of("ring", "direct"), "'ring' or 'direct'", False),
+    "MPITRAIN_STAGING_STREAMS": (_one_of(1, 2), "1 (one CUDA stream) or 2 (copies out on one, copies in and "
+                                 "reductions on the other)", False),
+    "MPITRAIN_HIER_SHM": (_one_of(0, 1), "0 (message tree within hosts) or 1 (shared memory)", True),
+    "MPITRAIN_TERM_GRACE_S": (_finite_seconds, "seconds >= 0, e.g. 20", True),
+    "MPITRAIN_SLOW_S": (_finite_seconds, "seconds >= 0, e.g. 0.05 (the sleep per step of a 'slow' rank)", True),
+    "MPITRAIN_CUDA_DRIVER": (_positive_int_or_none, "a CUDA driver version such as 12040, or 'none'", False),
+}
+
+
+def env_knob(name: str, default=None, text: str | None = None):
+    """The value of the environment knob ``name`` (``text``: that value instead of the environment's),
+    parsed and checked (KNOBS); unset or blank: ``default``. A bad value: one EnvError naming the variable."""
+    parse, expect, _ = KNOBS[name]
+    raw = os.environ.get(name) if text is None else text
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return parse(raw.strip())
+    except (ValueError, TypeError, OverflowError):
+        shown = "" if default is None else f" ({default})"
+        raise EnvError(f"{name}={raw!r}: expected {expect}; unset it for the default{shown}") from None
+
+
+def check_env() -> None:
+    """Every knob of KNOBS that is set, checked now (the CLI calls this first): a bad one is one line."""
+    for name in KNOBS:
+        env_knob(name)

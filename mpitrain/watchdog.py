@@ -46,6 +46,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .runtime import UserError, tag
+from .units import env_knob
 
 TAG_ARRIVE = 21
 ROOT = 0
@@ -249,14 +250,7 @@ class TermGrace:
     """
 
     def __init__(self, grace_s: float | None = None, abort=None):
-        env = os.environ.get("MPITRAIN_TERM_GRACE_S", "")
-        try:
-            self.grace_s = float(grace_s if grace_s is not None else (env or TERM_GRACE_S))
-        except ValueError:
-            raise UserError(f"{tag()} MPITRAIN_TERM_GRACE_S={env!r} is not a number of seconds; set it to "
-                            f"e.g. 20 or unset it (default {TERM_GRACE_S:g})") from None
-        if not self.grace_s >= 0:
-            raise UserError(f"{tag()} MPITRAIN_TERM_GRACE_S={env!r}: the grace must be >= 0 seconds")
+        self.grace_s = float(grace_s) if grace_s is not None else env_knob("MPITRAIN_TERM_GRACE_S", TERM_GRACE_S)
         self._abort = abort
         self._socks = None
         self._old_fd = -1

@@ -553,7 +553,7 @@ def test_term_grace_env_must_be_seconds(monkeypatch):
     from mpitrain.watchdog import TermGrace
 
     monkeypatch.setenv("MPITRAIN_TERM_GRACE_S", "abc")
-    with pytest.raises(UserError, match="MPITRAIN_TERM_GRACE_S='abc' is not a number"):
+    with pytest.raises(UserError, match="MPITRAIN_TERM_GRACE_S='abc': expected seconds >= 0"):
         TermGrace()
     monkeypatch.setenv("MPITRAIN_TERM_GRACE_S", "-1")
     with pytest.raises(UserError, match=">= 0"):

@@ -564,7 +564,7 @@ def test_staging_streams_knob(monkeypatch):
     monkeypatch.setenv("MPITRAIN_STAGING_STREAMS", "1")
     assert staging.staging_streams() == 1
     monkeypatch.setenv("MPITRAIN_STAGING_STREAMS", "3")
-    with pytest.raises(ValueError, match="MPITRAIN_STAGING_STREAMS='3': use 1"):
+    with pytest.raises(ValueError, match="MPITRAIN_STAGING_STREAMS='3': expected 1"):
         staging.staging_streams()
 
 

@@ -42,3 +42,52 @@ def test_bad_arguments(bad):
         chunk_bounds(5, 2, 2)
     with pytest.raises(ValueError):
         segments(0, 4, 0)
+
+
+# ----------------------------------------------------------------------------- every (n, p, rank) function
+
+
+def _rank_functions():
+    """Every function of the partition family that takes (n, p, rank-or-chunk): rank r of p, n elements."""
+    from mpitrain.collectives import owned_chunk as public_owned
+    from mpitrain.collectives import ring, scatter
+    from mpitrain.data.reader import plan_segments
+
+    return {"chunk_bounds": chunk_bounds, "ring.owned": ring.owned, "scatter.owned_chunk": scatter.owned_chunk,
+            "collectives.owned_chunk": public_owned, "ring.plan": lambda n, p, r: ring.plan(n, p, r, 4),
+            "reader.plan_segments": lambda n, p, r: plan_segments([n], p, r)}
+
+
+@pytest.mark.parametrize("name", sorted(_rank_functions()))
+@pytest.mark.parametrize("n, p, r", [(10, 4, 4), (10, 4, -1), (10, 4, 7), (10, 1, 1), (0, 3, -3), (5, 2, 2)])
+def test_a_rank_outside_the_communicator_is_refused(name, n, p, r):
+    """The class: any rank outside 0..p-1 raises ValueError naming it -- never wraps to another rank's range."""
+    with pytest.raises(ValueError, match=f"{r}.*out of range"):
+        _rank_functions()[name](n, p, r)
+
+
+@pytest.mark.parametrize("name", sorted(_rank_functions()))
+def test_every_rank_in_range_still_answers(name):
+    f = _rank_functions()[name]
+    for n, p in [(10, 4), (3, 5), (0, 2), (7, 1)]:
+        for r in range(p):
+            f(n, p, r)  # no error
+
+
+@pytest.mark.parametrize("bad", [(10.0, 4, 0), (10, 4.0, 0), (10, 4, 1.0), (10, 4, True), ("10", 4, 0)])
+def test_non_integer_arguments_are_refused(bad):
+    from mpitrain.collectives import owned_chunk
+
+    for f in (chunk_bounds, owned_chunk):
+        with pytest.raises(ValueError, match="must be an integer"):
+            f(*bad)
+
+
+def test_owned_chunks_tile_the_buffer():
+    """owned_chunk over all ranks is a permutation of the partition (the formula ZeRO relies on)."""
+    from mpitrain.collectives import owned_chunk
+
+    for n, p in _pairs()[:200]:
+        owned = sorted(owned_chunk(n, p, r) for r in range(p))
+        assert owned == partition(n, p), (n, p)
+        assert all(owned_chunk(n, p, r) == chunk_bounds(n, p, (r + 1) % p) for r in range(p))

@@ -132,3 +132,59 @@ def test_a_shard_optimizer_decays_the_parts_of_the_decayed_tensors_it_holds():
     assert whole.decay_segments == [(2, 6), (10, 18)]
     shard = run.make_optimizer(np.zeros(8), pieces=[(4, 8), (16, 20)])  # [4, 8) then [16, 20)
     assert shard.decay_segments == [(0, 2), (4, 6)]
+
+
+# ----------------------------------------------------------------------------- algorithms without halves
+
+
+def _algorithms():
+    from mpitrain.config import CHOICES
+
+    return CHOICES[("comm", "algorithm")]
+
+
+def test_zero_runs_on_exactly_the_algorithms_with_halves():
+    """The class: every comm.algorithm without a reduce-scatter / all-gather (scatter.ALGORITHMS) is refused
+    with zero = 1, at validation, naming both keys; every one with them is accepted."""
+    from mpitrain import config
+    from mpitrain.collectives import scatter
+    from mpitrain.runtime import UserError
+
+    assert set(config.ZERO_ALGORITHMS) == set(scatter.ALGORITHMS)
+    for alg in _algorithms():
+        sets = ["train.zero=1", f"comm.algorithm={alg}"]
+        if alg in scatter.ALGORITHMS:
+            assert config.load(None, sets).comm.algorithm == alg
+            continue
+        with pytest.raises(UserError) as e:
+            config.load(None, sets)
+        msg = str(e.value)
+        assert "train.zero = 1" in msg and f"comm.algorithm = {alg!r}" in msg and "\n" not in msg, msg
+        assert config.load(None, [f"comm.algorithm={alg}"]).train.zero == 0  # zero = 0 still runs it
+
+
+@pytest.mark.parametrize("alg", ["tree", "shm", "hier"])
+def test_zero_strategy_refuses_an_algorithm_without_halves(alg):
+    """Set up without config.validate (a program building the strategy itself): the same one line."""
+    from mpitrain.config import JobConfig
+    from mpitrain.runtime import UserError, get_comm
+
+    cfg = JobConfig()
+    cfg.train.zero, cfg.comm.algorithm = 1, alg
+    with pytest.raises(UserError, match=f"train.zero = 1 .* comm.algorithm = '{alg}'"):
+        Zero(cfg, get_comm())
+
+
+@pytest.mark.parametrize("alg", ["tree", "shm", "hier"])
+def test_zero_with_an_algorithm_without_halves_stops_before_training(tmp_path, alg):
+    """A tiny training run at 2 ranks: one line naming both keys, exit 1, no traceback, no epoch."""
+    from test_faults import failed_cleanly
+    from test_user_errors import run
+    from test_faults import PY, TINY
+    from conftest import MPIRUN
+
+    args = ["-m", "mpitrain", "--set", f"checkpoint.dir={tmp_path / 'c'}", "--set", f"data.path={tmp_path / 'd'}",
+            *TINY, "--set", "train.zero=1", "--set", f"comm.algorithm={alg}"]
+    job = run([MPIRUN, "-n", "2", PY, *args], tmp_path)
+    failed_cleanly(job, "train.zero = 1", f"comm.algorithm = '{alg}'", rank=0)
+    assert job.rc == 1 and "epoch" not in job.out, job

@@ -65,10 +65,22 @@ SMALL_BYTES = 4096
 FUSE_MAX_RANKS = 64  # above this the check's Allgather (p x 4 KiB) would cost more than it saves
 META = 6  # n, dtype, op, algorithm, problem, on-device
 
-TAG_CHECK = 11  # tags on the library's private communicator (never tag 0)
+# The tag map of the library's private communicator (a Dup of the caller's; never tag 0; every MPI allows
+# tags up to 32767). Two operations that may be in flight at once never share a tag:
+#   11 check, 12 ring, 13 tree, 14 hier   blocking calls: one at a time per communicator (guard.py)
+#   NB_TAGS   1000 .. 5095    non-blocking handles (nonblocking.py): slot = creation count mod 4096; a
+#                             handle whose slot's last holder is still in flight on any rank is refused
+#                             (ValueError on every rank, by the agreement check: problem TAGS_BUSY)
+#   PLAN_TAGS 8192 .. 12287   persistent plans (plan.py): the lowest tag free on every rank (an Allreduce of
+#                             the free sets at init), held until free() or collection; none free: ValueError
+# Other communicators carry their own tags: the watchdog's Dup (21), the parameter server's Dup (71-73),
+# hier's per-host and leaders' Splits (TAG_HIER, or the handle's / plan's tag), shm's node Split (none).
+TAG_CHECK = 11
 TAG_RING = 12
 TAG_TREE = 13
 TAG_HIER = 14
+NB_TAGS = (1000, 4096)  # (first, how many)
+PLAN_TAGS = (8192, 4096)
 
 
 class _State:
@@ -239,9 +251,11 @@ KINDS = ("allreduce", "reduce_scatter", "allgather")  # folded into the algorith
 _KIND_STEP = 16                                        # collectives on different ranks disagree, never hang
 
 
-def _codes(row, buf, op, algorithm, st=None, call=None, kind: int = 0) -> None:
+def _codes(row, buf, op, algorithm, st=None, call=None, kind: int = 0, busy: bool = False) -> None:
     """Local validation folded into integers, so that the check itself is collective (guard.py)."""
     problem, flags = _guard.buffer_problem(buf, _DT)
+    if busy and not problem:
+        problem = _guard.TAGS_BUSY
     n = dt = 0
     if not problem:
         n, dt = buf.size, _DT[buf.dtype]
@@ -273,6 +287,10 @@ _PROBLEMS = {
                            "(it shares the memory)",
     _guard.CONCURRENT: "called while another thread's call on this communicator was in progress on that rank; "
                        + _guard.CONCURRENT_ADVICE,
+    _guard.TAGS_BUSY: f"{NB_TAGS[1]} non-blocking operations are still in flight on this communicator (the "
+                      "oldest one's tag would be reused); wait() for earlier handles first",
+    _guard.FREED_SHARED: "buffer lies in a shared window that free_shared() has freed (its memory is gone); "
+                         "allocate a new one with alloc_shared",
 }
 
 
@@ -314,16 +332,17 @@ def _agree_but_threads(g) -> bool:
 
 
 def check(st: _State, buf, op, algorithm, payload: bool = False, call=None, what: str = "allreduce",
-          kind: int = 0, shm_key: int | None = None) -> bool:
+          kind: int = 0, shm_key: int | None = None, busy: bool = False) -> bool:
     """Raise the same ValueError on every rank when the ranks' calls disagree or are invalid.
 
     With ``payload``, a message of at most SMALL_BYTES travels in the same
     Allgather; returns True when it did (the caller then reduces st._rows).
     ``call`` (guard.Call, the turn held): the check also refuses overlapping calls and sets
     ``call.post`` when the call must end with ``st.calls.post_check`` (other threads alive).
+    ``busy``: this rank has no free tag for the call (nonblocking.py); refused on every rank.
     """
     row = st._row
-    _codes(row, buf, op, algorithm, st, call, kind)
+    _codes(row, buf, op, algorithm, st, call, kind, busy)
     bad = row[4] or row[2] < 0 or row[3] < 0
     nbytes = int(row[0]) * buf.itemsize if not bad else 0
     carry = payload and not bad and not row[5] & _DEV and nbytes <= st.small

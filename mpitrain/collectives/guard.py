@@ -13,7 +13,8 @@ waiting in a receive for ever).
     the buffer         buffer_problem(): a code folded into the check's row -- not an
                        array, an np.matrix / masked array, a device array that is not
                        CuPy, not C-contiguous, an unsupported dtype, the right dtype in
-                       the other byte order, a misaligned view, read-only
+                       the other byte order, a misaligned view, read-only, an
+                       alloc_shared array whose window free_shared has freed
     threads            Calls, below; thread_problem(): below MPI_THREAD_SERIALIZED only
                        the main thread may call MPI
 
@@ -71,7 +72,7 @@ from .. import backend
 
 # problem codes of the check's row (column 4); texts in collectives/__init__.py (_PROBLEMS)
 NOT_ARRAY, NOT_CONTIGUOUS, DTYPE, READ_ONLY, MISALIGNED, BYTE_ORDER, SUBCLASS, FOREIGN_DEVICE = range(1, 9)
-CONCURRENT, THREAD_LEVEL = 9, 10
+CONCURRENT, THREAD_LEVEL, TAGS_BUSY, FREED_SHARED = 9, 10, 11, 12
 
 _LEVELS = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
            MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED", MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE"}
@@ -92,9 +93,22 @@ def comm_problem(comm) -> str | None:
     return None
 
 
+def freed_memory(buf) -> bool:
+    """``buf`` (or the array it views) lies in memory that was released: an alloc_shared array after
+    free_shared (its owner, shm._Segment, says ``released``). Local, touches no memory."""
+    b = buf.base
+    while b is not None:
+        if getattr(b, "released", False) is True:
+            return True
+        b = getattr(b, "base", None)
+    return False
+
+
 def buffer_problem(buf, dtypes) -> tuple[int, int]:
     """(problem code or 0, on-device 0/1) for ``buf``; ``dtypes``: the supported np.dtypes."""
     if isinstance(buf, np.ndarray):
+        if freed_memory(buf):
+            return FREED_SHARED, 0
         if type(buf) is not np.ndarray and isinstance(buf, (np.matrix, np.ma.MaskedArray)):
             return SUBCLASS, 0
         flags = buf.flags

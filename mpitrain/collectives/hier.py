@@ -82,6 +82,7 @@ from . import ring as _ring
 from .partition import segments
 from .. import backend
 from ..runtime import UserError
+from ..units import env_knob
 
 ENV = "MPITRAIN_HOSTS"
 SHM_ENV = "MPITRAIN_HIER_SHM"  # "0": the blocking hier keeps the message tree within hosts
@@ -182,7 +183,7 @@ class Topology:
         at least two, else None; made on first use (collective on the host: the same answer there)."""
         if self._node is False:
             self._node = None
-            if self.lsize > 1 and os.environ.get(SHM_ENV, "1").strip() != "0":
+            if self.lsize > 1 and env_knob(SHM_ENV, 1) != 0:
                 from . import shm
 
                 nd = shm.Node(self.local)

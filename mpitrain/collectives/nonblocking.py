@@ -32,11 +32,20 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
-from . import _MPI_OP, check, choose, enter, finish_avg
+from . import _MPI_OP, NB_TAGS, check, choose, enter, finish_avg
 from . import hier, ring, scatter, shm, tree, wide
 from .. import backend
 
-TAG_BASE, TAG_SPAN = 1000, 4096  # tags TAG_BASE .. TAG_BASE+TAG_SPAN-1 on the private communicator
+TAG_BASE, TAG_SPAN = NB_TAGS  # tags TAG_BASE .. TAG_BASE+TAG_SPAN-1 on the private communicator (the map:
+                               # collectives/__init__.py); slot = creation count mod TAG_SPAN
+
+
+def _live(st):
+    """Per communicator: which handle slots are held by a handle still in flight on this rank."""
+    live = getattr(st, "nb_live", None)
+    if live is None:
+        live = st.nb_live = np.zeros(TAG_SPAN, dtype=bool)
+    return live
 
 
 def _native_steps(st, buf, op):
@@ -57,16 +66,21 @@ class Handle:
         the reduce-scatter half only (ireduce_scatter, scatter.py)."""
         self.buf, self._st = buf, st
         what = "iallreduce" if phase == "both" else "ireduce_scatter"
-        # blocking and cheap: raises on every rank
-        check(st, buf, op, algorithm, call=call, what=what, kind=0 if phase == "both" else scatter.RS)
+        seq, live = getattr(st, "nb_seq", -1) + 1, _live(st)
+        # blocking and cheap: raises on every rank (also when this slot's last handle is in flight on any rank)
+        check(st, buf, op, algorithm, call=call, what=what, kind=0 if phase == "both" else scatter.RS,
+              busy=bool(live[seq % TAG_SPAN]))
         if phase != "both":
             algorithm = scatter._resolve(st, buf, algorithm, what)
         st.calls.post_check(st, call, what)  # (before any message: nothing is left in flight)
-        self._seq = st.nb_seq = getattr(st, "nb_seq", -1) + 1
-        self._tag = TAG_BASE + self._seq % TAG_SPAN
+        self._seq = st.nb_seq = seq
+        self._slot, self._live = seq % TAG_SPAN, live
+        self._tag = TAG_BASE + self._slot
+        live[self._slot] = True  # until the algorithm has finished on this rank (_advance)
         self._gen = self._run(st, buf, op, algorithm) if phase == "both" else self._half(st, buf, op, algorithm)
         self._pending = None
         self.done = False
+        shm.hold(buf, self)  # free_shared refuses an alloc_shared buf's window until this is done
         self._advance()  # start now: collectives begin in creation order on every rank
 
     def _run(self, st, buf, op, algorithm):
@@ -118,6 +132,9 @@ class Handle:
             wide.narrow(flat[lo:hi], w[lo:hi])
             st.give_back(w)
 
+    def holding(self) -> bool:
+        return not self.done
+
     def progress(self) -> bool:
         """Advance as far as possible without blocking; True once complete."""
         while not self.done:
@@ -139,6 +156,7 @@ class Handle:
             self._pending = next(self._gen)
         except StopIteration:
             self._pending, self.done = None, True
+            self._live[self._slot] = False
 
 
 def started(make, buf, comm, what: str):

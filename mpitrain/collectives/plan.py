@@ -28,8 +28,10 @@ Per algorithm:
   tree    the algorithm's generator (tree.steps, hier.steps) on the plan's own slots (allocated once,
   hier    at init) and the plan's own tag, so plans, handles and blocking calls on the same
           communicator never share scratch or match each other's messages.
-          The per-start work is the schedule itself: no check, no allocation. (Tags come from a span of
-          TAG_SPAN = 4096 per communicator, by creation order: at most 4096 plans in flight at once.)
+          The per-start work is the schedule itself: no check, no allocation. Tags: the lowest of the
+          communicator's TAG_SPAN = 4096 plan tags that is free on every rank (one Allreduce of the free
+          sets at init, so ranks that collected a dead plan at different times still agree), held
+          until free() or collection: no two live plans share one. All 4096 held: ValueError on every rank.
   shm     the whole shared-memory reduction runs inside start() (node barriers cannot be yielded safely
           while other operations are in flight: shm.py); test()/wait() then return at once.
 
@@ -52,13 +54,40 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from . import _MPI_OP, check, choose, finish_avg
+from . import _MPI_OP, PLAN_TAGS, check, choose, finish_avg
 from . import hier, ring, shm, tree, wide
 from .nonblocking import started
 from .. import backend
 
-TAG_BASE, TAG_SPAN = 8192, 4096  # plans' tags on the private communicator (nonblocking.py: 1000..5095)
+TAG_BASE, TAG_SPAN = PLAN_TAGS  # plans' tags on the private communicator (the map: collectives/__init__.py)
 READY, ACTIVE, FREED = 0, 1, 2
+
+
+def _held(st):
+    """Per communicator: which plan tags live plans hold on this rank (TAG_BASE + index)."""
+    held = getattr(st, "plan_tags", None)
+    if held is None:
+        held = st.plan_tags = np.zeros(TAG_SPAN, dtype=bool)
+    return held
+
+
+def take_tag(st) -> int:
+    """Collective: the lowest plan tag free on every rank, now held (the same on every rank)."""
+    held = _held(st)
+    busy = np.packbits(held)
+    if st.size > 1:
+        st.comm.Allreduce(MPI.IN_PLACE, busy, op=MPI.BOR)
+    free = np.flatnonzero(~np.unpackbits(busy)[:TAG_SPAN].astype(bool))
+    if not free.size:
+        raise ValueError(f"allreduce_init: all {TAG_SPAN} plan tags of this communicator are held by live plans "
+                         "(on some rank); free() plans no longer needed, or reuse one plan per buffer")
+    held[free[0]] = True
+    return TAG_BASE + int(free[0])
+
+
+def give_tag(st, tag) -> None:
+    if tag is not None:
+        _held(st)[tag - TAG_BASE] = False
 
 
 class AllreducePlan:
@@ -72,8 +101,8 @@ class AllreducePlan:
         if algorithm == "auto":
             algorithm = choose(buf.nbytes, st.size, st)
         self.algorithm = algorithm
-        self._seq = st.plan_seq = getattr(st, "plan_seq", -1) + 1
-        self._tag = TAG_BASE + self._seq % TAG_SPAN
+        shm.hold(buf, self)  # an alloc_shared buf: free_shared refuses its window while the plan lives
+        self._tag = None  # taken below for the algorithms that send messages with it (ring, tree, hier)
         self._flat = buf.reshape(-1)
         self._dev = backend.is_device(buf)
         xp = backend.array_module(buf)
@@ -102,6 +131,8 @@ class AllreducePlan:
             self._fast = self._req is not None and w is self._flat and op != "avg" and not self._dev
             return
         self._native = False
+        if algorithm != "shm":
+            self._tag = take_tag(st)  # collective; the same on every rank
         nseg = 0 if self._dev else ring.bound_segments(w.nbytes, st.size)
         if algorithm == "ring" and nseg:
             self._slots = xp.empty(max(1, ring.bound_slot_elems(w.size, st.size)), dtype=w.dtype)
@@ -127,6 +158,10 @@ class AllreducePlan:
     @property
     def freed(self) -> bool:
         return self._s == FREED
+
+    def holding(self) -> bool:
+        """Still bound to ``buf`` (shm.hold: free_shared refuses the window meanwhile)."""
+        return self._s != FREED
 
     def start(self) -> "AllreducePlan":
         """Begin reducing the current contents of ``buf``; returns the plan. Raises ValueError when the plan
@@ -232,6 +267,7 @@ class AllreducePlan:
     def __del__(self):
         try:
             if not self.freed and not self.active and not MPI.Is_finalized():
+                give_tag(self._st, self._tag)  # (an active plan keeps it: its messages may be in flight)
                 if self._req is not None:
                     self._req.Free()
                 if self._bound is not None:
@@ -280,6 +316,8 @@ class AllreducePlan:
         self._bfast = False
         self._slots = self._work = None
         self._s = FREED
+        give_tag(self._st, self._tag)
+        self._tag = None
 
     def _steps(self):
         st, w, op = self._st, self._work, self.op

@@ -46,18 +46,18 @@ At p = 2 both are the plain two-step exchange (Sendrecv half, add, Sendrecv half
 
 from __future__ import annotations
 
-import os
 
 from mpi4py import MPI
 
 from . import TAG_RING, finish_avg, reducer, wide
-from .partition import chunk_bounds, segments
+from .partition import checked, chunk_bounds, segments
 from .. import backend
+from ..units import env_knob
 
 # Segment size: None = adaptive (about a quarter of a chunk, between 1 MiB and 4 MiB,
 # measured best on a 2-core box at 1-64 MiB with 2 and 4 ranks: docs/benchmarks.md).
 # MPITRAIN_RING_SEGMENT=bytes fixes it.
-SEGMENT_BYTES = int(os.environ["MPITRAIN_RING_SEGMENT"]) if os.environ.get("MPITRAIN_RING_SEGMENT") else None
+SEGMENT_BYTES = env_knob("MPITRAIN_RING_SEGMENT")  # (checked: units.KNOBS)
 SEGMENT_MIN, SEGMENT_MAX = 1024 * 1024, 4 * 1024 * 1024
 DEPTH = 4  # receives posted ahead
 
@@ -82,7 +82,9 @@ def owned(n: int, p: int, rank: int) -> tuple[int, int]:
     """[lo, hi) of the chunk rank ``rank`` holds finished after the reduce-scatter: chunk rank+1.
 
     (Chunk k starts on rank k and is reduced along k, k+1, ..., k+p-1 = k-1, which finishes it.)
+    A rank outside 0..p-1 raises (partition.checked), never wraps round to another rank's chunk.
     """
+    n, p, rank = checked(n, p, rank, "rank")
     return chunk_bounds(n, p, (rank + 1) % p)
 
 
@@ -94,6 +96,7 @@ def plan(n: int, p: int, rank: int, seg_elems: int, phase: str = "both"):
     in the same order, so one tag is enough (MPI does not overtake messages
     between one pair on one tag).
     """
+    n, p, rank = checked(n, p, rank, "rank")
     units = []
     a0, a1 = PHASES[phase]
     for t in range(a0 * (p - 1), a1 * (p - 1)):
@@ -197,7 +200,7 @@ def steps(st, buf, op: str, *, seg_bytes: int | None = None, tag: int = TAG_RING
 BOUND_PIPELINE_MIN = 64 << 20
 # "ring" (2(p-1) neighbour steps) or "direct" (2 phases, every peer at once) below BOUND_PIPELINE_MIN;
 # at 3 and 4 ranks ring measured 0.8-1.0x direct's time (docs/benchmarks.md); at 2 they are the same
-BOUND_SCHEDULE = os.environ.get("MPITRAIN_RING_BOUND", "ring")
+BOUND_SCHEDULE = env_knob("MPITRAIN_RING_BOUND", "ring")
 
 
 def bound_segments(nbytes: int, p: int) -> int:

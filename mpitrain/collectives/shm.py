@@ -42,7 +42,10 @@ the garbage collector directly (the ranks collect at different times: a hang): w
 all its views are gone the window is only *marked* dead on that rank; the next ``alloc_shared`` or
 ``free_shared`` on the communicator (collective anyway) frees the windows dead on every rank, in
 one agreed order. ``free_shared(arr, comm)`` frees ``arr``'s window now (collective; do not touch
-``arr`` or its views afterwards). What is left at exit is released by MPI_Finalize.
+``arr`` or its views afterwards: every collective refuses them -- the check's problem FREED_SHARED,
+carried to every rank -- and free_shared itself is refused on every rank while a plan or a handle in
+flight still uses the window). What is left at exit is released by MPI_Finalize. A window larger than
+the node's free shared memory is refused before MPI is asked (SharedMemoryError, one line, every rank).
 A node of one rank (or ranks that share no node) gets plain NumPy memory; ``shm`` itself needs
 every rank of the communicator on one node (ValueError on every rank otherwise: use ``hier``,
 which runs this within each host and a ring across hosts). Host (NumPy) buffers: a device buffer
@@ -64,8 +67,10 @@ from . import META, _slot, enter, finish_avg, reducer
 from .partition import chunk_bounds
 from .. import backend
 from ..runtime import UserError, get_comm
+from ..units import env_knob
+from ..units import format_size
 
-TILE_BYTES = int(os.environ.get("MPITRAIN_SHM_TILE") or 256 * 1024)  # accumulator tile (L2-sized)
+TILE_BYTES = env_knob("MPITRAIN_SHM_TILE", 256 * 1024)  # accumulator tile (L2-sized), checked (units.KNOBS)
 _OFF = 1 << 40  # key = window id * _OFF + byte offset
 
 
@@ -73,16 +78,51 @@ class NodeError(UserError, ValueError):
     """shm on ranks that span nodes: a user error (the CLI prints it without a traceback), and a ValueError."""
 
 
+class SharedMemoryError(UserError, MemoryError):
+    """alloc_shared asked for more than the node can give: one line (a user error), and a MemoryError."""
+
+
+def free_shared_bytes() -> int:
+    """Bytes of shared memory this node can still give: /dev/shm's free space and MemAvailable, the less."""
+    free = []
+    try:
+        st = os.statvfs("/dev/shm")
+        free.append(st.f_bavail * st.f_frsize)
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(free) if free else 1 << 62
+
+
+def _too_big(what: str, sizes, frees) -> SharedMemoryError:
+    total, most = sum(sizes), max(sizes)
+    return SharedMemoryError(f"{what}: cannot allocate {format_size(most)} ({most} bytes) per rank of node-shared "
+                             f"memory ({format_size(total)} on this node's {len(sizes)} rank(s)); "
+                             f"{format_size(min(frees))} is free (/dev/shm, MemAvailable): ask for less")
+
+
 class Window:
     """One MPI-3 shared window on a node: every rank's segment mapped as uint8 arrays (``segs``)."""
 
     def __init__(self, node, nbytes: int, wid: int):
+        nbytes = max(64, -(-nbytes // 64) * 64)
+        sizes, frees = zip(*node.comm.allgather((nbytes, free_shared_bytes())))  # the same verdict everywhere
+        if sum(sizes) > min(frees):
+            raise _too_big("alloc_shared", sizes, frees)
         info = MPI.Info.Create()
         info.Set("alloc_shared_noncontig", "true")  # each rank's segment on its own pages (its NUMA node)
         try:
-            self.win = MPI.Win.Allocate_shared(max(64, -(-nbytes // 64) * 64), 1, info=info, comm=node.comm)
+            self.win = MPI.Win.Allocate_shared(nbytes, 1, info=info, comm=node.comm)
+        except MPI.Exception:  # (MPI's error stack is many lines; every rank of the node gets it)
+            raise _too_big("alloc_shared", sizes, frees) from None
         finally:
             info.Free()
+        self.freed = False
+        self.users = weakref.WeakSet()  # plans bound to it, handles in flight on it (hold / holding)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive epoch, so that Win.Sync (the fence) is legal
         self.id = wid
         self.segs = [np.frombuffer(self.win.Shared_query(q)[0], dtype=np.uint8) for q in range(node.size)]
@@ -92,6 +132,7 @@ class Window:
 
     def free(self) -> None:
         """Collective on the node."""
+        self.freed = True  # every array on it is refused from now on (guard.freed_memory)
         self.segs = self.mine = None
         self.win.Unlock_all()
         self.win.Free()
@@ -105,6 +146,28 @@ class _Segment:
         self.window = w
         self.__array_interface__ = {"data": (w.base, False), "shape": (n,), "typestr": np.dtype(dtype).str,
                                     "version": 3}
+
+    @property
+    def released(self) -> bool:
+        """The window was freed (free_shared): the memory is gone (guard.freed_memory reads this)."""
+        return self.window.freed
+
+
+def window_of(arr):
+    """The alloc_shared Window ``arr`` (or the array it views) lies in, or None (local: no MPI)."""
+    b = getattr(arr, "base", None)
+    while b is not None:
+        if isinstance(b, _Segment):
+            return b.window
+        b = getattr(b, "base", None)
+    return None
+
+
+def hold(arr, user) -> None:
+    """``user`` (a plan, a handle) uses ``arr``'s window while ``user.holding()``: free_shared refuses it."""
+    w = window_of(arr)
+    if w is not None:
+        w.users.add(user)
 
 
 class Node:
@@ -143,10 +206,16 @@ class Node:
                 self.dead.remove(wid)
 
     def free_window(self, wid: int, what: str = "free_shared") -> None:
-        ids = self.comm.allgather(wid)
+        w = self.windows.get(wid)
+        busy = w is not None and any(u.holding() for u in list(w.users))
+        ids, busy = zip(*self.comm.allgather((wid, busy)))
         if len(set(ids)) > 1:
-            raise ValueError(f"{what}: ranks passed arrays of different windows ({ids}); call it with the "
+            raise ValueError(f"{what}: ranks passed arrays of different windows ({list(ids)}); call it with the "
                              "same alloc_shared array on every rank, in the same order")
+        if any(busy):
+            raise ValueError(f"{what}: a persistent plan (allreduce_init) or a non-blocking operation in flight still "
+                             f"uses this array on rank(s) {[r for r, b in enumerate(busy) if b]}; free() the plan / "
+                             "wait() the handle first")
         if wid >= 0:
             self.windows.pop(wid).free()
 
@@ -210,7 +279,10 @@ def alloc_shared(n: int, dtype=np.float32, comm=None):
     try:
         nd = node(st)
         if nd.size == 1:
-            return np.zeros(int(n), dtype=dt)
+            try:
+                return np.zeros(int(n), dtype=dt)
+            except MemoryError:
+                raise _too_big("alloc_shared", [int(n) * dt.itemsize], [free_shared_bytes()]) from None
         w = nd.window(int(n) * dt.itemsize)
     finally:
         st.calls.leave(call)

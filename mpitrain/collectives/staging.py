@@ -68,7 +68,6 @@ every op against unordered work of the other stream, and can simulate time).
 
 from __future__ import annotations
 
-import os
 from collections import deque
 
 import numpy as np
@@ -78,6 +77,7 @@ from . import TAG_RING, finish_avg, reducer
 from . import ring as _ring
 from .partition import chunk_bounds, segments
 from .. import backend
+from ..units import env_knob
 
 STREAMS = 2  # staged ring, per rank: D2H on one stream, H2D + reductions on the other (MPITRAIN_STAGING_STREAMS)
 
@@ -285,13 +285,7 @@ class SyncedComm:
 
 def staging_streams() -> int:
     """CUDA streams the staged ring uses per rank: ``MPITRAIN_STAGING_STREAMS`` (1 or 2), else STREAMS."""
-    v = os.environ.get("MPITRAIN_STAGING_STREAMS", "").strip()
-    if not v:
-        return STREAMS
-    if v not in ("1", "2"):
-        raise ValueError(f"MPITRAIN_STAGING_STREAMS={v!r}: use 1 (one stream) or 2 (copies out on one, "
-                         "copies in and reductions on another)")
-    return int(v)
+    return env_knob("MPITRAIN_STAGING_STREAMS", STREAMS)
 
 
 def ring(st, buf, op: str, *, ops: DeviceOps | None = None, direct: bool = False,

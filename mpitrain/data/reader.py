@@ -104,6 +104,8 @@ def run_on_root(comm, fn, root: int = 0):
 
 def plan_segments(shard_rows: list[int], size: int, rank: int) -> list[tuple[int, int, int]]:
     """This rank's rows as (shard index, lo, hi) ranges inside shards (see module doc)."""
+    if not 0 <= rank < size:  # (a rank outside would wrap round to another rank's rows)
+        raise ValueError(f"plan_segments: rank {rank!r} out of range for {size!r} ranks (use 0..{size - 1})")
     k = len(shard_rows)
     if k >= size:
         return [(s, 0, shard_rows[s]) for s in range(rank, k, size) if shard_rows[s] > 0]

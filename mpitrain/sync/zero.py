@@ -30,10 +30,12 @@ import numpy as np
 from mpi4py import MPI
 
 from ..collectives import allgather, owned_chunk, reduce_scatter
+from ..config import zero_problem
 from ..collectives.nonblocking import ireduce_scatter
 from ..optim import clip_by_value
 from .allreduce import AllReduce
 from .base import allreduce_bytes
+from ..runtime import UserError
 
 
 class Zero(AllReduce):
@@ -44,6 +46,9 @@ class Zero(AllReduce):
         return AllReduce.label_for(cfg) + "+zero1"
 
     def __init__(self, cfg, comm):
+        problem = zero_problem(cfg.train.zero or 1, cfg.comm.algorithm)  # (config.validate refuses it first)
+        if problem:
+            raise UserError(problem)
         super().__init__(cfg, comm)
         self.label = self.label_for(cfg)
 
