@@ -70,7 +70,9 @@ class TrainConfig:
     check_every: int = 100           # steps between cross-rank parameter hash checks; 0 = off
     eval_batch_size: int = 512
     step_sleep: float = 0.0          # testing aid: seconds to sleep per step
-    zero: int = 0                    # 1 = ZeRO-1: optimizer state sharded over the ranks (sync/zero.py)
+    zero: int = 0                    # ZeRO over the dp group: 1 optimizer state, 2 + gradients (sync/zero.py),
+                                     # 3 + parameters, gathered block by block (sync/zero3.py)
+    memory_limit: int = 0            # bytes per rank the run may plan to hold; 0 = the node's free memory / its ranks
     sync_every: int = 1              # 1 = average gradients every step; T > 1 = local SGD: T local
                                      # steps, then average the parameters
     max_steps: int = 0               # > 0: train this many optimizer steps (epochs then ignored); 0 = by epochs
@@ -256,7 +258,9 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("comm.timeout_s", cfg.comm.timeout_s >= 0, "must be >= 0 (0 = off)"),
         ("comm.bucket_bytes", cfg.comm.bucket_bytes >= 0, "must be >= 0 (0 = off)"),
         ("train.sync_every", t.sync_every >= 1, "must be >= 1 (1 = synchronous)"),
-        ("train.zero", t.zero in (0, 1), "must be 0 (replicated optimizer state) or 1 (ZeRO-1: sharded)"),
+        ("train.zero", t.zero in (0, 1, 2, 3), "must be 0 (replicated), 1 (optimizer state sharded), 2 (and "
+         "gradients) or 3 (and parameters)"),
+        ("train.memory_limit", t.memory_limit >= 0, "must be >= 0 bytes (0 = the node's free memory / its ranks)"),
         ("comm.topk_ratio", 0 < cfg.comm.topk_ratio <= 1, "must be in (0, 1]"),
         ("comm.sign_block", cfg.comm.sign_block >= 0, "must be >= 0 (0 = one scale per tensor)"),
         ("comm.servers", cfg.comm.servers >= 1, "must be >= 1"),
@@ -348,8 +352,7 @@ def _model_parallel(cfg: JobConfig, origins: dict) -> None:
              ("model.n_layer", cfg.model.n_layer, cfg.model.n_layer < pp, "every stage needs at least one block"),
              ("comm.compress", c.compress, c.compress != "none", "reset comm.compress = \"none\""),
              ("train.sync_every", t.sync_every, t.sync_every > 1, "reset train.sync_every = 1"),
-             ("comm.mode", c.mode, c.mode == "ps", "reset comm.mode = \"sync\""),
-             ("train.zero", t.zero, t.zero > 0, "reset train.zero = 0 (ZeRO with a pipeline is not built yet)")]
+             ("comm.mode", c.mode, c.mode == "ps", "reset comm.mode = \"sync\"")]
     for key, value, bad, hint in clash:
         if bad:
             raise UserError(f"{where}: parallel.pp = {pp} and {key} = {value!r} do not combine: {hint}")

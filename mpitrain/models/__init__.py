@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..runtime import UserError
-from .base import Model, grads_allocator
+from .base import Model, grads_allocator, params_allocator
 from .gpt import GPT
 from .graph_mlp import GraphMLP
 from .mlp import MLP
@@ -41,4 +41,4 @@ def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.floa
     return cls.from_spec(spec, opts, xp=xp, seed=seed, dtype=dtype)
 
 
-__all__ = ["Model", "MLP", "GPT", "MPNN", "GraphMLP", "KINDS", "build", "grads_allocator"]
+__all__ = ["Model", "MLP", "GPT", "MPNN", "GraphMLP", "KINDS", "build", "grads_allocator", "params_allocator"]

@@ -17,7 +17,13 @@
 Initial values are drawn on the host from the seed, so NumPy and CuPy models start bitwise equal.
 A model knows nothing of MPI: it takes its ``grads`` buffer from ``grads_buffer``, which the
 caller may point at other memory for one build (``with grads_allocator(alloc): build(...)``; the
-trainer uses it for node-shared windows when the all-reduce is ``shm``).
+trainer uses it for node-shared windows when the all-reduce is ``shm``). ``params_buffer`` and
+``params_allocator`` do the same for ``params`` (ZeRO-3 hands in memory whose pages it can give back).
+
+Sharded parameters (ZeRO-3, sync/zero3.py): ``param_groups()`` lists the contiguous ``[lo, hi)`` ranges of
+the flat buffer the model brackets with ``params_needed(lo, hi)`` / ``params_done(lo, hi)`` around each
+use (a GPT block's forward and its backward); no-ops unless a strategy set ``params_hook``. Whatever
+no group covers is needed whenever the model runs (the strategy gathers it around the step).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 
 
 _GRADS_ALLOC = contextvars.ContextVar("mpitrain_grads_alloc", default=None)
+_PARAMS_ALLOC = contextvars.ContextVar("mpitrain_params_alloc", default=None)
 
 
 @contextlib.contextmanager
@@ -40,6 +47,24 @@ def grads_allocator(alloc):
         yield
     finally:
         _GRADS_ALLOC.reset(token)
+
+
+@contextlib.contextmanager
+def params_allocator(alloc):
+    """Within the block, NumPy models take ``params`` from ``alloc(n, dtype)`` (zeroed); None: xp.zeros."""
+    token = _PARAMS_ALLOC.set(alloc)
+    try:
+        yield
+    finally:
+        _PARAMS_ALLOC.reset(token)
+
+
+def params_buffer(xp, n: int, dtype):
+    """A zeroed 1-D parameter buffer of ``n`` x ``dtype``: from the current params_allocator (NumPy only)."""
+    alloc = _PARAMS_ALLOC.get()
+    if alloc is not None and xp is np:
+        return alloc(int(n), np.dtype(dtype))
+    return xp.zeros(n, dtype=dtype)
 
 
 def grads_buffer(xp, n: int, dtype):
@@ -57,6 +82,7 @@ class Model:
 
     params = grads = None
     xp = np
+    params_hook = None  # set by a strategy that shards the parameters: .needed(lo, hi) / .done(lo, hi)
 
     @classmethod
     def from_spec(cls, spec, options: dict, *, xp=np, seed: int = 0, dtype=np.float32) -> "Model":
@@ -68,6 +94,24 @@ class Model:
     def segments(self) -> list[tuple[int, int]]:
         """``[(lo, hi), ...]`` of every tensor in buffer order (they tile ``[0, n_params)``)."""
         return [(off, off + math.prod(shape)) for _name, off, shape in sorted(self.tensors(), key=lambda t: t[1])]
+
+    def param_groups(self) -> list[tuple[int, int]]:
+        """The ``[lo, hi)`` ranges this model brackets with ``params_needed`` / ``params_done`` (none)."""
+        return []
+
+    def params_needed(self, lo: int, hi: int) -> None:
+        """``params[lo:hi]`` is about to be read (ZeRO-3 gathers it into place)."""
+        if self.params_hook is not None:
+            self.params_hook.needed(lo, hi)
+
+    def params_done(self, lo: int, hi: int) -> None:
+        """``params[lo:hi]`` is not read again until the next ``params_needed`` (ZeRO-3 may free it)."""
+        if self.params_hook is not None:
+            self.params_hook.done(lo, hi)
+
+    def activation_bytes(self, batch_size: int) -> int:
+        """Bytes of activations one training micro-batch of ``batch_size`` keeps for backward (an estimate)."""
+        return 0
 
     @property
     def n_params(self) -> int:

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gpt_layers as K
-from .base import Model, grads_buffer
+from .base import Model, grads_buffer, params_buffer
 
 BLOCK_TENSORS = ("mlp_proj.w", "mlp_proj.b", "mlp_fc.w", "mlp_fc.b", "ln2.w", "ln2.b",
                  "attn_proj.w", "attn_proj.b", "attn_qkv.w", "attn_qkv.b", "ln1.w", "ln1.b")
@@ -132,7 +132,7 @@ class GPT(Model):
         self.block_size, self.vocab_size, self.tie = block_size, vocab_size, bool(tie_embeddings)
         self.xp, self.dtype = xp, np.dtype(dtype)
         self._tensors, self._n, self.ready = layout(n_layer, n_embd, vocab_size, block_size, self.tie, self.part)
-        self.params = xp.zeros(self._n, dtype=self.dtype)
+        self.params = params_buffer(xp, self._n, self.dtype)
         self.grads = grads_buffer(xp, self._n, self.dtype)
         self.p = {name: self.params[o:o + math.prod(s)].reshape(s) for name, o, s in self._tensors}
         self.g = {name: self.grads[o:o + math.prod(s)].reshape(s) for name, o, s in self._tensors}
@@ -154,6 +154,21 @@ class GPT(Model):
             o = next(o for name, o, _ in self._tensors if name == "wte")
             return [(o, o + self.g_head.size, self.g_head.reshape(-1))]
         return []
+
+    def block_span(self, layer):
+        """``(lo, hi)`` of block ``layer``'s tensors in the flat buffer (contiguous: the layout above)."""
+        o = {name: off for name, off, _ in self._tensors}
+        return o[f"h{layer}.mlp_proj.w"], o[f"h{layer}.ln1.b"] + self.n_embd
+
+    def param_groups(self):
+        """Every block of this part (ZeRO-3 gathers each just before its forward and its backward)."""
+        return [self.block_span(layer) for layer in range(self.part.lo, self.part.hi)]
+
+    def activation_bytes(self, batch_size):
+        """The docstring's estimate: 16·N·C + B·nh·T² values per block, plus the logits (N·V, twice)."""
+        N, T = batch_size * self.block_size, self.block_size
+        per = 16 * N * self.n_embd + batch_size * self.n_head * T * T
+        return self.dtype.itemsize * ((self.part.hi - self.part.lo) * per + (2 * N * self.vocab_size if self.part.head else 0))
 
     def decay_segments(self):
         """``[(lo, hi), ...]`` of the tensors weight decay applies to: the 2-D linear weights
@@ -262,6 +277,7 @@ class GPT(Model):
         """One block's forward: h (N, C) -> h (N, C), and (with ``keep``) what its backward needs."""
         xp, C, N = self.xp, self.n_embd, B * T
         q = lambda t: self.p[f"h{layer}.{t}"]  # noqa: E731
+        self.params_needed(*self.block_span(layer))
         ln1, c_ln1 = K.layernorm_forward(xp, h, q("ln1.w"), q("ln1.b"))               # (N, C)
         qkv = xp.matmul(ln1, q("attn_qkv.w")) + q("attn_qkv.b")                       # (N, 3C)
         att, c_att = K.attention_forward(xp, qkv.reshape(B, T, 3 * C), self.n_head, self._mask(T))
@@ -271,6 +287,7 @@ class GPT(Model):
         fc = xp.matmul(ln2, q("mlp_fc.w")) + q("mlp_fc.b")                            # (N, 4C)
         gl, c_gelu = K.gelu_forward(xp, fc)                                           # (N, 4C)
         h = h2 + xp.matmul(gl, q("mlp_proj.w")) + q("mlp_proj.b")                     # (N, C)
+        self.params_done(*self.block_span(layer))
         return h, ((ln1, c_ln1, c_att, att, ln2, c_ln2, c_gelu, gl) if keep else None)
 
     def _head(self, h):
@@ -349,6 +366,7 @@ class GPT(Model):
         q = lambda t: self.p[f"h{layer}.{t}"]  # noqa: E731
         d = lambda t: self.g[f"h{layer}.{t}"]  # noqa: E731
         ln1, c_ln1, c_att, att, ln2, c_ln2, c_gelu, gl = cache
+        self.params_needed(*self.block_span(layer))
         xp.matmul(gl.T, dh, out=d("mlp_proj.w"))                                      # (4C, C)
         xp.sum(dh, axis=0, out=d("mlp_proj.b"))
         dfc = K.gelu_backward(xp, xp.matmul(dh, q("mlp_proj.w").T), c_gelu)           # (N, 4C)
@@ -362,8 +380,10 @@ class GPT(Model):
         dqkv = K.attention_backward(xp, datt, c_att).reshape(B * T, 3 * C)            # (N, 3C)
         xp.matmul(ln1.T, dqkv, out=d("attn_qkv.w"))                                   # (C, 3C)
         xp.sum(dqkv, axis=0, out=d("attn_qkv.b"))
-        return dh2 + K.layernorm_backward(xp, xp.matmul(dqkv, q("attn_qkv.w").T), c_ln1, q("ln1.w"),
-                                          d("ln1.w"), d("ln1.b"))
+        dh = dh2 + K.layernorm_backward(xp, xp.matmul(dqkv, q("attn_qkv.w").T), c_ln1, q("ln1.w"),
+                                        d("ln1.w"), d("ln1.b"))
+        self.params_done(*self.block_span(layer))
+        return dh
 
     # ------------------------------------------------------------------ stages
     def stage_forward(self, inp, y=None, keep=True):

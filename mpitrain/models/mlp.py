@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from .base import Model, grads_buffer
+from .base import Model, grads_buffer, params_buffer
 
 ACTIVATIONS = ("relu", "tanh")
 
@@ -106,7 +106,7 @@ class MLP(Model):
             off += sizes[i]
         self._n = off
 
-        self.params = xp.zeros(self._n, dtype=dtype)
+        self.params = params_buffer(xp, self._n, dtype)
         self.grads = grads_buffer(xp, self._n, dtype)
         self.layers = []
         for i in range(L):

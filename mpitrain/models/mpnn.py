@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from .base import Model, grads_buffer
+from .base import Model, grads_buffer, params_buffer
 from .graphops import Segments, graph_of_node
 
 READOUTS = ("sum", "mean")
@@ -67,7 +67,7 @@ class MPNN(Model):
         self.head_widths = [self.width, *self.hidden, self.classes]
         self._layout = self._make_layout()
         n = sum(math.prod(s) for _, s in self._layout)
-        self.params, self.grads = xp.zeros(n, dtype=self.dtype), grads_buffer(xp, n, self.dtype)
+        self.params, self.grads = params_buffer(xp, n, self.dtype), grads_buffer(xp, n, self.dtype)
         self.p, self.g, self._offsets, off = {}, {}, {}, 0
         for name, shape in self._layout:
             size = math.prod(shape)

@@ -52,14 +52,15 @@ def from_full(full_flat, full_tensors, tensors) -> np.ndarray:
     return out
 
 
-def gather_full(model, optimizer_state: dict, comm, root: int = 0):
+def gather_full(model, optimizer_state: dict, comm, params=None, root: int = 0):
     """Collective over the pp group: ``(params, optimizer state)`` in the full layout on ``root``
-    (``(None, None)`` elsewhere)."""
+    (``(None, None)`` elsewhere, and where a stage has no ``params`` to give: not dp rank 0 under ZeRO-3).
+    ``params``: this stage's (host), when not ``model.params``."""
     n = model.params.size
-    mine = (model.tensors(), backend.to_numpy(model.params),
+    mine = (model.tensors(), backend.to_numpy(model.params) if params is None else params,
             {k: v for k, v in optimizer_state.items() if isinstance(v, np.ndarray) and v.size == n})
     every = comm.gather(mine, root=root)
-    if comm.Get_rank() != root:
+    if comm.Get_rank() != root or any(p is None for _, p, _ in every):
         return None, None
     full_t = model.full_tensors()
     params = to_full([(t, p) for t, p, _ in every], full_t, model.params.dtype)

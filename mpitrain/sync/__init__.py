@@ -3,8 +3,11 @@
     comm.compress = fp16|topk|sign   Compressed    the gradients travel compressed (compressed.py)
     train.sync_every = T > 1         LocalSGD      T local steps, then average parameters (local_sgd.py)
     comm.mode = "ps"                 ParameterServer  asynchronous servers and workers (ps/)
-    train.zero = 1                   Zero          ZeRO-1: reduce-scatter, step on this rank's shard of
-                                                   the optimizer state, all-gather the parameters (zero.py)
+    train.zero = 1, 2                Zero          ZeRO-1: reduce-scatter, step on this rank's shard of
+                                                   the optimizer state, all-gather the parameters; ZeRO-2:
+                                                   the gradients sharded too (zero.py)
+    train.zero = 3                   Zero3         ZeRO-3: the parameters sharded too, gathered block by
+                                                   block just in time (zero3.py)
     otherwise                        AllReduce     average the gradients every step, optionally in
                                                    buckets overlapped with backprop (allreduce.py)
 
@@ -29,6 +32,10 @@ def select(cfg) -> type[Strategy]:
         return LocalSGD
     if cfg.comm.compress != "none":
         return Compressed
+    if cfg.train.zero == 3:
+        from .zero3 import Zero3
+
+        return Zero3
     if cfg.train.zero:
         from .zero import Zero
 

@@ -26,6 +26,8 @@ model, opt, schedule, timers, watchdog, faults, data, and the results and checkp
 
 from __future__ import annotations
 
+import contextlib
+
 
 def allreduce_bytes(nbytes: int, p: int) -> float:
     """Bytes one rank sends, on average, in an all-reduce of ``nbytes`` over ``p`` ranks.
@@ -114,6 +116,38 @@ class Strategy:
 
     def epoch_end(self, step: int) -> None:
         pass
+
+    # ---------------------------------------------------------------- memory
+    def held_bytes(self) -> dict:
+        """``{"params", "grads"}``: bytes of the arrays this rank holds between steps."""
+        m = self.run.model
+        return {"params": int(m.params.nbytes), "grads": int(m.grads.nbytes) + self.apart_bytes()}
+
+    def apart_bytes(self) -> int:
+        """Gradient parts a model keeps apart (a tied wte's head part: models/gpt.py)."""
+        m = self.run.model
+        return sum(int(a.nbytes) for _, _, a in m.grads_apart()) if hasattr(m, "grads_apart") else 0
+
+    def params_allocator(self, backend_name: str):
+        """Where the model's ``params`` should live (like ``grads_allocator``): None = plain memory."""
+        return None
+
+    def params_held(self, what: str = "train"):
+        """A context around every use of the model (a step, an evaluation): ZeRO-3 gathers there."""
+        return contextlib.nullcontext()
+
+    def params_chunks(self):
+        """The model's parameters, in buffer order, as host arrays (replica hash checks)."""
+        from .. import backend
+
+        yield backend.to_numpy(self.run.model.params)
+
+    def saved_params(self):
+        """Collective over the dp group: this stage's parameters (host, full layout of the stage) on dp
+        rank 0, for the checkpoint (None where not needed)."""
+        from .. import backend
+
+        return backend.to_numpy(self.run.model.params)
 
     # -------------------------------------------------------------- checkpoint
     def optimizer_state(self) -> dict:

@@ -7,10 +7,15 @@
     clipping           -> train.clip_value, then train.clip_norm (after the gradients agree,
                           so every rank scales alike)
 
-The global norm is canonical, the same arithmetic in every layout: each tensor's sum of squares
-(in float64, over a fresh copy, so the tensor's place in a buffer cannot change the sum), then the
-sums added in the whole model's tensor order, a tensor two pipeline stages hold (a tied wte) once.
-A pipeline stage sends its tensors' sums to the others of its replica (one small allgather).
+The global norm is canonical, the same arithmetic in every layout: each tensor cut into blocks of
+64 Ki elements (``NORM_BLOCK``, counted from the tensor's start); each block's sum of squares in
+float64 over a fresh copy (so the tensor's place in a buffer cannot change it), the blocks' sums
+added in order into the tensor's; then the tensors' sums added in the whole model's tensor order, a
+tensor two pipeline stages hold (a tied wte) once. A pipeline stage sends its tensors' sums to the
+others of its replica (one small allgather). Sharded gradients (ZeRO, ``shard_tensor_sums``): a rank
+sums the blocks that lie whole in its shard and sends the pieces of the blocks its shard cuts (at
+most two per shard piece, each < 64 Ki elements); every rank of the dp group puts the cut blocks
+together and sums them alike -- the same bits as one rank holding the whole gradient.
 Non-finite gradients: with a pipeline the stages of a replica agree on the flag (one all-reduce)
 before any of them skips, so a NaN on one stage never leaves the others waiting.
 """
@@ -28,6 +33,68 @@ from ..runtime import UserError, log0
 
 _HINT = ("Lower train.lr, set train.clip_norm, check the data (python -m mpitrain data check), or set "
          "train.nonfinite=\"skip\"")
+
+
+NORM_BLOCK = 1 << 16  # elements per block of the canonical norm (the docstring)
+
+
+def _sq(xp, t) -> float:
+    t = t.astype(xp.float64)
+    return float((t * t).sum())
+
+
+def tensor_sq(xp, flat) -> float:
+    """The canonical sum of squares of one tensor (``flat``): its blocks' float64 sums, added in order."""
+    total = 0.0
+    for a in range(0, flat.size, NORM_BLOCK):
+        total += _sq(xp, flat[a:a + NORM_BLOCK])
+    return total
+
+
+def _blocks(tensors):
+    """``[(lo, hi, name, j)]``: every norm block of every tensor, in buffer order."""
+    out = []
+    for name, off, shape in sorted(tensors, key=lambda t: t[1]):
+        n = math.prod(shape)
+        out += [(off + a, off + min(a + NORM_BLOCK, n), name, j) for j, a in enumerate(range(0, n, NORM_BLOCK))]
+    return out
+
+
+def shard_tensor_sums(xp, tensors, pieces, shard, comm) -> dict:
+    """``{name: canonical sum of squares}`` of a gradient sharded over ``comm`` (the same on every rank):
+    this rank holds ``pieces`` ([lo, hi) of the flat buffer) concatenated in ``shard``."""
+    import bisect
+
+    from .. import backend
+
+    blocks = _blocks(tensors)
+    starts = [b[0] for b in blocks]
+    whole, parts, so = {}, {}, 0
+    for plo, phi in pieces:
+        i = max(bisect.bisect_right(starts, plo) - 1, 0)
+        while i < len(blocks) and blocks[i][0] < phi:
+            lo, hi, name, j = blocks[i]
+            s, e = max(lo, plo), min(hi, phi)
+            if e > s:
+                view = shard[so + s - plo:so + e - plo]
+                if (s, e) == (lo, hi):
+                    whole[(name, j)] = _sq(xp, view)
+                else:
+                    parts.setdefault((name, j), []).append((s, backend.to_numpy(view).copy()))
+            i += 1
+        so += phi - plo
+    sums, cut = {}, {}
+    for w, p in comm.allgather((whole, parts)):
+        sums.update(w)
+        for key, got in p.items():
+            cut.setdefault(key, []).extend(got)
+    for key, got in cut.items():
+        got.sort(key=lambda t: t[0])
+        sums[key] = _sq(xp, xp.asarray(np.concatenate([a for _, a in got])))
+    out = {}
+    for lo, hi, name, j in blocks:
+        out[name] = out.get(name, 0.0) + sums[(name, j)]
+    return out
 
 
 class StopFlag:
@@ -82,10 +149,22 @@ class GradPolicy:
     def grad_norm(self, grads) -> float:
         """The canonical global norm of the model's gradient ``grads`` (the module docstring)."""
         m, xp = self.model, self.model.xp
-        sq = {}
-        for name, off, shape in m.tensors():
-            t = grads[off:off + math.prod(shape)].astype(xp.float64)
-            sq[name] = float((t * t).sum())
+        sq = {name: tensor_sq(xp, grads[off:off + math.prod(shape)]) for name, off, shape in m.tensors()}
+        return self._total(sq)
+
+    def clip_shard(self, shard, pieces, comm) -> None:
+        """Clip this rank's ``shard`` (the ``pieces`` [lo, hi) of the gradient, concatenated) of a
+        gradient sharded over ``comm``: every rank scales by the canonical norm of the whole."""
+        if self.t.clip_value > 0:
+            clip_by_value(shard, self.t.clip_value)
+        if self.t.clip_norm > 0:
+            norm = self._total(shard_tensor_sums(self.model.xp, self.model.tensors(), pieces, shard, comm))
+            if math.isfinite(norm) and norm > self.t.clip_norm:
+                shard *= self.t.clip_norm / norm
+
+    def _total(self, sq: dict) -> float:
+        """The stages' tensor sums (``sq``: this stage's) added in the full model's order; the norm."""
+        m = self.model
         if self.group is not None:
             for other in self.group.allgather(sq):
                 for k, v in other.items():

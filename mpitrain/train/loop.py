@@ -50,7 +50,7 @@ class Loop:
     def train_step(self, batch):
         """One step on this rank's batch; returns (loss, correct) -- (nan, 0) for a skipped step."""
         run, strategy, model = self.run, self.run.strategy, self.run.model
-        with run.timers("compute"):
+        with run.timers("compute"), strategy.params_held("train"):
             batch = tuple(run.xp.asarray(a) for a in batch)
             loss, correct = model.loss_and_grad(batch, on_grad_ready=self._hook(strategy.grad_hook(run.step)))
             self._backward_done()
@@ -63,7 +63,7 @@ class Loop:
         """One optimizer step over A micro-batches: (mean loss, correct summed)."""
         run, strategy, model = self.run, self.run.strategy, self.run.model
         xp, A = run.xp, len(micro)
-        with run.timers("compute"):
+        with run.timers("compute"), strategy.params_held("train"):
             if self._acc is None:
                 self._acc = Accumulator(model, A)
             acc, losses, correct = self._acc, [], 0
@@ -99,7 +99,8 @@ class Loop:
         """One optimizer step through this rank's pipeline stage (parallel/pipeline.py): the schedule,
         then the strategy over the dp group, exactly as a whole-model step."""
         run, strategy = self.run, self.run.strategy
-        loss, correct = run.pipeline.step(micro, before_backward=lambda: run.faults.inside(run.step))
+        with strategy.params_held("train"):
+            loss, correct = run.pipeline.step(micro, before_backward=lambda: run.faults.inside(run.step))
         hook = strategy.grad_hook(run.step)  # buckets: started once the stage's gradient is whole
         if hook is not None:
             hook(run.model.grads.size)
@@ -292,7 +293,8 @@ class Loop:
             comm_fraction=run.timers.fraction("comm"), timers=run.timers.totals(), skipped=run.policy.skipped,
             algorithm=self.cfg.comm.algorithm, backend=self.cfg.train.backend, stopped=stopped,
             strategy=run.strategy.label, comm_bytes=run.total_bytes, steps_done=run.step - run.first_step,
-            bytes_divisor=run.size, optimizer_bytes=run.optimizer_bytes(), **extra)
+            bytes_divisor=run.size, optimizer_bytes=run.optimizer_bytes(), **run.held_bytes(), **run.memory_plan,
+            **extra)
 
 
 def run_loop(run, metrics_out=None, trace=None) -> int:

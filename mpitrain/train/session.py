@@ -50,6 +50,7 @@ class Run:
         self.grid = self.pipeline = None  # the process grid (parallel/grid.py); this rank's pipeline stage
         self.replica_comm = comm          # the ranks that hold the same parameters (the dp group)
         self.total_bytes = 0.0
+        self.memory_plan = {}
         self.last_test = (float("nan"), float("nan"))  # the newest evaluation (also read back on resume)
         self.run_id, self._fresh, self._claimed = None, True, False  # who owns checkpoint.dir (_identify)
         self.xp = np
@@ -80,7 +81,8 @@ class Run:
             self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed,
                                      window=cfg.model.block_size + 1)
         self._data_info()
-        with models.grads_allocator(self.strategy.grads_allocator(self.backend)):  # (shm: node-shared grads)
+        with models.grads_allocator(self.strategy.grads_allocator(self.backend)), \
+                models.params_allocator(self.strategy.params_allocator(self.backend)):  # (shm, ZeRO-2/3)
             self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed,
                                       part=self._stage_part())
         self.policy.bind(self.model, self.grid.pp_comm)
@@ -91,6 +93,9 @@ class Run:
 
             self.pipeline = Pipeline(self.model, self.grid, cfg.parallel.schedule, t.accum_steps, t.batch_size,
                                      timers=self.timers)
+        from .memory import check as memory_check
+
+        self.memory_plan = memory_check(self)  # before anything big is spent: refuse a layout that won't fit
         if self.checkpointing() or resume:
             ok = checkpoint.probe(cfg.checkpoint.dir) if self.rank == 0 else None
             comm.bcast(ok, root=0)
@@ -225,6 +230,15 @@ class Run:
     def optimizer_bytes(self) -> int:
         return optimizer_bytes(self.opt) if self.opt is not None else 0
 
+    def held_bytes(self) -> dict:
+        """What this rank holds between steps, measured: ``{param,grad,optimizer}_bytes_per_rank`` and the
+        process's peak RSS so far."""
+        import resource
+
+        held = self.strategy.held_bytes()
+        return {"param_bytes_per_rank": held["params"], "grad_bytes_per_rank": held["grads"],
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
     # ------------------------------------------------------------------ resume
     def broadcast_params(self) -> None:
         host = backend.to_numpy(self.model.params).copy()
@@ -233,7 +247,10 @@ class Run:
         self.check_replicas("initial parameters (hash)", "this is a bug: please report it")
 
     def check_replicas(self, what=None, hint=None) -> None:
-        agree(self.replica_comm, params_digest(self.model.params), what or f"parameters at step {self.step} (hash)",
+        h = hashlib.sha1()
+        for chunk in self.strategy.params_chunks():  # (ZeRO-3: one gathered group at a time)
+            h.update(chunk.tobytes())
+        agree(self.replica_comm, h.hexdigest()[:12], what or f"parameters at step {self.step} (hash)",
               hint or "the replicas diverged: check that every rank runs the same code and MPI library")
 
     def read_checkpoint(self):
@@ -326,17 +343,9 @@ class Run:
         """(mean test loss, accuracy) over the test rows of ``data`` (summed over ``comm``'s ranks; at most
         train.eval_batches batches per rank when it is > 0). For a token set: the val split, per token."""
         data, comm = data or self.data, comm if comm is not None else self.comm
-        loss_sum, correct, count = 0.0, 0, 0
-        xp = self.xp
         limit = self.cfg.train.eval_batches or None
-        for arrays in itertools.islice(data.test_batches(self.cfg.train.eval_batch_size), limit):
-            batch = tuple(xp.asarray(a) for a in arrays)  # (x, y), or a graph batch's five
-            if self.pipeline is not None:  # the loss is the last stage's; the others add zeros
-                ls, c, k = self.pipeline.evaluate(*self.model.split_batch(batch))
-                loss_sum, correct, count = loss_sum + ls, correct + c, count + k
-                continue
-            ls, c = self.model.evaluate(batch)
-            loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
+        with self.strategy.params_held("eval"):
+            loss_sum, correct, count = self._eval_sums(data, limit)
         sent = self.strategy.sent_bytes + (self.pipeline.sent_bytes if self.pipeline is not None else 0.0)
         tot = np.array([loss_sum, correct, count, sent], dtype=np.float64)
         if comm.Get_size() > 1:
@@ -349,6 +358,20 @@ class Run:
         self.last_test = (tot[0] / n, tot[1] / n) if tot[2] > 0 else (float("nan"), float("nan"))
         return self.last_test
 
+    def _eval_sums(self, data, limit):
+        """(loss sum, correct, count) over this rank's test batches."""
+        loss_sum, correct, count = 0.0, 0, 0
+        xp = self.xp
+        for arrays in itertools.islice(data.test_batches(self.cfg.train.eval_batch_size), limit):
+            batch = tuple(xp.asarray(a) for a in arrays)  # (x, y), or a graph batch's five
+            if self.pipeline is not None:  # the loss is the last stage's; the others add zeros
+                ls, c, k = self.pipeline.evaluate(*self.model.split_batch(batch))
+                loss_sum, correct, count = loss_sum + ls, correct + c, count + k
+                continue
+            ls, c = self.model.evaluate(batch)
+            loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
+        return loss_sum, correct, count
+
     # ------------------------------------------------------------- checkpoints
     def save(self, step_in_epoch: int, *, step=None, epoch=None, params=None, optimizer=None, state=None,
              extra=None, collective=True):
@@ -358,10 +381,12 @@ class Run:
             state = self.strategy.state_dict()
         if optimizer is None:
             optimizer = self.strategy.optimizer_state()
-        if self.pipeline is not None and params is None:  # every stage's share, in the full layout
-            from ..parallel.layout import gather_full
+        if params is None:
+            params = self.strategy.saved_params()  # (ZeRO-3: gathered from the shards on dp rank 0)
+            if self.pipeline is not None:  # every stage's share, in the full layout
+                from ..parallel.layout import gather_full
 
-            params, optimizer = gather_full(self.model, optimizer, self.grid.pp_comm)
+                params, optimizer = gather_full(self.model, optimizer, self.grid.pp_comm, params)
         ok = None
         if self.rank == 0:
             if not self._claimed:
