@@ -8,7 +8,7 @@ An anonymous ``mmap`` is reserved address space: a page takes memory when first 
 it back on ``release(lo, hi)`` (``madvise(MADV_DONTNEED)`` of the pages wholly inside the range;
 they read as zeros afterwards). The model's views into the buffer stay valid, so a model writes and
 reads its tensors as usual while a strategy decides which parts are resident. ``resident_bytes``
-reads the mapping's RSS from /proc/self/smaps (the kernel's count, not ours).
+asks the kernel which of its pages are resident (``mincore``), not our own bookkeeping.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class Paged:
     def __init__(self, n: int, dtype):
         dtype = np.dtype(dtype)
         self.nbytes = int(n) * dtype.itemsize
-        self._mm = mmap.mmap(-1, max(self.nbytes, PAGE))
+        self._mm = mmap.mmap(-1, max(self.nbytes, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # (shared
+        # anonymous memory would keep released pages in shmem: private pages are freed, read back as zeros)
         self.array = np.frombuffer(self._mm, dtype=dtype, count=int(n))
         self.addr = self.array.ctypes.data
 
@@ -35,7 +36,7 @@ class Paged:
         """Give back the pages wholly inside elements ``[lo, hi)`` (their values become zeros)."""
         size = self.array.itemsize
         a = -(-lo * size // PAGE) * PAGE
-        b = (hi * size // PAGE) * PAGE
+        b = len(self._mm) if hi >= self.array.size else (hi * size // PAGE) * PAGE  # (the tail page: ours)
         if b > a and _HAVE_MADVISE:
             self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
@@ -43,25 +44,24 @@ class Paged:
         self.release(0, self.array.size)
 
     def resident_bytes(self) -> int:
-        """Bytes of this buffer in memory now (the kernel's RSS of the mapping; -1 where unknown)."""
-        return resident_bytes(self.addr)
+        """Bytes of this buffer in memory now (the kernel's count of its resident pages; -1 where unknown)."""
+        return resident_bytes(self.addr, len(self._mm))
 
 
-def resident_bytes(addr: int) -> int:
-    """RSS in bytes of the mapping that starts at ``addr`` (Linux /proc/self/smaps; -1 elsewhere)."""
+def resident_bytes(addr: int, length: int) -> int:
+    """Resident bytes of the pages [addr, addr + length) (``mincore``, Linux and the BSDs; -1 elsewhere)."""
+    import ctypes
+    import ctypes.util
+
     try:
-        with open("/proc/self/smaps") as f:
-            inside = False
-            for line in f:
-                head = line.split(" ", 1)[0]
-                if "-" in head and ":" not in head:
-                    start = int(head.split("-")[0], 16)
-                    inside = start == addr
-                elif inside and line.startswith("Rss:"):
-                    return int(line.split()[1]) * 1024
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     except OSError:
-        pass
-    return -1
+        return -1
+    pages = -(-length // PAGE)
+    vec = (ctypes.c_ubyte * pages)()
+    if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) != 0:
+        return -1
+    return sum(v & 1 for v in vec) * PAGE
 
 
 def allocator(keep: list):

@@ -140,6 +140,8 @@ class Zero(AllReduce):
                 reduce_scatter(grads, self.comm, op="avg", algorithm=self.algorithm)
             if self.level >= 2:
                 self._keep(0, grads.size)
+        for buf in self._paged_grads:  # ZeRO-2: pages buckets shared with their neighbours, handed back too
+            buf.release_all()
         self.sent_bytes += allreduce_bytes(grads.nbytes, self.size) / 2
 
     # ------------------------------------------------------------------ step

@@ -144,6 +144,8 @@ class Zero3(Zero):
 
     def _gather_now(self, key) -> None:
         h = self._inflight.pop(key, None) or self._start(key)
+        if self._scope == "train":  # MPITRAIN_FAULT: a rank that fails inside a gather (the others wait in it)
+            self.run.faults.inside(self.run.step)
         with self.run.watchdog.guard("a parameter gather", self.run.step):
             self._finish(h)
         self._held.add(key)
