@@ -270,8 +270,6 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("parallel.pp", cfg.parallel.pp >= 1, "must be >= 1 (1 = no pipeline)"),
         ("parallel.tp", cfg.parallel.tp >= 1, "must be >= 1 (1 = no tensor parallelism)"),
-        ("parallel.tp", cfg.parallel.tp == 1, "is not supported yet: tensor parallelism is not built; "
-         "set parallel.tp = 1"),
     ]
     for key, ok, why in rules:
         if not ok:
@@ -338,21 +336,29 @@ def _exclusive(cfg: JobConfig, origins: dict) -> None:
 
 
 def _model_parallel(cfg: JobConfig, origins: dict) -> None:
-    """What a pipeline does not combine with yet: one line naming both keys."""
-    pp, t, c = cfg.parallel.pp, cfg.train, cfg.comm
-    if pp == 1:
-        return
-    where = origins.get("parallel.pp", cfg.source)
-    clash = [("model.kind", cfg.model.kind, cfg.model.kind != "gpt", "only the GPT (model.kind = \"gpt\") has "
-              "pipeline stages"),
-             ("model.n_layer", cfg.model.n_layer, cfg.model.n_layer < pp, "every stage needs at least one block"),
-             ("comm.compress", c.compress, c.compress != "none", "reset comm.compress = \"none\""),
-             ("train.sync_every", t.sync_every, t.sync_every > 1, "reset train.sync_every = 1"),
-             ("comm.mode", c.mode, c.mode == "ps", "reset comm.mode = \"sync\""),
-             ("train.zero", t.zero, t.zero > 0, "reset train.zero = 0 (ZeRO with a pipeline is not built yet)")]
-    for key, value, bad, hint in clash:
-        if bad:
-            raise UserError(f"{where}: parallel.pp = {pp} and {key} = {value!r} do not combine: {hint}")
+    """What a pipeline or tensor parallelism does not combine with (yet): one line naming both keys."""
+    pp, tp, t, c, m = cfg.parallel.pp, cfg.parallel.tp, cfg.train, cfg.comm, cfg.model
+    for key, n in (("parallel.pp", pp), ("parallel.tp", tp)):
+        if n == 1:
+            continue
+        where = origins.get(key, cfg.source)
+        clash = [("model.kind", m.kind, m.kind != "gpt", "only the GPT (model.kind = \"gpt\") is split across "
+                  "ranks"),
+                 ("comm.compress", c.compress, c.compress != "none", "reset comm.compress = \"none\""),
+                 ("train.sync_every", t.sync_every, t.sync_every > 1, "reset train.sync_every = 1"),
+                 ("comm.mode", c.mode, c.mode == "ps", "reset comm.mode = \"sync\"")]
+        clash.append(("train.zero", t.zero, t.zero > 0, "reset train.zero = 0 (ZeRO on the model-parallel grid "
+                      "is not built yet: its clipping norm does not see the other stages and tp slices)"))
+        if key == "parallel.pp":
+            clash.append(("model.n_layer", m.n_layer, m.n_layer < pp, "every stage needs at least one block"))
+        else:
+            clash += [("model.n_head", m.n_head, m.n_head % tp != 0, "each tp rank takes whole heads: make "
+                       "model.n_head a multiple of parallel.tp"),
+                      ("model.n_embd", m.n_embd, (4 * m.n_embd) % tp != 0, "4 x model.n_embd (the MLP's width) "
+                       "must be a multiple of parallel.tp")]
+        for k, value, bad, hint in clash:
+            if bad:
+                raise UserError(f"{where}: {key} = {n} and {k} = {value!r} do not combine: {hint}")
 
 
 def default_job_path() -> Path:

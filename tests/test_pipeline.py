@@ -100,7 +100,7 @@ def test_layout_maps_round_trip_and_checkpoints_move():
     full = GPT(n_layer=3, **KW)
     parts = [GPT(n_layer=3, part=Part(0, 2, True, False), **KW), GPT(n_layer=3, part=Part(2, 3, False, True), **KW)]
     flat = np.arange(full.params.size, dtype=np.float32)
-    pieces = [(m.tensors(), from_full(flat, full.tensors(), m.tensors())) for m in parts]
+    pieces = [(m.tensors(), from_full(flat, full.tensors(), m.tensors()), 0) for m in parts]
     assert np.array_equal(to_full(pieces, full.tensors(), np.float32), flat)
     ck = {"params": flat, "optimizer": {"kind": "adam", "step": 3, "exp_avg": flat * 2}}
     mine = checkpoint_for(ck, parts[1])

@@ -23,7 +23,7 @@ KINDS["mpnn"] = MPNN            # message passing on graph data (mpnn.py)
 KINDS["graph-mlp"] = GraphMLP   # its baseline: an MLP on each graph's mean node features
 
 
-def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.float32, part=None) -> Model:
+def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.float32, part=None, tp=None) -> Model:
     """The model of ``kind`` for a data set described by ``spec`` (a data.spec.DataSpec); ``part``: the
     pipeline stage's share (models with ``pipeline = True`` only)."""
     cls = KINDS.get(kind)
@@ -34,10 +34,11 @@ def build(kind: str, options: dict, spec, *, xp=np, seed: int = 0, dtype=np.floa
                         f"yields {spec.describe()}; choose a data set of that kind (data.path / data.dataset) "
                         "or a model that consumes this one")
     opts = {k: options[k] for k in cls.options_keys}
-    if part is not None:
+    if part is not None or tp is not None:
         if not getattr(cls, "pipeline", False):
-            raise UserError(f"model.kind = {kind!r} has no pipeline stages; set parallel.pp = 1")
-        return cls.from_spec(spec, opts, xp=xp, seed=seed, dtype=dtype, part=part)
+            raise UserError(f"model.kind = {kind!r} has no pipeline stages or tensor-parallel layers; set "
+                            "parallel.pp = 1 and parallel.tp = 1")
+        return cls.from_spec(spec, opts, xp=xp, seed=seed, dtype=dtype, part=part, tp=tp)
     return cls.from_spec(spec, opts, xp=xp, seed=seed, dtype=dtype)
 
 

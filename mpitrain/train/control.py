@@ -30,6 +30,14 @@ _HINT = ("Lower train.lr, set train.clip_norm, check the data (python -m mpitrai
          "train.nonfinite=\"skip\"")
 
 
+def sum_in_order(values) -> float:
+    """A left-to-right float sum (the canonical order: never a pairwise or compensated one)."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
 class StopFlag:
     """Set by SIGUSR1/SIGTERM; ranks agree on it at the next step boundary."""
 
@@ -80,22 +88,24 @@ class GradPolicy:
                 grads *= self.t.clip_norm / norm
 
     def grad_norm(self, grads) -> float:
-        """The canonical global norm of the model's gradient ``grads`` (the module docstring)."""
+        """The canonical global norm of the model's gradient ``grads`` (the module docstring). A tensor split
+        over tensor-parallel ranks adds its slices' sums in tp-rank order (equal to tolerance, not bitwise)."""
         m, xp = self.model, self.model.xp
         sq = {}
         for name, off, shape in m.tensors():
             t = grads[off:off + math.prod(shape)].astype(xp.float64)
             sq[name] = float((t * t).sum())
-        if self.group is not None:
-            for other in self.group.allgather(sq):
-                for k, v in other.items():
-                    sq.setdefault(k, v)
         order = m.full_tensors() if hasattr(m, "full_tensors") else m.tensors()
-        total = 0.0
+        if self.group is None:
+            return math.sqrt(sum_in_order(sq[name] for name, _, _ in order))
+        sliced = getattr(m, "shard_index", lambda name, tp_rank=None: None)
+        tp_rank = getattr(getattr(m, "tp", None), "rank", 0)
+        every = sorted(self.group.allgather((tp_rank, sq)), key=lambda e: e[0])
+        total = []
         for name, _, _ in order:
-            total += sq[name]
-        return math.sqrt(total)
-
+            parts = [d[name] for _, d in every if name in d]
+            total.append(sum_in_order(parts) if sliced(name) is not None else parts[0])
+        return math.sqrt(sum_in_order(total))
     def finite(self, grads, loss: float, step: int, epoch: int, collective: bool) -> bool:
         """Are the gradients finite (on every stage of the replica)? If not: the non-finite policy."""
         ok = bool(self.model.xp.isfinite(grads).all()) if self.model is not None else bool(np.isfinite(grads).all())

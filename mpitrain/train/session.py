@@ -48,6 +48,7 @@ class Run:
         self.data = self.model = self.opt = self.schedule = None
         self.strategy = None
         self.grid = self.pipeline = None  # the process grid (parallel/grid.py); this rank's pipeline stage
+        self.tp_comm_s = self.tp_bytes = 0.0  # tensor parallelism's all-reduces (time, bytes sent)
         self.replica_comm = comm          # the ranks that hold the same parameters (the dp group)
         self.total_bytes = 0.0
         self.last_test = (float("nan"), float("nan"))  # the newest evaluation (also read back on resume)
@@ -82,8 +83,8 @@ class Run:
         self._data_info()
         with models.grads_allocator(self.strategy.grads_allocator(self.backend)):  # (shm: node-shared grads)
             self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed,
-                                      part=self._stage_part())
-        self.policy.bind(self.model, self.grid.pp_comm)
+                                      part=self._stage_part(), tp=self._tp_slot())
+        self.policy.bind(self.model, self.grid.mp_comm)
         self._lm_setup()
         self.strategy.bind(self)
         if self.grid.pp > 1:
@@ -106,16 +107,43 @@ class Run:
         if self.pipeline is not None:
             ranks = (f"{self.grid.describe()} ({cfg.parallel.schedule}, {t.accum_steps} micro-batches, "
                      f"predicted bubble {self.pipeline.bubble:.0%})")
+        elif self.grid.tp > 1:
+            ranks = self.grid.describe()
         log0(f"mpitrain {__version__}: {ranks}, {self.model.describe()}, "
              f"{self.train_rows} training {self.data_unit}, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
              f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
-        if self.pipeline is not None:
+        if self.grid.pp * self.grid.tp > 1:
             self._log_layout()
+
+    def _tp_slot(self):
+        """This rank's tensor-parallel slot and the all-reduce it hands the model (None: tp = 1)."""
+        if self.grid.tp == 1:
+            return None
+        from ..models.gpt_shard import TP
+
+        return TP(self.grid.tp, self.grid.tp_rank, self._tp_allreduce)
+
+    def _tp_allreduce(self, a):
+        """Sum ``a`` in place over the tp group with the project's all-reduce (bitwise alike on every tp
+        rank); its time and bytes are counted apart (``tp_comm_s``, ``tp_bytes``)."""
+        import time
+
+        from ..collectives import allreduce
+
+        algorithm = self.cfg.comm.algorithm
+        if algorithm in ("shm", "hier"):  # (shm reduces node-shared windows; activations are plain memory)
+            algorithm = "ring"
+        t0 = time.perf_counter()
+        allreduce(a, self.grid.tp_comm, op="sum", algorithm=algorithm)
+        self.tp_comm_s += time.perf_counter() - t0
+        self.tp_bytes += 2.0 * (self.grid.tp - 1) / self.grid.tp * a.nbytes
+        return a
 
     def _stage_part(self):
         """The blocks this rank's pipeline stage holds (parallel/stages.py), or None without a pipeline."""
         pp = self.grid.pp
+        self.stage_splits = [(0, self.cfg.model.n_layer)]
         if pp == 1:
             return None
         from ..models.gpt import Part
@@ -247,7 +275,7 @@ class Run:
         if ck["params"].size != n:
             raise UserError(f"{ck['path']}: holds {ck['params'].size} parameters but the model has "
                             f"{n}; the job's model section changed since it was written")
-        if self.pipeline is not None:  # the full layout -> this stage's share
+        if self.grid.pp * self.grid.tp > 1:  # the full layout -> this stage's (and tp slot's) share
             from ..parallel.layout import checkpoint_for
 
             ck = checkpoint_for(ck, self.model)
@@ -255,7 +283,7 @@ class Run:
 
     def _full_params(self) -> int:
         """The whole model's parameter count (a pipeline stage holds only part of it)."""
-        if self.pipeline is None:
+        if self.grid.pp * self.grid.tp == 1:
             return self.model.params.size
         return sum(int(np.prod(s)) for _, _, s in self.model.full_tensors())
 
@@ -337,7 +365,7 @@ class Run:
                 continue
             ls, c = self.model.evaluate(batch)
             loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
-        sent = self.strategy.sent_bytes + (self.pipeline.sent_bytes if self.pipeline is not None else 0.0)
+        sent = self.strategy.sent_bytes + self.tp_bytes + (self.pipeline.sent_bytes if self.pipeline is not None else 0.0)
         tot = np.array([loss_sum, correct, count, sent], dtype=np.float64)
         if comm.Get_size() > 1:
             from mpi4py import MPI
@@ -358,10 +386,10 @@ class Run:
             state = self.strategy.state_dict()
         if optimizer is None:
             optimizer = self.strategy.optimizer_state()
-        if self.pipeline is not None and params is None:  # every stage's share, in the full layout
+        if self.grid.pp * self.grid.tp > 1 and params is None:  # every stage's share, in the full layout
             from ..parallel.layout import gather_full
 
-            params, optimizer = gather_full(self.model, optimizer, self.grid.pp_comm)
+            params, optimizer = gather_full(self.model, optimizer, self.grid.mp_comm)
         ok = None
         if self.rank == 0:
             if not self._claimed:
