@@ -36,6 +36,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -44,6 +46,7 @@ import numpy as np
 
 from . import __version__
 from .runtime import UserError, log0, warn
+from .units import format_size
 
 NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 HEADER_BYTES = 512  # the HDF5 user block holding the whole-file checksum
@@ -206,15 +209,84 @@ def save(directory, *, params, optimizer: dict, step: int, epoch: int, step_in_e
         if failed is not None:
             gc.collect()  # free the half-written file's h5py objects here, quietly
     if failed is not None:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"checkpoint {final}: write failed ({failed}); the previous checkpoint "
-                        "is intact. Free space or change checkpoint.dir, then --resume")
-    for old in list_checkpoints(d)[keep:]:
-        old.unlink(missing_ok=True)
-    for stale in d.glob(".ckpt-*.h5.tmp"):
-        if stale != tmp:
-            stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"checkpoint {final}: write failed ({failed}; {_free(d)}); {_what_is_left(d, final)}")
+    _remember(final, extra)
+    prune(d, keep, (extra or {}).get("run_id"), written=final)
     return final
+
+
+def _free(d: Path) -> str:
+    """``12MiB free there``: the free space of the file system ``d`` is on (or of its nearest parent)."""
+    p = d.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{format_size(shutil.disk_usage(p).free)} free there"
+    except OSError as e:
+        return f"free space unknown: {e.strerror or e}"
+
+
+def _what_is_left(d: Path, final: Path) -> str:
+    """The truth about what a failed write leaves: the newest checkpoint that verifies, or none."""
+    files = list_checkpoints(d)
+    good = next((p for p in files if _good(p) is not None), None)
+    if good is not None:
+        return f"the newest good checkpoint, {good.name}, is intact. Free space or change checkpoint.dir, then --resume"
+    what = "none of the checkpoints there verifies" if files else "there is no earlier checkpoint"
+    return f"{what}: nothing to resume from. Free space or change checkpoint.dir and start again"
+
+
+# What this process knows of checkpoint files, by path: ((size, mtime_ns, inode), verifies, run_id). Filled
+# by ``load`` and ``save``, so pruning reads each file at most once per process (a damaged one too).
+_VERIFIED: dict[str, tuple[tuple, bool, str | None]] = {}
+
+
+def _stat_key(p: Path) -> tuple | None:
+    try:
+        st = p.lstat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _remember(p: Path, meta: dict | None, ok: bool = True) -> None:
+    key = _stat_key(Path(p))
+    if key is not None:
+        _VERIFIED[str(p)] = (key, ok, (meta or {}).get("run_id"))
+
+
+def _good(p: Path):
+    """(run_id,) of a regular checkpoint file that verifies (read once, then remembered); None otherwise."""
+    key = _stat_key(p)
+    if key is None:
+        return None
+    hit = _VERIFIED.get(str(p))
+    if hit is None or hit[0] != key:
+        try:
+            load(p)
+        except ValueError:
+            _remember(p, None, ok=False)
+        hit = _VERIFIED.get(str(p))
+    return (hit[2],) if hit is not None and hit[0] == key and hit[1] else None
+
+
+def prune(d: Path, keep: int, run_id: str | None, written: Path | None = None) -> list[Path]:
+    """Delete this run's own verified checkpoints beyond the newest ``keep`` (never the one just
+    ``written``); damaged files, directories and other runs' files are left alone. Returns the deleted."""
+    mine = [p for p in list_checkpoints(d) if (g := _good(p)) is not None and g[0] == run_id]
+    gone = []
+    for old in mine[max(keep, 1):]:
+        if old != written:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+                gone.append(old)
+    for stale in d.glob(".ckpt-*.h5.tmp"):
+        if stale.is_file() and not stale.is_symlink():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return gone
 
 
 @contextlib.contextmanager
@@ -250,16 +322,24 @@ def _quiet_h5py_cleanup():
 
 
 def _io_reason(exc: BaseException) -> str:
-    """The OS's words for a failed write (``No space left on device``), also from inside h5py's messages."""
-    e = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror
-        m = re.search(r"error message = '([^']+)'", str(e))
+    """The OS's words for a failed write (``No space left on device``), one short line, also from inside
+    h5py's messages (never their file descriptors, buffer addresses and offsets)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and (e.strerror or isinstance(e.errno, int) and e.errno > 0):
+            return e.strerror or os.strerror(e.errno)
+        text = str(e)
+        m = re.search(r"error message = '([^'\n]+)'", text) or re.search(r"\berrno = ([0-9]+)", text)
         if m:
-            return m.group(1)
-        e = e.__context__
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+            return m.group(1) if not m.group(1).isdigit() else os.strerror(int(m.group(1)))
+        todo += [e.__cause__, e.__context__]
+    first = " ".join(str(exc).split())  # one line
+    first = re.sub(r"\s*\(.*", "", first) or type(exc).__name__  # HDF5's details are in parentheses
+    return first[:160]
 
 
 def list_checkpoints(directory) -> list[Path]:
@@ -327,6 +407,7 @@ def load(path) -> dict:
     opt.update(meta.pop("optimizer_scalars", {}))
     strategy = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("strategy/")}
     strategy.update(meta.pop("strategy_scalars", {}))
+    _remember(Path(path), meta)
     return {"params": arrays["params"], "optimizer": opt, "path": str(path), **meta, "strategy": strategy}
 
 
@@ -441,3 +522,54 @@ def check_owner(directory, run_id: str) -> None:
                         f"{now.get('pid')} on {now.get('host')}); this run ({run_id}) stops rather than mix "
                         "its checkpoints with that one's (its own are in a previous-* folder there). Run one "
                         "job per checkpoint.dir (--set checkpoint.dir=PATH)")
+
+
+# ------------------------------------------------------------------ which model a checkpoint holds
+#
+#   meta model_config   {"kind", **model.config()}: the arguments that fix its shapes and meaning
+#   meta model_tensors  [[name, shape], ...] in buffer order (model.tensors())
+#
+# A resume compares both with the model it builds: the parameter count alone lets a model of another
+# shape (n_head 2 -> 4, hidden widths permuted) take over the parameters silently.
+
+
+def model_record(model) -> dict:
+    """What a checkpoint records about ``model`` (``save(extra=...)``)."""
+    cfg = getattr(model, "config", None)
+    conf = {"kind": model.kind, **(cfg() if cfg is not None else {})}
+    return {"model_config": conf, "model_tensors": [[name, [int(n) for n in shape]]
+                                                     for name, _off, shape in model.tensors()]}
+
+
+def model_differences(ck: dict, model) -> list[str]:
+    """``key: checkpoint value != this model's`` for each difference (older checkpoints: what they record)."""
+    now = model_record(model)
+    diffs = []
+    then = ck.get("model_config")
+    if isinstance(then, dict):
+        for k in sorted(set(then) | set(now["model_config"])):
+            a, b = then.get(k, "<none>"), now["model_config"].get(k, "<none>")
+            if a != b:
+                diffs.append(f"model.{k} {a!r} != {b!r}")
+    tens = ck.get("model_tensors")
+    if isinstance(tens, list) and not diffs:
+        mine = {n: s for n, s in now["model_tensors"]}
+        theirs = {n: s for n, s in (t for t in tens if isinstance(t, list) and len(t) == 2)}
+        diffs += [f"tensor {n} {theirs.get(n, '<none>')} != {mine.get(n, '<none>')}"
+                  for n in sorted(set(mine) | set(theirs), key=str) if mine.get(n) != theirs.get(n)]
+    if not diffs and int(np.asarray(ck["params"]).size) != model.n_params:
+        diffs.append(f"parameter count {np.asarray(ck['params']).size} != {model.n_params}")
+    return diffs
+
+
+RESUME_HINT = ("resume with the [model] section it was written with, or start a new run in another "
+               "checkpoint.dir")
+
+
+def check_model(ck: dict, model, what: str = "this job's", hint: str = RESUME_HINT) -> None:
+    """UserError naming the differences when checkpoint ``ck`` holds another model than ``model``."""
+    diffs = model_differences(ck, model)
+    if diffs:
+        more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
+        raise UserError(f"{ck['path']}: holds another model than {what} (checkpoint != now: "
+                        f"{'; '.join(diffs[:6])}{more}); {hint}")

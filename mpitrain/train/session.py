@@ -193,9 +193,7 @@ class Run:
         if ck is None:
             log0(f"--resume: no checkpoint in {self.cfg.checkpoint.dir}; starting from scratch")
             return None
-        if ck["params"].size != self.model.params.size:
-            raise UserError(f"{ck['path']}: holds {ck['params'].size} parameters but the model has "
-                            f"{self.model.params.size}; the job's model section changed since it was written")
+        checkpoint.check_model(ck, self.model)
         return ck
 
     def restore_replicated(self, ck) -> None:
@@ -311,8 +309,7 @@ class Run:
 
     def _model_extra(self) -> dict:
         """What rebuilds the model without the data set (``generate``): its kind and shape."""
-        cfg = getattr(self.model, "config", None)
-        return {"model_config": {"kind": self.model.kind, **cfg()}} if cfg is not None else {}
+        return checkpoint.model_record(self.model)
 
     def close(self) -> None:
         self.stop.restore()
