@@ -203,7 +203,9 @@ def main(args) -> int:
         raise UserError("compare launches its own mpirun: run it as one process (python -m mpitrain compare)")
     names = _strategies(args.strategies)
     if args.ranks < 1 or args.repeats < 1:
-        raise UserError("--ranks and --repeats must be >= 1")
+        raise UserError(f"--ranks {args.ranks} and --repeats {args.repeats} must be >= 1")
+    if not 0 < args.timeout < float("inf"):  # also NaN
+        raise UserError(f"--timeout {args.timeout} must be a finite number of seconds > 0")
     out = Path(args.out)
     if args.replot:
         runs = _load(out, names)
