@@ -212,3 +212,73 @@ def test_mpi_trace_with_a_nan_argument_is_strict_json(comm, shared_tmp):
         doc = strict_loads((shared_tmp / "trace.json").read_text())
         args = [e["args"] for e in doc["traceEvents"] if e.get("name") == "step"]
         assert sorted(a["rank"] for a in args) == list(range(comm.Get_size())) and all(a["loss"] is None for a in args)
+
+
+# ------------------------------------------------------------------ graph import validates before it casts
+
+
+def _graph_arrays(suffix=""):
+    from mpitrain.data.graph_make import synthetic_graphs
+
+    g = synthetic_graphs(3, 0, 12, (4, 6))
+    ea = np.arange(len(g.edges) * 2, dtype=np.float32).reshape(-1, 2)
+    return {f"{k}{suffix}": v for k, v in dict(x=g.x, edges=g.edges, edge_attr=ea, node_ptr=g.node_ptr,
+                                                edge_ptr=g.edge_ptr, y=g.y).items()}
+
+
+def _bad_graphs():
+    """(key, how to spoil the arrays, words): every array, in its original dtype and shape."""
+    def put(key, fn):
+        return lambda a: {**a, key: fn(a[key])}
+    big = 2 ** 32 + 1                     # as int32 this wraps around to 1: a valid node id
+    return [
+        ("edges", put("edges", lambda e: np.where(e == 1, np.int64(big), e.astype(np.int64))), "holds 4294967297, beyond the int32"),
+        ("edges", put("edges", lambda e: e.astype(np.float64)), "must be integers of shape [edges, 2]"),
+        ("edges", put("edges", lambda e: e.astype(np.int64)[:, :1]), "must have shape [edges, 2]"),
+        ("edges", put("edges", lambda e: e.ravel()), "must be integers of shape [edges, 2]"),
+        ("edges", put("edges", lambda e: e.astype(np.int64) - 2 ** 40), "beyond the int32 range"),
+        ("node_ptr", put("node_ptr", lambda p: p.astype(np.uint64) + np.uint64(2 ** 63)), "beyond the int64 range"),
+        ("node_ptr", put("node_ptr", lambda p: p.astype(np.float64)), "must be integers of shape [graphs + 1]"),
+        ("edge_ptr", put("edge_ptr", lambda p: p[:, None]), "must be integers of shape [graphs + 1]"),
+        ("y", put("y", lambda y: y.astype(np.float64) + 0.5), "must be integers of shape [graphs]"),
+        ("y", put("y", lambda y: y.astype(np.uint64) + np.uint64(2 ** 63)), "beyond the int64 range"),
+        ("y", put("y", lambda y: y + 2 ** 30), "holds label 1073741825, beyond 16777216 (2**24) classes"),
+        ("x", put("x", lambda x: x[:, :, None]), "must be numbers of shape [nodes, features]"),
+        ("x", put("x", lambda x: np.where(x == x.max(), 1e300, x.astype(np.float64))), "beyond the float32 range"),
+        ("edge_attr", put("edge_attr", lambda a: a[:-1]), "rows but edges"),
+        ("edge_attr", put("edge_attr", lambda a: np.concatenate([a, a])), "rows but edges"),
+        ("edge_attr", put("edge_attr", lambda a: a[:, :, None]), "must be numbers of shape [edges, edge_features]"),
+        ("edge_attr", put("edge_attr", lambda a: a.astype(str)), "must be numbers of shape [edges, edge_features]"),
+    ]
+
+
+@pytest.mark.parametrize("suffix", ["", "_test"])
+@pytest.mark.parametrize("key, spoil, words", _bad_graphs())
+def test_graph_import_refuses_each_array_before_any_cast(tmp_path, suffix, key, spoil, words):
+    from mpitrain.data import import_graphs
+
+    arrays = {**_graph_arrays(), **(_graph_arrays("_test") if suffix else {})}
+    spoiled = spoil({k[:-len(suffix)] if suffix and k.endswith(suffix) else k: v for k, v in arrays.items()
+                     if k.endswith(suffix) or not suffix})
+    arrays.update({f"{k}{suffix}": v for k, v in spoiled.items()})
+    np.savez(tmp_path / "g.npz", **arrays)
+    with pytest.raises(UserError) as e:
+        import_graphs(tmp_path / "g.npz", tmp_path / "out")
+    msg = str(e.value)
+    assert f"g.npz: {key}{suffix}" in msg and words in msg and "\n" not in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_graph_import_keeps_good_arrays_of_any_integer_width(tmp_path):
+    """int64 ids within range, uint8 labels, a 1-D edge_attr ([edges]): imported, equal to the source."""
+    from mpitrain.data import import_graphs, open_dataset
+
+    a = _graph_arrays()
+    a.update(edges=a["edges"].astype(np.int64), y=a["y"].astype(np.uint8), edge_attr=a["edge_attr"][:, 0].copy())
+    np.savez(tmp_path / "g.npz", **a)
+    import_graphs(tmp_path / "g.npz", tmp_path / "out", shards=1, shuffle=False, test_fraction=0.25)
+    r = open_dataset(tmp_path / "out", batch_size=1)
+    g = r.local_graphs()
+    assert r.spec.edge_features == 1 and np.array_equal(g.y, a["y"][3:].astype(np.int64))
+    assert np.array_equal(g.edge_attr[:, 0], a["edge_attr"][a["edge_ptr"][3]:])
+    r.close()
