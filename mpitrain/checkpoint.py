@@ -487,11 +487,17 @@ def claim(directory, run_id: str, digest: str) -> None:
     import socket
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{OWNER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "config_digest": digest, "host": socket.gethostname(),
-                               "pid": os.getpid()}) + "\n")
-    os.replace(tmp, d / OWNER)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"run_id": run_id, "config_digest": digest, "host": socket.gethostname(),
+                                   "pid": os.getpid()}) + "\n")
+        os.replace(tmp, d / OWNER)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"checkpoint.dir {d}: cannot record this run in {OWNER} ({_io_reason(e)}; {_free(d)}); "
+                        f"{_what_is_left(d, d / OWNER)}") from None
 
 
 def set_aside(directory) -> tuple[Path, dict] | None:

@@ -176,3 +176,17 @@ def test_stale_temporary_directories_are_left_alone(tmp_path):
     (d / ".ckpt-00000008.h5.tmp").write_bytes(b"debris")
     _save_model(d, m, step=9)
     assert sorted(os.listdir(d)) == [".ckpt-00000007.h5.tmp", "ckpt-00000009.h5"]
+
+
+def test_a_full_disk_while_claiming_the_directory_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(UserError) as e:
+        checkpoint.claim(tmp_path / "c", "abc", "digest")
+    msg = str(e.value)
+    assert f"checkpoint.dir {tmp_path / 'c'}: cannot record this run in RUN.json (No space left on device; " in msg
+    assert "there is no earlier checkpoint" in msg and "\n" not in msg
+    assert os.listdir(tmp_path / "c") == []
