@@ -170,6 +170,34 @@ def test_the_old_advice_case_a_multiple_already():
     assert "--shards" not in advice and "train.batch_size = 25" in advice
 
 
+@pytest.mark.mpi
+def test_mpi_readers_print_the_advice_that_helps(comm, shared_tmp, capfd):
+    """Rows and graphs: 3 shards over the ranks, a batch that leaves rows unused: the readers' warning is
+    balance_advice's, and a set remade as advised opens without one."""
+    import re
+
+    from mpitrain.data import make_graphs, make_synthetic, open_dataset
+    from mpitrain.data.reader import USED, _cut, rows_used
+
+    p = comm.Get_size()
+    for kind, make, n in (("rows", make_synthetic, 40 * p + 7), ("graphs", make_graphs, 20 * p + 3)):
+        d = shared_tmp / kind
+        if comm.Get_rank() == 0:
+            kw = {"rows": n, "features": 4} if kind == "rows" else {"graphs": n, "nodes": (3, 4)}
+            make(d / "a", shards=3, **kw)
+        comm.Barrier()
+        bs = max(1, n // p // 2 + 1)                  # one batch per rank: about half the rows unused
+        open_dataset(d / "a", comm, batch_size=bs).close()
+        out = capfd.readouterr().out
+        if comm.Get_rank() != 0:
+            continue
+        warn = [ln for ln in out.splitlines() if "are used per epoch" in ln]
+        assert len(warn) == 1 and f"training {kind}" in warn[0], out
+        k2 = int(m.group(1)) if (m := re.search(r"--shards (\d+)", warn[0])) else 3
+        b2 = int(m.group(1)) if (m := re.search(r"train\.batch_size = (\d+)", warn[0])) else bs
+        assert rows_used(_cut(n, k2), p, b2) >= USED * n, warn[0]
+
+
 # ------------------------------------------------------------------ strict JSON
 
 
