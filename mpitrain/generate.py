@@ -50,7 +50,7 @@ def _checkpoint(args) -> dict:
 
 def load_model(ck):
     """The GPT a checkpoint holds (its params in)."""
-    from .models import GPT
+    from .models import GPT, check
 
     mc = ck.get("model_config")
     kind = (mc or {}).get("kind") or ((ck.get("config") or {}).get("model") or {}).get("kind", "?")
@@ -59,7 +59,7 @@ def load_model(ck):
                         "model.kind = \"gpt\" job")
     m = GPT(mc["n_layer"], mc["n_head"], mc["n_embd"], mc["block_size"], mc["vocab_size"],
             tie_embeddings=mc["tie_embeddings"], dtype=np.float32, seed=0)
-    checkpoint.check_model(ck, m, "its model_config makes", "the file is inconsistent: use another checkpoint")
+    check(ck, m, "its model_config makes", "the file is inconsistent: use another checkpoint")
     m.params[...] = ck["params"].astype(np.float32)
     return m
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from mpitrain import checkpoint
+from mpitrain import checkpoint, models
 from mpitrain.models import GPT, MLP
 from mpitrain.models.graph_mlp import GraphMLP
 from mpitrain.models.mpnn import MPNN
@@ -30,7 +30,7 @@ SAME_COUNT = [
 
 
 def _save_model(d, model, step=1, extra=None, record=True):
-    ex = dict(checkpoint.model_record(model) if record else {}, **(extra or {}))
+    ex = dict(models.record(model) if record else {}, **(extra or {}))
     return checkpoint.save(d, params=model.params, optimizer={}, step=step, epoch=0, step_in_epoch=step,
                            config={}, ranks=1, extra=ex)
 
@@ -42,23 +42,28 @@ def test_a_model_of_another_shape_is_refused_naming_the_keys(tmp_path, a, b, wor
         assert m1.n_params == m2.n_params, "the case needs an equal parameter count"
     ck = checkpoint.load(_save_model(tmp_path, m1))
     with pytest.raises(UserError) as e:
-        checkpoint.check_model(ck, m2)
+        models.check(ck, m2)
     assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
-    checkpoint.check_model(ck, a())  # the same model resumes
+    models.check(ck, a())  # the same model resumes
 
 
 def test_tensor_shapes_are_compared_when_the_config_is_silent(tmp_path):
     """A checkpoint that records only tensors (or a config without the differing key) is still checked
     by names and shapes; one with neither by the parameter count."""
     m1, m2 = MLP(10, [8, 16], 10), MLP(10, [16, 8], 10)
-    rec = checkpoint.model_record(m1)
+    rec = models.record(m1)
     ck = checkpoint.load(_save_model(tmp_path / "t", m1, record=False, extra={"model_tensors": rec["model_tensors"]}))
     with pytest.raises(UserError, match=r"tensor fc0\.W \[10, 8\] != \[10, 16\]"):
-        checkpoint.check_model(ck, m2)
+        models.check(ck, m2)
+    partial = checkpoint.load(_save_model(tmp_path / "p", m1, record=False,
+                                          extra={"model_config": {"kind": "mlp", "hidden": [8, 16]}}))
+    models.check(partial, MLP(10, [8, 16], 10, "tanh"))  # an older record without activation and dtype
+    with pytest.raises(UserError, match=r"model\.hidden \[8, 16\] != \[16, 8\]"):
+        models.check(partial, m2)
     old = checkpoint.load(_save_model(tmp_path / "o", m1, record=False))
-    checkpoint.check_model(old, m2)       # nothing recorded but the count: it matches, as before
+    models.check(old, m2)       # nothing recorded but the count: it matches, as before
     with pytest.raises(UserError, match="parameter count 402 != "):
-        checkpoint.check_model(old, MLP(10, [9], 10))
+        models.check(old, MLP(10, [9], 10))
 
 
 def test_resume_with_another_activation_is_one_line_and_loses_nothing(digits, tmp_path):  # noqa: F811

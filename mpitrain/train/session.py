@@ -193,7 +193,7 @@ class Run:
         if ck is None:
             log0(f"--resume: no checkpoint in {self.cfg.checkpoint.dir}; starting from scratch")
             return None
-        checkpoint.check_model(ck, self.model)
+        models.check(ck, self.model)
         return ck
 
     def restore_replicated(self, ck) -> None:
@@ -309,7 +309,7 @@ class Run:
 
     def _model_extra(self) -> dict:
         """What rebuilds the model without the data set (``generate``): its kind and shape."""
-        return checkpoint.model_record(self.model)
+        return models.record(self.model)
 
     def close(self) -> None:
         self.stop.restore()
