@@ -36,6 +36,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -44,6 +46,7 @@ import numpy as np
 
 from . import __version__
 from .runtime import UserError, log0, warn
+from .units import format_size
 
 NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 HEADER_BYTES = 512  # the HDF5 user block holding the whole-file checksum
@@ -206,15 +209,84 @@ def save(directory, *, params, optimizer: dict, step: int, epoch: int, step_in_e
         if failed is not None:
             gc.collect()  # free the half-written file's h5py objects here, quietly
     if failed is not None:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"checkpoint {final}: write failed ({failed}); the previous checkpoint "
-                        "is intact. Free space or change checkpoint.dir, then --resume")
-    for old in list_checkpoints(d)[keep:]:
-        old.unlink(missing_ok=True)
-    for stale in d.glob(".ckpt-*.h5.tmp"):
-        if stale != tmp:
-            stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"checkpoint {final}: write failed ({failed}; {_free(d)}); {_what_is_left(d, final)}")
+    _remember(final, extra)
+    prune(d, keep, (extra or {}).get("run_id"), written=final)
     return final
+
+
+def _free(d: Path) -> str:
+    """``12MiB free there``: the free space of the file system ``d`` is on (or of its nearest parent)."""
+    p = d.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{format_size(shutil.disk_usage(p).free)} free there"
+    except OSError as e:
+        return f"free space unknown: {e.strerror or e}"
+
+
+def _what_is_left(d: Path, final: Path) -> str:
+    """The truth about what a failed write leaves: the newest checkpoint that verifies, or none."""
+    files = list_checkpoints(d)
+    good = next((p for p in files if _good(p) is not None), None)
+    if good is not None:
+        return f"the newest good checkpoint, {good.name}, is intact. Free space or change checkpoint.dir, then --resume"
+    what = "none of the checkpoints there verifies" if files else "there is no earlier checkpoint"
+    return f"{what}: nothing to resume from. Free space or change checkpoint.dir and start again"
+
+
+# What this process knows of checkpoint files, by path: ((size, mtime_ns, inode), verifies, run_id). Filled
+# by ``load`` and ``save``, so pruning reads each file at most once per process (a damaged one too).
+_VERIFIED: dict[str, tuple[tuple, bool, str | None]] = {}
+
+
+def _stat_key(p: Path) -> tuple | None:
+    try:
+        st = p.lstat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _remember(p: Path, meta: dict | None, ok: bool = True) -> None:
+    key = _stat_key(Path(p))
+    if key is not None:
+        _VERIFIED[str(p)] = (key, ok, (meta or {}).get("run_id"))
+
+
+def _good(p: Path):
+    """(run_id,) of a regular checkpoint file that verifies (read once, then remembered); None otherwise."""
+    key = _stat_key(p)
+    if key is None:
+        return None
+    hit = _VERIFIED.get(str(p))
+    if hit is None or hit[0] != key:
+        try:
+            load(p)
+        except ValueError:
+            _remember(p, None, ok=False)
+        hit = _VERIFIED.get(str(p))
+    return (hit[2],) if hit is not None and hit[0] == key and hit[1] else None
+
+
+def prune(d: Path, keep: int, run_id: str | None, written: Path | None = None) -> list[Path]:
+    """Delete this run's own verified checkpoints beyond the newest ``keep`` (never the one just
+    ``written``); damaged files, directories and other runs' files are left alone. Returns the deleted."""
+    mine = [p for p in list_checkpoints(d) if (g := _good(p)) is not None and g[0] == run_id]
+    gone = []
+    for old in mine[max(keep, 1):]:
+        if old != written:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+                gone.append(old)
+    for stale in d.glob(".ckpt-*.h5.tmp"):
+        if stale.is_file() and not stale.is_symlink():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return gone
 
 
 @contextlib.contextmanager
@@ -250,16 +322,24 @@ def _quiet_h5py_cleanup():
 
 
 def _io_reason(exc: BaseException) -> str:
-    """The OS's words for a failed write (``No space left on device``), also from inside h5py's messages."""
-    e = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror
-        m = re.search(r"error message = '([^']+)'", str(e))
+    """The OS's words for a failed write (``No space left on device``), one short line, also from inside
+    h5py's messages (never their file descriptors, buffer addresses and offsets)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and (e.strerror or isinstance(e.errno, int) and e.errno > 0):
+            return e.strerror or os.strerror(e.errno)
+        text = str(e)
+        m = re.search(r"error message = '([^'\n]+)'", text) or re.search(r"\berrno = ([0-9]+)", text)
         if m:
-            return m.group(1)
-        e = e.__context__
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+            return m.group(1) if not m.group(1).isdigit() else os.strerror(int(m.group(1)))
+        todo += [e.__cause__, e.__context__]
+    first = " ".join(str(exc).split())  # one line
+    first = re.sub(r"\s*\(.*", "", first) or type(exc).__name__  # HDF5's details are in parentheses
+    return first[:160]
 
 
 def list_checkpoints(directory) -> list[Path]:
@@ -327,6 +407,7 @@ def load(path) -> dict:
     opt.update(meta.pop("optimizer_scalars", {}))
     strategy = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("strategy/")}
     strategy.update(meta.pop("strategy_scalars", {}))
+    _remember(Path(path), meta)
     return {"params": arrays["params"], "optimizer": opt, "path": str(path), **meta, "strategy": strategy}
 
 
@@ -406,11 +487,17 @@ def claim(directory, run_id: str, digest: str) -> None:
     import socket
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{OWNER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "config_digest": digest, "host": socket.gethostname(),
-                               "pid": os.getpid()}) + "\n")
-    os.replace(tmp, d / OWNER)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"run_id": run_id, "config_digest": digest, "host": socket.gethostname(),
+                                   "pid": os.getpid()}) + "\n")
+        os.replace(tmp, d / OWNER)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"checkpoint.dir {d}: cannot record this run in {OWNER} ({_io_reason(e)}; {_free(d)}); "
+                        f"{_what_is_left(d, d / OWNER)}") from None
 
 
 def set_aside(directory) -> tuple[Path, dict] | None:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .runtime import UserError, job_size
+from .units import json_text
 
 # name -> the --set options that select it (on top of the job and the user's --set)
 STRATEGIES = {
@@ -107,7 +108,7 @@ def run_one(name: str, rep: int, args, mpirun: str, out: Path) -> dict:
     t0 = time.perf_counter()
     m = train_run(args.ranks, sets, path, job=args.job, mpirun=mpirun, timeout=args.timeout, what=name)
     m["name"] = name
-    path.write_text(json.dumps(m, indent=2) + "\n")
+    path.write_text(json_text(m, indent=2) + "\n")
     print(f"# {name:<10} accuracy {m['test_accuracy']:.4f}  {time.perf_counter() - t0:5.1f} s  "
           f"{m['bytes_per_step'] / 1e3:9.1f} kB/step/rank", file=sys.stderr, flush=True)
     return m
@@ -202,7 +203,9 @@ def main(args) -> int:
         raise UserError("compare launches its own mpirun: run it as one process (python -m mpitrain compare)")
     names = _strategies(args.strategies)
     if args.ranks < 1 or args.repeats < 1:
-        raise UserError("--ranks and --repeats must be >= 1")
+        raise UserError(f"--ranks {args.ranks} and --repeats {args.repeats} must be >= 1")
+    if not 0 < args.timeout < float("inf"):  # also NaN
+        raise UserError(f"--timeout {args.timeout} must be a finite number of seconds > 0")
     out = Path(args.out)
     if args.replot:
         runs = _load(out, names)

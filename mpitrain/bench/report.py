@@ -9,11 +9,10 @@ the plot draws busbw vs size per algorithm, memcpy, p2p (and d2h) as dashed ceil
 from __future__ import annotations
 
 import csv
-import json
 import math
 
 from ..perf.plot import pyplot, size_axes
-from ..units import format_size
+from ..units import format_size, json_text
 from .timing import MAX_ROUNDS, MIN_ROUNDS, TARGET_SECONDS
 
 COLUMNS = ("size", "count", "type", "op", "algorithm", "picked", "time_us", "algbw", "busbw",
@@ -151,7 +150,7 @@ def write_csv(path, rows) -> None:
 
 def write_json(path, rows, meta: dict | None = None) -> None:
     with open(path, "w") as f:
-        json.dump({"meta": meta or {}, "rows": rows}, f, indent=1)
+        f.write(json_text({"meta": meta or {}, "rows": rows}, indent=1))
         f.write("\n")
 
 

@@ -23,14 +23,14 @@ A language model (a model with ``flops_per_token``, the GPT) adds
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
-from .live import Live, clean
+from .live import Live
 
 from ..runtime import UserError, log0
+from ..units import json_text
 
 
 def check_writable(path, what: str) -> None:
@@ -119,11 +119,11 @@ class Results:
 
     @staticmethod
     def write(path, metrics: dict) -> None:
-        """Rank 0 only. NaN (nothing measured) is written as null: the file stays valid JSON."""
+        """Rank 0 only. NaN/Infinity (nothing measured), at any depth, is written as null: strict JSON."""
         if not path:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(clean(metrics), indent=2, allow_nan=False) + "\n")
+        Path(path).write_text(json_text(metrics, indent=2) + "\n")
 
 
 def optimizer_bytes(opt) -> int:

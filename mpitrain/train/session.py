@@ -271,21 +271,12 @@ class Run:
         if ck is None:
             log0(f"--resume: no checkpoint in {self.cfg.checkpoint.dir}; starting from scratch")
             return None
-        n = self._full_params()
-        if ck["params"].size != n:
-            raise UserError(f"{ck['path']}: holds {ck['params'].size} parameters but the model has "
-                            f"{n}; the job's model section changed since it was written")
+        models.check(ck, self.model)
         if self.grid.pp * self.grid.tp > 1:  # the full layout -> this stage's (and tp slot's) share
             from ..parallel.layout import checkpoint_for
 
             ck = checkpoint_for(ck, self.model)
         return ck
-
-    def _full_params(self) -> int:
-        """The whole model's parameter count (a pipeline stage holds only part of it)."""
-        if self.grid.pp * self.grid.tp == 1:
-            return self.model.params.size
-        return sum(int(np.prod(s)) for _, _, s in self.model.full_tensors())
 
     def restore_replicated(self, ck) -> None:
         """Resume a run whose parameters and optimizer state are replicated on every rank."""
@@ -411,8 +402,7 @@ class Run:
 
     def _model_extra(self) -> dict:
         """What rebuilds the model without the data set (``generate``): its kind and shape."""
-        cfg = getattr(self.model, "config", None)
-        return {"model_config": {"kind": self.model.kind, **cfg()}} if cfg is not None else {}
+        return models.record(self.model)
 
     def close(self) -> None:
         self.stop.restore()
