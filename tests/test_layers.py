@@ -27,7 +27,7 @@ ALLOWED = {
     "sync": UTIL | {"collectives", "models", "data", "parallel"},
     "train": UTIL | {"collectives", "models", "data", "parallel", "sync"},
 }
-TOP = {"cli", "__main__", "compare", "info", "generate"}  # the commands: may import anything
+TOP = {"cli", "__main__", "compare", "info", "generate", "export"}  # the commands: may import anything
 
 
 def _modules():
