@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Tensor parallelism measured: step time at tp = ranks against one rank, and its all-reduces against
+the cost model, in one run.
+
+    mpirun -n 2 python benchmarks/tensor_parallel.py [--layers 4 --embd 512 --heads 8 --ctx 256 --batch 4]
+                                                     [--steps 3] [--json F]
+
+  1. rank 0 alone: the whole GPT's forward + backward on one batch (the other ranks wait quietly): tp = 1;
+  2. every rank: the same batch through its tp slice, the f/g all-reduces on the project's ring over all
+     ranks, each timed: the step, the exposed all-reduce time, the bytes;
+  3. the cost model, fitted here and now: one-way ping-pong -> (alpha, beta), np.add -> gamma; the ring's
+     2(p-1)·s·alpha + 2(p-1)/p·n·beta + (p-1)/p·n·gamma per all-reduce of n = B·T·C·4 bytes, 4·L per step.
+Speed-up against the ideal p (compute split p ways, all-reduces free); bytes per step against 4·L·B·T·C·4
+(payload: 2 all-reduces forward, 2 backward per block), times 2(p-1)/p on the wire per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from mpitrain.collectives import allreduce
+from mpitrain.models.gpt import GPT
+from mpitrain.models.gpt_shard import TP
+from mpitrain.perf.fit import fit_alpha_beta, fit_gamma
+from mpitrain.perf.formulas import ring_segments, ring_time
+from mpitrain.perf.measure import measure_pingpong, measure_reduce
+from mpitrain.runtime import get_comm, log0
+
+
+def _step_time(model, tok, steps):
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        model.loss_and_grad((tok,))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--embd", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up); medians")
+    ap.add_argument("--json", metavar="F")
+    args = ap.parse_args(argv)
+    comm = get_comm()
+    p, r = comm.Get_size(), comm.Get_rank()
+    kw = dict(n_layer=args.layers, n_head=args.heads, n_embd=args.embd, block_size=args.ctx, vocab_size=256, seed=0)
+    tok = np.random.default_rng(0).integers(0, 256, (args.batch, args.ctx + 1))
+    whole = _step_time(GPT(**kw), tok, args.steps) if r == 0 else None
+    comm.Barrier()
+    whole = comm.bcast(whole, root=0)
+
+    spent, waited, calls, payload = [0.0], [0.0], [0], [0]
+
+    def reduce(a):  # a barrier first splits the exposed time: waiting for the slower rank, then the transfer
+        t0 = time.perf_counter()
+        comm.Barrier()
+        t1 = time.perf_counter()
+        allreduce(a, comm, op="sum", algorithm="ring")
+        waited[0] += t1 - t0
+        spent[0] += time.perf_counter() - t1
+        calls[0] += 1
+        payload[0] += a.nbytes
+        return a
+
+    part = GPT(**kw, tp=TP(p, r, reduce))
+    comm.Barrier()
+    step = _step_time(part, tok, args.steps)
+    per_step = 1 + args.steps
+    comm_s, ncalls, nbytes = spent[0] / per_step, calls[0] // per_step, payload[0] // per_step
+    wait_s = waited[0] / per_step
+    step, comm_s = comm.allreduce(step, op=MPI.MAX), comm.allreduce(comm_s, op=MPI.MAX)
+    wait_s = comm.allreduce(wait_s, op=MPI.MAX)
+
+    n = args.batch * args.ctx * args.embd * 4
+    sizes = [n // 16, n // 4, n]
+    alpha, beta = fit_alpha_beta(sizes, measure_pingpong(comm, sizes))
+    gamma, _ = fit_gamma(sizes, measure_reduce(comm, sizes))
+    predicted = ncalls * ring_time(n, p, alpha, beta, gamma, ring_segments(n, p))
+    formula = 4 * args.layers * n
+    row = {"ranks": p, "args": vars(args), "tp1_step_s": whole, "tp_step_s": step, "speedup": whole / step,
+           "allreduce_calls": ncalls, "allreduce_s": comm_s, "wait_s": wait_s, "predicted_allreduce_s": predicted,
+           "payload_bytes": nbytes, "payload_formula": formula, "wire_bytes_per_rank": nbytes * 2 * (p - 1) / p,
+           "alpha": alpha, "beta": beta, "gamma": gamma}
+    log0(f"GPT {args.layers}L {args.embd}C {args.heads}H ctx {args.ctx}, batch {args.batch}: one step (forward + "
+         f"backward), medians of {args.steps}")
+    log0(f"  tp = 1 on 1 rank  {whole * 1e3:8.1f} ms")
+    log0(f"  tp = {p} on {p} ranks {step * 1e3:8.1f} ms   speed-up {whole / step:.2f}x (ideal {p}x; "
+         f"{whole / step / p:.0%} of it)")
+    log0(f"  waits             {wait_s * 1e3:.1f} ms in the barriers before them (the slower rank's lead: "
+         "load imbalance, not the wire)")
+    log0(f"  all-reduces       {ncalls} of {n / 2**20:.2f} MiB: {comm_s * 1e3:.1f} ms measured, "
+         f"{predicted * 1e3:.1f} ms predicted by the ring's cost model (measured/predicted {comm_s / predicted:.2f}; "
+         f"alpha {alpha * 1e6:.1f} us, {1 / beta / 1e9:.2f} GB/s, gamma {1 / gamma / 1e9:.2f} GB/s)")
+    log0(f"  bytes per step    {nbytes:,} payload = 4·L·B·T·C·4 = {formula:,} ({nbytes == formula}); on the wire "
+         f"{nbytes * 2 * (p - 1) / p:,.0f} per rank (x 2(p-1)/p)")
+    log0(f"  compute share     {(step - comm_s - wait_s) * 1e3:.1f} ms = {(step - comm_s - wait_s) / whole:.0%} of tp = 1's "
+         f"(ideal {1 / p:.0%}: replicated LayerNorms, embeddings and head)")
+    if args.json and r == 0:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
