@@ -42,7 +42,13 @@ def main(argv=None) -> int:
         argv = ["train", *argv]
     args = build_parser().parse_args(argv)
     if args.command not in ("data", "compare"):
-        from .runtime import check_launch
+        from .runtime import check_launch, get_comm, single_rank_note
 
         check_launch()
+        if args.command in ("train", "bench"):
+            single_rank_note(args.command)
+        if args.command in ("bench", "generate", "info"):  # train applies its own (train.threads)
+            from . import threads
+
+            threads.apply(get_comm())
     return int(args.func(args) or 0)

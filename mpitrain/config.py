@@ -77,6 +77,8 @@ class TrainConfig:
     accum_steps: int = 1             # micro-batches per optimizer step (gradient accumulation)
     eval_every: int = 0              # > 0: evaluate (val/test loss) every this many steps; 0 = at epoch ends only
     eval_batches: int = 0            # > 0: at most this many eval batches per rank per evaluation; 0 = all
+    threads: int = 0                 # BLAS/OpenMP threads per rank; 0 = auto: the node's cores / its ranks
+                                     # (or OMP_NUM_THREADS when set; mpitrain/threads.py)
 
 
 @dataclass
@@ -258,6 +260,7 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("train.accum_steps", t.accum_steps >= 1, "must be >= 1 (1 = no accumulation)"),
         ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = at epoch ends only)"),
         ("train.eval_batches", t.eval_batches >= 0, "must be >= 0 (0 = all)"),
+        ("train.threads", t.threads >= 0, "must be >= 0 (0 = auto: the node's cores / its ranks)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
     ]
     for key, ok, why in rules:

@@ -153,3 +153,21 @@ def agree_config(comm, cfg) -> None:
 def signal_name(signum: int) -> str:
     """``SIGUSR1`` for 10; the number itself for anything that is not a signal."""
     return signal.Signals(signum).name if signum in iter(signal.Signals) else str(signum)
+
+
+LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID", "SLURM_STEP_ID",
+                 "HYDRA_CONTROL_FD", "MPIEXEC_HOSTNAME")
+
+
+def launcher_seen(env=None) -> bool:
+    """True when a launcher (mpirun/mpiexec/srun) started this process, as its environment shows."""
+    env = os.environ if env is None else env
+    return any(v in env for v in LAUNCHER_VARS)
+
+
+def single_rank_note(command: str, comm=None) -> None:
+    """Started without a launcher at one rank: say so once (stderr), and how to use more ranks."""
+    comm = comm or get_comm()
+    if comm.Get_size() == 1 and not launcher_seen():
+        report(f"note: running on 1 rank (no mpirun seen); for N ranks: mpirun -n N python -m mpitrain {command} "
+               "... (N = the cores you have; `mpitrain info` shows them)")

@@ -19,7 +19,7 @@ import signal
 
 import numpy as np
 
-from .. import __version__, backend, checkpoint, models, sync, units, watchdog
+from .. import __version__, backend, checkpoint, models, sync, threads, units, watchdog
 from ..faults import Faults
 from ..metrics import Timers
 from ..optim import LRSchedule, make_optimizer
@@ -59,6 +59,7 @@ class Run:
         cfg, comm, t = self.cfg, self.comm, self.cfg.train
         self.strategy = sync.make(cfg, comm)  # checks what every rank can check alone (e.g. rank counts)
         agree_config(comm, cfg)
+        threads.apply(comm, t.threads)  # before anything computes (the MFU peak too)
         if self.strategy.uses_watchdog:
             self.watchdog = watchdog.start(comm, cfg.comm.timeout_s, hint=self.resume_hint())
         dcomm = self.strategy.data_comm()
@@ -91,7 +92,8 @@ class Run:
         accum = f" x {t.accum_steps} micro-steps" if t.accum_steps > 1 else ""
         log0(f"mpitrain {__version__}: {self.strategy.describe_ranks()}, {self.model.describe()}, "
              f"{self.train_rows} training {self.data_unit}, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
-             f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
+             f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, threads "
+             f"{threads.describe()}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
 
     def _data_info(self) -> None:
