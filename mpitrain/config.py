@@ -79,6 +79,8 @@ class TrainConfig:
     eval_batches: int = 0            # > 0: at most this many eval batches per rank per evaluation; 0 = all
     threads: int = 0                 # BLAS/OpenMP threads per rank; 0 = auto: the node's cores / its ranks
                                      # (or OMP_NUM_THREADS when set; mpitrain/threads.py)
+    log_every: int = 0               # > 0: a progress line every this many steps (loss, ms/step, rate, comm,
+                                     # ETA); 0 = the bar on a terminal, a line every 10 s otherwise
 
 
 @dataclass
@@ -261,6 +263,7 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = at epoch ends only)"),
         ("train.eval_batches", t.eval_batches >= 0, "must be >= 0 (0 = all)"),
         ("train.threads", t.threads >= 0, "must be >= 0 (0 = auto: the node's cores / its ranks)"),
+        ("train.log_every", t.log_every >= 0, "must be >= 0 (0 = the bar, or a line every 10 s in a log)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
     ]
     for key, ok, why in rules:

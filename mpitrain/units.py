@@ -120,3 +120,13 @@ def parse_time(text: str, what: str = "latency") -> float:
 def parse_bandwidth(text: str, what: str = "bandwidth") -> float:
     """``1.17GB/s``, ``10gbit``, ``100mbps`` -> bytes per second."""
     return parse_quantity(text, BANDWIDTH_UNITS, what)
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 2m10s, 1h05m: a duration as a person reads it (an ETA)."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
