@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         checkpoint.add_arguments(sub.add_parser("checkpoint", help="list or inspect checkpoints"))
     except ImportError:
         pass
+    for action in sub._choices_actions:  # `COMMAND --help` opens with what the command does
+        p = sub.choices[action.dest]
+        p.description = p.description or action.help[:1].upper() + action.help[1:] + "."
     return ap
 
 

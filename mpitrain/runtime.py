@@ -80,8 +80,9 @@ def abort(code: int = 1) -> None:
     """End every rank of the job now. Never returns."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if job_size() > 1:
-        time.sleep(ABORT_LINGER_S)
+    if job_size() == 1:  # no other rank to end: exit without MPI_Abort's own line after the message
+        os._exit(code)
+    time.sleep(ABORT_LINGER_S)
     MPI.COMM_WORLD.Abort(code)
     os._exit(code)  # pragma: no cover - Abort does not return
 

@@ -430,6 +430,9 @@ def test_gpt_job_metrics_final_checkpoint_and_bitwise_resume(tmp_path, small_cor
     assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and [e["step"] for e in m["evals"]] == [6, 12]
     assert m["val_loss"] < math.log(256), "it learned something"
     assert checkpoint.latest(tmp_path / "a")["step"] == 12, "a final checkpoint at max_steps"
+    from mpitrain import config                      # the effective job beside the checkpoints
+    job = config.load(tmp_path / "a" / "job.toml")
+    assert job.train.log_every == 4 and job.data.path == str(small_corpus) and job.train.max_steps == 12
     b = _mpirun(2, _tiny_job(small_corpus, tmp_path / "b"), root, env={"MPITRAIN_FAULT": "0:8:kill"})
     assert b.returncode != 0 and checkpoint.latest(tmp_path / "b")["step"] == 5
     c = _mpirun(2, [*_tiny_job(small_corpus, tmp_path / "b"), "--resume"], root)

@@ -21,11 +21,18 @@ def add_arguments(p):
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--metrics-out", metavar="FILE.json", help="write final metrics (rank 0)")
     p.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace (one process per rank)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective job (every key after defaults, the job file and --set) and its "
+                        "layout on this many ranks, then exit (a run saves it as job.toml beside its checkpoints)")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     cfg = config.load(args.job, args.overrides)
+    if args.print_config:
+        from .effective import print_config
+
+        return print_config(cfg, get_comm())
     return Trainer(cfg, get_comm()).run(resume=args.resume, metrics_out=args.metrics_out, trace=args.trace)
 
 

@@ -19,7 +19,7 @@ import signal
 
 import numpy as np
 
-from .. import __version__, backend, checkpoint, models, sync, threads, units, watchdog
+from .. import __version__, backend, checkpoint, config, models, sync, threads, units, watchdog
 from ..faults import Faults
 from ..metrics import Timers
 from ..optim import LRSchedule, make_optimizer
@@ -54,7 +54,7 @@ class Run:
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool) -> None:
-        from ..data import ensure_dataset, open_dataset
+        from ..data import open_dataset
 
         cfg, comm, t = self.cfg, self.comm, self.cfg.train
         self.strategy = sync.make(cfg, comm)  # checks what every rank can check alone (e.g. rank counts)
@@ -69,8 +69,7 @@ class Run:
             backend.select_device(dcomm, share=t.share_gpu)
             self.timers = Timers(sync=backend.synchronize)
         d = cfg.data
-        ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=t.seed,
-                       rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+        self._ensure_data()
         if dcomm is not None:
             self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed,
                                      window=cfg.model.block_size + 1)
@@ -95,6 +94,20 @@ class Run:
              f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, threads "
              f"{threads.describe()}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
+
+    def _ensure_data(self) -> None:
+        """data.path made on first use -- only where the job named its data set with that path (config.py)."""
+        from ..data import ensure_dataset
+
+        d, ok = self.cfg.data, config.may_make_builtin(self.cfg)
+        try:
+            ensure_dataset(d.path, d.dataset if ok else "", self.comm, shards=d.shards, seed=self.cfg.train.seed,
+                           rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+        except UserError as e:
+            if ok:
+                raise
+            raise UserError(f"{e} (nothing is made at a data.path the job did not name a data set with: check "
+                            "it for a typo, or name the set there with --set data.dataset=...)") from None
 
     def _data_info(self) -> None:
         """Every rank learns the data set's spec and sizes from a rank that reads training data."""
@@ -258,7 +271,7 @@ class Run:
             log0(f"note: {d} held the checkpoints of another run (run {prev['run_id']}, steps "
                  f"{', '.join(map(str, prev['steps']))}); moved them to {dest}. To continue that run: "
                  f"--set checkpoint.dir={dest} --resume")
-        checkpoint.claim(d, self.run_id, self.cfg.digest())
+        checkpoint.claim(d, self.run_id, self.cfg.digest(), job=config.to_toml(self.cfg))
         self._claimed = True
 
     # -------------------------------------------------------------- evaluation
