@@ -433,8 +433,11 @@ def add_arguments(p):
 
 def _cmd_list(args) -> int:
     files = list_checkpoints(args.dir)
+    aside = _list_aside(args.dir)
     if not files:
-        log0(f"no checkpoints in {args.dir}")
+        log0(f"no checkpoints in {args.dir}" + (" (but in the folders set aside below)" if aside else ""))
+        for line in aside:
+            log0(line)
         return 1
     bad = 0
     for p in files:
@@ -444,7 +447,21 @@ def _cmd_list(args) -> int:
         except ValueError as e:
             bad += 1
             log0(f"{p}  DAMAGED: {e}")
+    for line in aside:
+        log0(line)
     return 1 if bad == len(files) else 0
+
+
+def _list_aside(directory) -> list[str]:
+    """One line per ``previous-*`` folder: another run's checkpoints a fresh run set aside, and how to resume it."""
+    d = Path(directory)
+    out = []
+    for sub in sorted(d.glob("previous-*")) if d.is_dir() else []:
+        files = list_checkpoints(sub)
+        steps = ", ".join(NAME.match(p.name).group(1).lstrip("0") or "0" for p in files) or "none"
+        out.append(f"{sub}/  set aside: another run's {len(files)} checkpoint(s) (steps {steps}); continue it with "
+                   f"--set checkpoint.dir={sub} --resume")
+    return out
 
 
 def _cmd_show(args) -> int:
@@ -465,6 +482,7 @@ def _cmd_show(args) -> int:
 #
 #   checkpoint.dir/RUN.json          {"run_id", "config_digest", "host", "pid"} of the run writing here
 #   checkpoint.dir/ckpt-*.h5         that run's checkpoints (meta: run_id, config_digest)
+#   checkpoint.dir/job.toml          that run's effective job: every key after defaults, job file, --set
 #   checkpoint.dir/previous-<id>-N/  another run's checkpoints, set aside when a new run started here
 #
 # A fresh run (no --resume) sets aside whatever another run left, so pruning never deletes another
@@ -473,6 +491,7 @@ def _cmd_show(args) -> int:
 # first one fail with a message instead of both exiting 0 with one's files gone.
 
 OWNER = "RUN.json"
+JOB = "job.toml"  # the effective job of the run that owns the directory (every key resolved)
 
 
 def owner(directory) -> dict | None:
@@ -482,14 +501,19 @@ def owner(directory) -> dict | None:
         return None
 
 
-def claim(directory, run_id: str, digest: str) -> None:
-    """Rank 0: record ``run_id`` as the run writing checkpoints in ``directory`` (atomically)."""
+def claim(directory, run_id: str, digest: str, job: str | None = None) -> None:
+    """Rank 0: record ``run_id`` as the run writing checkpoints in ``directory`` (atomically), and its
+    effective job (``job``, TOML text) as job.toml beside them."""
     import socket
 
     d = Path(directory)
     tmp = d / f".{OWNER}.{os.getpid()}.tmp"
     try:
         d.mkdir(parents=True, exist_ok=True)
+        if job is not None:
+            jtmp = d / f".{JOB}.{os.getpid()}.tmp"
+            jtmp.write_text(job)
+            os.replace(jtmp, d / JOB)
         tmp.write_text(json.dumps({"run_id": run_id, "config_digest": digest, "host": socket.gethostname(),
                                    "pid": os.getpid()}) + "\n")
         os.replace(tmp, d / OWNER)
@@ -513,7 +537,7 @@ def set_aside(directory) -> tuple[Path, dict] | None:
         n += 1
     dest = d / f"previous-{rid}-{n}"
     dest.mkdir()
-    for p in [*files, d / OWNER]:
+    for p in [*files, d / OWNER, d / JOB]:
         if p.exists():
             os.replace(p, dest / p.name)
     _fsync_dir(d)

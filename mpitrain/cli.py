@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         checkpoint.add_arguments(sub.add_parser("checkpoint", help="list or inspect checkpoints"))
     except ImportError:
         pass
+    for action in sub._choices_actions:  # `COMMAND --help` opens with what the command does
+        p = sub.choices[action.dest]
+        p.description = p.description or action.help[:1].upper() + action.help[1:] + "."
     return ap
 
 
@@ -46,7 +49,13 @@ def main(argv=None) -> int:
         argv = ["train", *argv]
     args = build_parser().parse_args(argv)
     if args.command not in ("data", "compare"):
-        from .runtime import check_launch
+        from .runtime import check_launch, get_comm, single_rank_note
 
         check_launch()
+        if args.command in ("train", "bench"):
+            single_rank_note(args.command)
+        if args.command in ("bench", "generate", "info"):  # train applies its own (train.threads)
+            from . import threads
+
+            threads.apply(get_comm())
     return int(args.func(args) or 0)

@@ -77,6 +77,10 @@ class TrainConfig:
     accum_steps: int = 1             # micro-batches per optimizer step (gradient accumulation)
     eval_every: int = 0              # > 0: evaluate (val/test loss) every this many steps; 0 = at epoch ends only
     eval_batches: int = 0            # > 0: at most this many eval batches per rank per evaluation; 0 = all
+    threads: int = 0                 # BLAS/OpenMP threads per rank; 0 = auto: the node's cores / its ranks
+                                     # (or OMP_NUM_THREADS when set; mpitrain/threads.py)
+    log_every: int = 0               # > 0: a progress line every this many steps (loss, ms/step, rate, comm,
+                                     # ETA); 0 = the bar on a terminal, a line every 10 s otherwise
 
 
 @dataclass
@@ -267,6 +271,8 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("train.accum_steps", t.accum_steps >= 1, "must be >= 1 (1 = no accumulation)"),
         ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = at epoch ends only)"),
         ("train.eval_batches", t.eval_batches >= 0, "must be >= 0 (0 = all)"),
+        ("train.threads", t.threads >= 0, "must be >= 0 (0 = auto: the node's cores / its ranks)"),
+        ("train.log_every", t.log_every >= 0, "must be >= 0 (0 = the bar, or a line every 10 s in a log)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("parallel.pp", cfg.parallel.pp >= 1, "must be >= 1 (1 = no pipeline)"),
         ("parallel.tp", cfg.parallel.tp >= 1, "must be >= 1 (1 = no tensor parallelism)"),
@@ -390,10 +396,44 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig
         raise UserError(f"{path}: TOML syntax error: {e}") from None
     cfg.source = str(path)
     _apply(cfg, table, str(path))
-    origins = {}
+    origins = {f"{s}.{k}": str(path) for s, sec in table.items() for k in sec}
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(cfg, {section: {key: value}}, f"--set {text}")
         origins[f"{section}.{key}"] = f"--set {text}"
     validate(cfg, origins)
+    cfg.origins = origins  # key -> the job file or --set that gave it (keys not in it: defaults)
     return cfg
+
+
+def may_make_builtin(cfg: JobConfig) -> bool:
+    """Whether a missing data.path may be filled with the built-in data.dataset: only where the data set was
+    named with that path (a --set data.path needs a --set data.dataset beside it; a job file's path a
+    dataset key), or data.path is the default -- so a typo in a path never becomes a freshly made set."""
+    origins = getattr(cfg, "origins", None)
+    if origins is None:  # built in code, not loaded: the caller said what it wants
+        return True
+    path, dataset = origins.get("data.path"), origins.get("data.dataset")
+    if path is None:
+        return True
+    if path.startswith("--set"):
+        return bool(dataset and dataset.startswith("--set"))
+    return dataset is not None
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v) if isinstance(v, str) else repr(v)
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The job with every key resolved (defaults, job file, --set), as a TOML job file that loads back to it."""
+    lines = [f"# the effective job: {cfg.source}"
+             + "".join(f" {o}" for o in dict.fromkeys(getattr(cfg, "origins", {}).values()) if o.startswith("--set"))
+             + " (every key, defaults filled in)"]
+    for sname, section in cfg.to_dict().items():
+        lines += ["", f"[{sname}]"] + [f"{k} = {_toml_value(v)}" for k, v in section.items()]
+    return "\n".join(lines) + "\n"

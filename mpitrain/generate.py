@@ -27,7 +27,7 @@ def add_arguments(p):
                    help="override a job key (e.g. --set checkpoint.dir=...)")
     p.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (default: the job's newest)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--tokens", type=int, required=True, metavar="N", help="tokens to generate")
+    p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")

@@ -229,3 +229,13 @@ def json_text(obj, **kw) -> str:
     import json
 
     return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 2m10s, 1h05m: a duration as a person reads it (an ETA)."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -409,7 +409,7 @@ BAD_CONFIG = {  # name -> (job file text or None, --set options, words of the me
     "lr_negative": ("[train]\nlr = -0.5\n", [], "bad.toml: train.lr = -0.5 must be > 0"),
     "batch_zero": (None, ["train.batch_size=0"], "train.batch_size = 0 must be >= 1"),
     "batch_too_big": (None, ["train.batch_size=5000"], "fewer than batch_size=5000"),
-    "more_shards_than_rows": (None, ["data.shards=5000", "data.path=NEW"],
+    "more_shards_than_rows": (None, ["data.shards=5000", "data.path=NEW", "data.dataset=digits"],
                               "5000 shards requested but only 1438 training rows"),
 }
 

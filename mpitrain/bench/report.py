@@ -62,8 +62,9 @@ def format_header(meta: dict) -> str:
         f"#   sizes {format_size(meta['min'])}..{format_size(meta['max'])} x{meta['step']:g}  "
         f"iters {iters}  "
         f"warmup {meta['warmup']}",
-        f"#   time: max over ranks of the median; algbw = bytes/time; busbw = algbw*{factor}; "
-        "speedup = native time / time",
+        f"#   time: max over ranks of the median; algbw = bytes/time; busbw = algbw*{factor}"
+        + (" -- at 1 rank that is 0 (no bytes move), so busbw = algbw here: a local copy, not a network; "
+           "mpirun -n 2 or more measures one" if meta["ranks"] == 1 else "") + "; speedup = native time / time",
         _WRONG[coll].format(tol=tol) + "memcpy: one rank copying the same bytes (the ceiling)",
         "#   p2p: ranks 0 and 1 ping-pong the same bytes, busbw = bytes / one-way time (the wire every "
         "algorithm here runs on)",

@@ -19,7 +19,7 @@ import signal
 
 import numpy as np
 
-from .. import __version__, backend, checkpoint, models, sync, units, watchdog
+from .. import __version__, backend, checkpoint, config, models, sync, threads, units, watchdog
 from ..faults import Faults
 from ..metrics import Timers
 from ..optim import LRSchedule, make_optimizer
@@ -57,8 +57,7 @@ class Run:
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool) -> None:
-        from ..data import ensure_dataset, open_dataset
-
+        from ..data import open_dataset
         from ..parallel.grid import Grid
 
         cfg, comm, t = self.cfg, self.comm, self.cfg.train
@@ -66,6 +65,7 @@ class Run:
         self.grid = Grid(comm, cfg.parallel.tp, cfg.parallel.pp)
         self.replica_comm = self.grid.dp_comm
         self.strategy = sync.make(cfg, self.grid.dp_comm)  # checks what every rank can check alone
+        threads.apply(comm, t.threads)  # before anything computes (the MFU peak too)
         if self.strategy.uses_watchdog:
             self.watchdog = watchdog.start(comm, cfg.comm.timeout_s, hint=self.resume_hint())
         dcomm = self.strategy.data_comm()
@@ -75,8 +75,7 @@ class Run:
             backend.select_device(dcomm, share=t.share_gpu)
             self.timers = Timers(sync=backend.synchronize)
         d = cfg.data
-        ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=t.seed,
-                       rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+        self._ensure_data()
         if dcomm is not None:
             self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed,
                                      window=cfg.model.block_size + 1)
@@ -111,7 +110,8 @@ class Run:
             ranks = self.grid.describe()
         log0(f"mpitrain {__version__}: {ranks}, {self.model.describe()}, "
              f"{self.train_rows} training {self.data_unit}, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
-             f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
+             f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, threads "
+             f"{threads.describe()}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
         if self.grid.pp * self.grid.tp > 1:
             self._log_layout()
@@ -171,6 +171,20 @@ class Run:
                 ["head"] if s == self.grid.pp - 1 else [])
             what.append("(" + " + ".join(extra) + ")")
         log0("layout (rank = (stage * dp + replica) * tp + tp slot):\n" + "\n".join(self.grid.table(what)))
+
+    def _ensure_data(self) -> None:
+        """data.path made on first use -- only where the job named its data set with that path (config.py)."""
+        from ..data import ensure_dataset
+
+        d, ok = self.cfg.data, config.may_make_builtin(self.cfg)
+        try:
+            ensure_dataset(d.path, d.dataset if ok else "", self.comm, shards=d.shards, seed=self.cfg.train.seed,
+                           rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+        except UserError as e:
+            if ok:
+                raise
+            raise UserError(f"{e} (nothing is made at a data.path the job did not name a data set with: check "
+                            "it for a typo, or name the set there with --set data.dataset=...)") from None
 
     def _data_info(self) -> None:
         """Every rank learns the data set's spec and sizes from a rank that reads training data."""
@@ -337,7 +351,7 @@ class Run:
             log0(f"note: {d} held the checkpoints of another run (run {prev['run_id']}, steps "
                  f"{', '.join(map(str, prev['steps']))}); moved them to {dest}. To continue that run: "
                  f"--set checkpoint.dir={dest} --resume")
-        checkpoint.claim(d, self.run_id, self.cfg.digest())
+        checkpoint.claim(d, self.run_id, self.cfg.digest(), job=config.to_toml(self.cfg))
         self._claimed = True
 
     # -------------------------------------------------------------- evaluation
