@@ -55,5 +55,5 @@ def test_print_config_prints_the_resolved_job_and_exits(tmp_path):
     assert job["train"]["lr"] == 0.01 and job["model"]["kind"] == "gpt" and job["train"]["threads"] == 0
     assert set(job) == set(config.SECTIONS) and all(set(job[s]) == {k.split(".")[1] for k in config.keys()
                                                                     if k.startswith(s + ".")} for s in job)
-    assert "# layout: 1 rank(s); a step = 8 windows/rank x 1 micro-step(s) x 1 rank(s) = 8 windows" in p.stdout
+    assert "# layout: 1 rank(s); a step = 8 windows/replica x 1 micro-step(s) x 1 replica(s) = 8 windows" in p.stdout
     assert list(tmp_path.iterdir()) == [], "nothing made, nothing trained"

@@ -258,3 +258,12 @@ def test_bad_tp_layouts_are_one_line(tmp_path, corpus, keys, message):
     p = _mpirun(2, _job(corpus, tmp_path / "bad", *keys), timeout=120)
     assert p.returncode != 0 and message in p.stderr, p.stdout + p.stderr
     assert "Traceback" not in p.stderr, p.stderr
+
+
+def test_print_config_layout_names_the_grid():
+    from mpitrain.train.effective import layout
+
+    cfg = config.load(ROOT / "jobs" / "gpt-tiny.toml", ["parallel.tp=2", "parallel.pp=2", "train.accum_steps=4"])
+    assert "8 rank(s) = dp 2 x pp 2 x tp 2, 1f1b over 4 micro-batches" in layout(cfg, 8)
+    assert "x 2 replica(s) = 64 windows" in layout(cfg, 8)
+    assert "does not divide them" in layout(cfg, 6)

@@ -13,9 +13,16 @@ def layout(cfg, ranks: int) -> str:
     per = "windows" if cfg.model.kind == "gpt" else "graphs" if cfg.model.kind in ("mpnn", "graph-mlp") else "samples"
     scope = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epochs"
     ps = " (comm.mode = \"ps\": some ranks serve, the rest train)" if cfg.comm.mode == "ps" else ""
-    return (f"# layout: {ranks} rank(s){ps}; a step = {t.batch_size} {per}/rank x {t.accum_steps} micro-step(s) x "
-            f"{ranks} rank(s) = {t.batch_size * t.accum_steps * ranks} {per}; {scope}; checkpoints in "
-            f"{cfg.checkpoint.dir}/ (with job.toml)")
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = ranks // (tp * pp) if ranks % (tp * pp) == 0 else 0
+    grid = ""
+    if tp * pp > 1:
+        grid = (f" = dp {dp} x pp {pp} x tp {tp}" if dp else f" (parallel.tp x parallel.pp = {tp * pp} does not divide "
+                f"them)") + (f", {cfg.parallel.schedule} over {t.accum_steps} micro-batches" if pp > 1 else "")
+    replicas = dp if tp * pp > 1 else ranks
+    return (f"# layout: {ranks} rank(s){grid}{ps}; a step = {t.batch_size} {per}/replica x {t.accum_steps} "
+            f"micro-step(s) x {replicas} replica(s) = {t.batch_size * t.accum_steps * replicas} {per}; {scope}; "
+            f"checkpoints in {cfg.checkpoint.dir}/ (with job.toml)")
 
 
 def print_config(cfg, comm) -> int:
