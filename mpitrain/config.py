@@ -103,6 +103,8 @@ class ParallelConfig:
     tp: int = 1                      # tensor-parallel ranks per stage (1 = off)
     pp: int = 1                      # pipeline stages (the model's blocks split across ranks); 1 = off
     schedule: str = "1f1b"           # pipeline schedule: 1f1b | gpipe
+    sequence: bool = False           # with tp > 1: sequence parallelism (activations split by rows outside
+                                     # attention and the MLP; reduce-scatter + all-gather for the all-reduces)
 
 
 @dataclass
@@ -344,6 +346,9 @@ def _exclusive(cfg: JobConfig, origins: dict) -> None:
 def _model_parallel(cfg: JobConfig, origins: dict) -> None:
     """What a pipeline or tensor parallelism does not combine with (yet): one line naming both keys."""
     pp, tp, t, c, m = cfg.parallel.pp, cfg.parallel.tp, cfg.train, cfg.comm, cfg.model
+    if cfg.parallel.sequence and tp == 1:
+        raise UserError(f"{origins.get('parallel.sequence', cfg.source)}: parallel.sequence = true needs "
+                        "parallel.tp > 1 (it splits tensor parallelism's activations); set parallel.tp or drop it")
     for key, n in (("parallel.pp", pp), ("parallel.tp", tp)):
         if n == 1:
             continue
@@ -358,7 +363,10 @@ def _model_parallel(cfg: JobConfig, origins: dict) -> None:
         if key == "parallel.pp":
             clash.append(("model.n_layer", m.n_layer, m.n_layer < pp, "every stage needs at least one block"))
         else:
-            clash += [("model.n_head", m.n_head, m.n_head % tp != 0, "each tp rank takes whole heads: make "
+            clash += [("model.block_size", m.block_size, cfg.parallel.sequence and m.block_size % tp != 0,
+                       "parallel.sequence splits the tokens of every window evenly: make model.block_size a "
+                       "multiple of parallel.tp"),
+                      ("model.n_head", m.n_head, m.n_head % tp != 0, "each tp rank takes whole heads: make "
                        "model.n_head a multiple of parallel.tp"),
                       ("model.n_embd", m.n_embd, (4 * m.n_embd) % tp != 0, "4 x model.n_embd (the MLP's width) "
                        "must be a multiple of parallel.tp")]

@@ -41,6 +41,30 @@ class Threads:
             return a
         return reduce
 
+    def rows(self, t):
+        def rows(N):  # the ring's partition: rank t holds chunk (t + 1) mod T (collectives.owned_chunk)
+            c = (t + 1) % self.T
+            return c * N // self.T, (c + 1) * N // self.T
+        return rows
+
+    def reduce_scatter(self, t):
+        total = self.allreduce(t)
+        return lambda a: total(a.copy())[slice(*self.rows(t)(a.shape[0]))].copy()
+
+    def allgather(self, t):
+        def gather(a_s, N):
+            self.slots[t] = a_s.copy()
+            self.bar.wait()
+            out = np.empty((N, a_s.shape[1]), a_s.dtype)
+            for k in range(self.T):
+                out[slice(*self.rows(k)(N))] = self.slots[k]
+            self.bar.wait()
+            return out
+        return gather
+
+    def tp(self, t, sequence=False):
+        return TP(self.T, t, self.allreduce(t), sequence, self.rows(t), self.reduce_scatter(t), self.allgather(t))
+
     def run(self, fn):
         out = [None] * self.T
         errors = []
@@ -62,9 +86,9 @@ class Threads:
         return out
 
 
-def _shards(T, dtype=np.float64, **kw):
+def _shards(T, dtype=np.float64, sequence=False, **kw):
     g = Threads(T)
-    return g, [GPT(**{**KW, **kw}, dtype=dtype, tp=TP(T, t, g.allreduce(t))) for t in range(T)]
+    return g, [GPT(**{**KW, **kw}, dtype=dtype, tp=g.tp(t, sequence)) for t in range(T)]
 
 
 @pytest.mark.parametrize("T", [2, 4])
@@ -112,12 +136,13 @@ def test_one_block_forward_and_backward_equal_the_whole_block(T, dtype):
 
 
 @pytest.mark.parametrize("T", [2, 4])
-@pytest.mark.parametrize("tie", [True, False])
-def test_whole_model_loss_and_every_gradient_match_tp1(T, tie):
+@pytest.mark.parametrize("tie,sequence", [(True, False), (False, False), (True, True)])
+def test_whole_model_loss_and_every_gradient_match_tp1(T, tie, sequence):
+    """Plain tensor parallelism and the sequence-parallel variant, against the whole model."""
     full = GPT(**KW, dtype=np.float64, tie_embeddings=tie)
     tok = np.random.default_rng(0).integers(0, 32, (3, 9))
     loss, _ = full.loss_and_grad((tok,))
-    g, parts = _shards(T, np.float64, tie_embeddings=tie)
+    g, parts = _shards(T, np.float64, sequence, tie_embeddings=tie)
     losses = g.run(lambda t: parts[t].loss_and_grad((tok,))[0])
     assert all(abs(x - loss) <= 1e-12 * abs(loss) for x in losses)
     for m in parts:
@@ -126,6 +151,21 @@ def test_whole_model_loss_and_every_gradient_match_tp1(T, tie):
     for name, _, _ in parts[0].tensors():  # replicated tensors: bitwise alike on every tp rank
         if parts[0].shard_index(name) is None:
             assert len({m.g[name].tobytes() for m in parts}) == 1, name
+
+
+def test_sequence_parallel_blocks_keep_fewer_activations():
+    """The caches backward needs: sequence parallelism keeps the LayerNorms' and residuals' rows split."""
+    from mpitrain.parallel.pipeline import _nbytes
+
+    tok = np.random.default_rng(0).integers(0, 32, (4, 9))
+    sizes = {}
+    for sequence in (False, True):
+        g, parts = _shards(2, np.float64, sequence)
+        out = g.run(lambda t: parts[t].stage_forward(tok[:, :-1], tok[:, 1:])[1])
+        sizes[sequence] = _nbytes(out[0][1])
+        losses = [o[2][0] for o in out]
+        assert losses[0] is not None
+    assert sizes[True] < sizes[False], sizes
 
 
 def test_the_split_is_refused_where_it_cannot_be_made():
@@ -221,7 +261,7 @@ def _close(a, b, rtol=1e-5):
             np.testing.assert_allclose(cb["optimizer"][k], v, rtol=1e-3, atol=1e-7, err_msg=k)
 
 
-def test_tp2_and_tp2_by_pp2_match_one_rank_and_resume_into_tp1(tmp_path, corpus):
+def test_tp2_tp2_by_pp2_and_sequence_parallel_match_one_rank_and_resume_into_tp1(tmp_path, corpus):
     one = _mpirun(1, _job(corpus, tmp_path / "one"))
     assert one.returncode == 0, one.stdout + one.stderr
     two = _mpirun(2, _job(corpus, tmp_path / "tp2", "parallel.tp=2"))
@@ -232,6 +272,9 @@ def test_tp2_and_tp2_by_pp2_match_one_rank_and_resume_into_tp1(tmp_path, corpus)
     assert four.returncode == 0, four.stdout + four.stderr
     assert "stage 1 (blocks 1-1 + head): ranks dp 0: 2,3" in four.stdout
     _close(tmp_path / "one", tmp_path / "tp2pp2")
+    seq = _mpirun(2, _job(corpus, tmp_path / "sp", "parallel.tp=2", "parallel.sequence=true"))
+    assert seq.returncode == 0, seq.stdout + seq.stderr
+    _close(tmp_path / "one", tmp_path / "sp")
     mix = tmp_path / "mix"  # tp = 2 for two steps, then tp = 1 to the end
     a = _mpirun(2, _job(corpus, mix, "parallel.tp=2", "train.max_steps=2"))
     b = _mpirun(1, [*_job(corpus, mix), "--resume"])
@@ -253,6 +296,8 @@ def test_tp2_by_dp2_on_four_ranks_matches_dp2(tmp_path, corpus):
     (["parallel.tp=4"], "does not divide the 2 rank(s)"),
     (["parallel.tp=2", "model.kind=\"mlp\"", "data.dataset=\"digits\""], "only the GPT"),
     (["parallel.tp=2", "train.zero=1"], "train.zero"),
+    (["parallel.sequence=true"], "needs parallel.tp > 1"),
+    (["parallel.tp=2", "parallel.sequence=true", "model.block_size=15"], "model.block_size"),
 ])
 def test_bad_tp_layouts_are_one_line(tmp_path, corpus, keys, message):
     p = _mpirun(2, _job(corpus, tmp_path / "bad", *keys), timeout=120)

@@ -49,6 +49,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gpt_layers as K
+from . import gpt_seq
 from .gpt_shard import TP, block_shapes, shard_index
 from .gpt_shard import check as _tp_check
 from .base import Model, grads_buffer
@@ -273,6 +274,8 @@ class GPT(Model):
 
     def _block(self, layer, h, B, T, keep):
         """One block's forward: h (N, C) -> h (N, C), and (with ``keep``) what its backward needs."""
+        if self.tp.sequence:
+            return gpt_seq.block_forward(self, layer, h, B, T, keep)
         xp, C, N = self.xp, self.n_embd, B * T
         q = lambda t: self.p[f"h{layer}.{t}"]  # noqa: E731
         ln1, c_ln1 = K.layernorm_forward(xp, h, q("ln1.w"), q("ln1.b"))               # (N, C)
@@ -317,13 +320,39 @@ class GPT(Model):
         g["wte"][...] = 0
         K.embedding_backward(xp, g["wte"], x.reshape(-1), dh)
 
+    def _blocks(self, h, B, T, layers, keep):
+        """h (N, C) through ``layers`` -> (h (N, C), their caches); with sequence parallelism the blocks
+        work on this rank's rows (models/gpt_seq.py), gathered back whole at the end."""
+        h, caches = self._rows(h), []
+        for layer in layers:
+            h, cache = self._block(layer, h, B, T, keep)
+            caches.append(cache)
+        return self._whole(h, B * T), caches
+
+    def _blocks_backward(self, dh, caches, B, T, layers, ready=None):
+        """dh (N, C) at the last of ``layers``' output -> at the first one's input; ``ready(i)`` after each."""
+        dh = self._rows(dh)
+        for i, (layer, cache) in enumerate(zip(reversed(layers), reversed(caches))):
+            dh = self._block_backward(layer, dh, cache, B, T)
+            caches[len(caches) - 1 - i] = None
+            if ready is not None:
+                ready(i)
+        return self._whole(dh, B * T)
+
+    def _rows(self, h):
+        """This rank's rows of h (sequence parallelism), else h."""
+        if not self.tp.sequence:
+            return h
+        lo, hi = self.tp.rows(h.shape[0])
+        return h[lo:hi].copy()
+
+    def _whole(self, h_s, N):
+        return self.tp.allgather(h_s, N) if self.tp.sequence else h_s
+
     def _forward(self, x, keep):
         """x (B, T) int -> logits (B*T, V) and, with ``keep``, the per-layer caches (the whole model)."""
         B, T = x.shape
-        h, caches = self._embed(x), []
-        for layer in range(self.n_layer):
-            h, cache = self._block(layer, h, B, T, keep)
-            caches.append(cache)
+        h, caches = self._blocks(self._embed(x), B, T, range(self.n_layer), keep)
         logits, ctx = self._head(h)
         return logits, (caches, ctx)
 
@@ -349,11 +378,8 @@ class GPT(Model):
         del z
         if on_grad_ready is not None:
             on_grad_ready(self.ready[0])
-        for i, layer in enumerate(reversed(range(self.n_layer))):
-            dh = self._block_backward(layer, dh, caches[layer], B, T)
-            caches[layer] = None
-            if on_grad_ready is not None:
-                on_grad_ready(self.ready[i + 1])
+        hook = None if on_grad_ready is None else (lambda i: on_grad_ready(self.ready[i + 1]))
+        dh = self._blocks_backward(dh, caches, B, T, range(self.n_layer), hook)
         self._embed_backward(x, dh)
         if self.tie and not keep_apart:
             self.g["wte"] += self.g_head
@@ -363,6 +389,8 @@ class GPT(Model):
 
     def _block_backward(self, layer, dh, cache, B, T):
         """dh (N, C) at the block's output -> dh at its input; the block's grads written."""
+        if self.tp.sequence:
+            return gpt_seq.block_backward(self, layer, dh, cache, B, T)
         xp, C = self.xp, self.n_embd
         q = lambda t: self.p[f"h{layer}.{t}"]  # noqa: E731
         d = lambda t: self.g[f"h{layer}.{t}"]  # noqa: E731
@@ -396,10 +424,7 @@ class GPT(Model):
         else:
             x, (B, T, _) = None, inp.shape
             h = inp.reshape(B * T, self.n_embd)
-        caches = []
-        for layer in range(part.lo, part.hi):
-            h, cache = self._block(layer, h, B, T, keep)
-            caches.append(cache)
+        h, caches = self._blocks(h, B, T, range(part.lo, part.hi), keep)
         if not part.head:
             return h.reshape(B, T, self.n_embd), (x, caches, None, None)
         z, hctx = self._head(h)
@@ -419,8 +444,7 @@ class GPT(Model):
         else:
             B, T, _ = dout.shape
             dh = dout.reshape(B * T, self.n_embd)
-        for layer, cache in zip(reversed(range(self.part.lo, self.part.hi)), reversed(caches)):
-            dh = self._block_backward(layer, dh, cache, B, T)
+        dh = self._blocks_backward(dh, caches, B, T, range(self.part.lo, self.part.hi))
         if self.part.embed:
             self._embed_backward(x, dh)
             return None

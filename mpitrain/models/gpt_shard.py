@@ -23,10 +23,16 @@ from typing import Callable, NamedTuple
 
 class TP(NamedTuple):
     """This rank's tensor-parallel slot: ``size`` ranks, this is ``rank``; ``allreduce(a)`` sums ``a`` in place
-    over the tp group and returns it (identical bits on every tp rank)."""
+    over the tp group and returns it (identical bits on every tp rank). Sequence parallelism
+    (models/gpt_seq.py) adds ``rows(N)`` -> this rank's [lo, hi) of N rows, ``reduce_scatter(a (N, C))`` -> the
+    sum's rows of this rank (N/t, C), ``allgather(a_s (N/t, C), N)`` -> every rank's rows (N, C)."""
     size: int = 1
     rank: int = 0
     allreduce: Callable | None = None
+    sequence: bool = False
+    rows: Callable | None = None
+    reduce_scatter: Callable | None = None
+    allgather: Callable | None = None
 
 
 SHARDED = ("attn_qkv.w", "attn_qkv.b", "attn_proj.w", "mlp_fc.w", "mlp_fc.b", "mlp_proj.w")

@@ -122,7 +122,48 @@ class Run:
             return None
         from ..models.gpt_shard import TP
 
-        return TP(self.grid.tp, self.grid.tp_rank, self._tp_allreduce)
+        if not self.cfg.parallel.sequence:
+            return TP(self.grid.tp, self.grid.tp_rank, self._tp_allreduce)
+        return TP(self.grid.tp, self.grid.tp_rank, self._tp_allreduce, True, self._tp_rows, self._tp_reduce_scatter,
+                  self._tp_allgather)
+
+    def _tp_rows(self, N: int) -> tuple[int, int]:
+        """This tp rank's rows of N (sequence parallelism): the ring's chunk of the N x C elements."""
+        from ..collectives import owned_chunk
+
+        C = self.cfg.model.n_embd
+        lo, hi = owned_chunk(N * C, self.grid.tp, self.grid.tp_rank)
+        if lo % C or hi % C:
+            raise ValueError(f"{N} rows do not split evenly over {self.grid.tp} tp ranks")
+        return lo // C, hi // C
+
+    def _tp_timed(self, fn, nbytes: float):
+        import time
+
+        t0 = time.perf_counter()
+        out = fn()
+        self.tp_comm_s += time.perf_counter() - t0
+        self.tp_bytes += (self.grid.tp - 1) / self.grid.tp * nbytes
+        return out
+
+    def _tp_reduce_scatter(self, a):
+        """(N, C) partial sums -> this rank's rows of their sum (a new (N/t, C) array)."""
+        from ..collectives import reduce_scatter
+
+        C = a.shape[1]
+        chunk = self._tp_timed(lambda: reduce_scatter(a.reshape(-1), self.grid.tp_comm, op="sum", algorithm="ring"),
+                               a.nbytes)
+        return chunk.reshape(-1, C).copy()
+
+    def _tp_allgather(self, a_s, N: int):
+        """This rank's rows (N/t, C) -> every rank's (N, C)."""
+        from ..collectives import allgather
+
+        whole = self.xp.empty((N, a_s.shape[1]), dtype=a_s.dtype)
+        lo, hi = self._tp_rows(N)
+        whole[lo:hi] = a_s
+        return self._tp_timed(lambda: allgather(whole.reshape(-1), self.grid.tp_comm, algorithm="ring"),
+                              whole.nbytes).reshape(N, -1)
 
     def _tp_allreduce(self, a):
         """Sum ``a`` in place over the tp group with the project's all-reduce (bitwise alike on every tp
