@@ -72,7 +72,8 @@ class Run:
         self.backend = self.strategy.backend(t.backend)
         self.xp = backend.get_xp(self.backend)
         if self.backend == "cupy":
-            backend.select_device(dcomm, share=t.share_gpu)
+            # one GPU per rank of the node: with a grid every rank computes (each stage and tp slot its own)
+            backend.select_device(comm if self.grid.pp * self.grid.tp > 1 else dcomm, share=t.share_gpu)
             self.timers = Timers(sync=backend.synchronize)
         d = cfg.data
         self._ensure_data()
