@@ -290,6 +290,19 @@ def test_pp2_run_equals_accumulation_and_resumes_across_layouts(tmp_path, corpus
     _same(tmp_path / "one", mix)
 
 
+@pytest.mark.parametrize("fault,code", [("1:3:kill", None), ("0:1:usr1", 75)])
+def test_pp2_killed_or_signalled_resumes_bitwise(tmp_path, corpus, fault, code):
+    """A pipeline killed (rank 1, mid-step 3: the step-2 checkpoint is left) or stopped by SIGUSR1 (a
+    checkpoint at once, exit 75) resumes in the same layout and ends bitwise where an uninterrupted run ends."""
+    whole = _mpirun(2, _job(corpus, tmp_path / "whole", "parallel.pp=2"))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    cut = _mpirun(2, _job(corpus, tmp_path / "cut", "parallel.pp=2"), env={"MPITRAIN_FAULT": fault})
+    assert cut.returncode != 0 and (code is None or cut.returncode == code), cut.stdout + cut.stderr
+    again = _mpirun(2, [*_job(corpus, tmp_path / "cut", "parallel.pp=2"), "--resume"])
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stdout + again.stderr
+    _same(tmp_path / "whole", tmp_path / "cut")
+
+
 def test_dp2_by_pp2_on_four_ranks_equals_dp2(tmp_path, corpus):
     two = _mpirun(2, _job(corpus, tmp_path / "dp2", "train.max_steps=2"))
     assert two.returncode == 0, two.stdout + two.stderr
