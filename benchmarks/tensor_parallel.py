@@ -8,8 +8,10 @@ the cost model, in one run.
   1. rank 0 alone: the whole GPT's forward + backward on one batch (the other ranks wait quietly): tp = 1;
   2. every rank: the same batch through its tp slice, the f/g all-reduces on the project's ring over all
      ranks, each timed: the step, the exposed all-reduce time, the bytes;
-  3. the cost model, fitted here and now: one-way ping-pong -> (alpha, beta), np.add -> gamma; the ring's
-     2(p-1)·s·alpha + 2(p-1)/p·n·beta + (p-1)/p·n·gamma per all-reduce of n = B·T·C·4 bytes, 4·L per step.
+  3. the cost model, fitted here and now: the ring all-reduce timed alone at n/8, n/4, n/2 and 2n
+     (n = B·T·C·4 bytes) and t = a + b·n fitted to it predicts each of the step's 4·L all-reduces of n;
+     the wire floor beside it: one-way ping-pong -> (alpha, beta), np.add -> gamma in the ring's
+     2(p-1)·s·alpha + 2(p-1)/p·n·beta + (p-1)/p·n·gamma.
 Speed-up against the ideal p (compute split p ways, all-reduces free); bytes per step against 4·L·B·T·C·4
 (payload: 2 all-reduces forward, 2 backward per block), times 2(p-1)/p on the wire per rank.
 """
@@ -31,6 +33,27 @@ from mpitrain.perf.fit import fit_alpha_beta, fit_gamma
 from mpitrain.perf.formulas import ring_segments, ring_time
 from mpitrain.perf.measure import measure_pingpong, measure_reduce
 from mpitrain.runtime import get_comm, log0
+
+
+_FLUSH = None
+
+
+def _ring_alone(comm, nbytes, reps=15) -> float:
+    """Median seconds of the project's ring all-reduce of ``nbytes`` float32 alone, each after a barrier and
+    after 32 MiB of other writes (in a step the matmuls between all-reduces leave the caches as cold)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = np.zeros(8 << 20, np.float32)
+    buf = np.ones(nbytes // 4, np.float32)
+    ts = []
+    for _ in range(reps):
+        _FLUSH += 1.0
+        comm.Barrier()
+        t0 = time.perf_counter()
+        allreduce(buf, comm, op="sum", algorithm="ring")
+        ts.append(time.perf_counter() - t0)
+        buf[...] = 1
+    return comm.allreduce(statistics.median(ts), op=MPI.MAX)
 
 
 def _step_time(model, tok, steps):
@@ -74,9 +97,11 @@ def main(argv=None) -> int:
         return a
 
     part = GPT(**kw, tp=TP(p, r, reduce))
+    part.loss_and_grad((tok,))  # warm-up (the first all-reduce sets up its scratch: tens of ms)
+    spent[0] = waited[0] = calls[0] = payload[0] = 0
     comm.Barrier()
-    step = _step_time(part, tok, args.steps)
-    per_step = 1 + args.steps
+    step = _step_time(part, tok, args.steps - 1)
+    per_step = args.steps
     comm_s, ncalls, nbytes = spent[0] / per_step, calls[0] // per_step, payload[0] // per_step
     wait_s = waited[0] / per_step
     step, comm_s = comm.allreduce(step, op=MPI.MAX), comm.allreduce(comm_s, op=MPI.MAX)
@@ -86,12 +111,15 @@ def main(argv=None) -> int:
     sizes = [n // 16, n // 4, n]
     alpha, beta = fit_alpha_beta(sizes, measure_pingpong(comm, sizes))
     gamma, _ = fit_gamma(sizes, measure_reduce(comm, sizes))
-    predicted = ncalls * ring_time(n, p, alpha, beta, gamma, ring_segments(n, p))
+    floor = ncalls * ring_time(n, p, alpha, beta, gamma, ring_segments(n, p))
+    fit_sizes = [n // 8, n // 4, n // 2, 2 * n]
+    a, b = fit_alpha_beta(fit_sizes, [_ring_alone(comm, k) for k in fit_sizes])
+    predicted = ncalls * (a + b * n)
     formula = 4 * args.layers * n
     row = {"ranks": p, "args": vars(args), "tp1_step_s": whole, "tp_step_s": step, "speedup": whole / step,
            "allreduce_calls": ncalls, "allreduce_s": comm_s, "wait_s": wait_s, "predicted_allreduce_s": predicted,
            "payload_bytes": nbytes, "payload_formula": formula, "wire_bytes_per_rank": nbytes * 2 * (p - 1) / p,
-           "alpha": alpha, "beta": beta, "gamma": gamma}
+           "wire_floor_s": floor, "ring_fit": [a, b], "alpha": alpha, "beta": beta, "gamma": gamma}
     log0(f"GPT {args.layers}L {args.embd}C {args.heads}H ctx {args.ctx}, batch {args.batch}: one step (forward + "
          f"backward), medians of {args.steps}")
     log0(f"  tp = 1 on 1 rank  {whole * 1e3:8.1f} ms")
@@ -101,7 +129,9 @@ def main(argv=None) -> int:
          "load imbalance, not the wire)")
     log0(f"  all-reduces       {ncalls} of {n / 2**20:.2f} MiB: {comm_s * 1e3:.1f} ms measured, "
          f"{predicted * 1e3:.1f} ms predicted by the ring's cost model (measured/predicted {comm_s / predicted:.2f}; "
-         f"alpha {alpha * 1e6:.1f} us, {1 / beta / 1e9:.2f} GB/s, gamma {1 / gamma / 1e9:.2f} GB/s)")
+         f"fitted alone: {a * 1e6:.0f} us + n / {1 / b / 1e9:.2f} GB/s)")
+    log0(f"  wire floor        {floor * 1e3:.1f} ms (ping-pong alpha {alpha * 1e6:.1f} us, {1 / beta / 1e9:.2f} GB/s, "
+         f"add {1 / gamma / 1e9:.2f} GB/s in the ring's formula)")
     log0(f"  bytes per step    {nbytes:,} payload = 4·L·B·T·C·4 = {formula:,} ({nbytes == formula}); on the wire "
          f"{nbytes * 2 * (p - 1) / p:,.0f} per rank (x 2(p-1)/p)")
     log0(f"  compute share     {(step - comm_s - wait_s) * 1e3:.1f} ms = {(step - comm_s - wait_s) / whole:.0%} of tp = 1's "
