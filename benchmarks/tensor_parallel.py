@@ -56,6 +56,36 @@ def _ring_alone(comm, nbytes, reps=15) -> float:
     return comm.allreduce(statistics.median(ts), op=MPI.MAX)
 
 
+def _sequence_slot(comm, reduce, C):
+    """The TP slot with sequence parallelism: rows, reduce-scatter and all-gather on the ring (as a run's)."""
+    from mpitrain.collectives import allgather, owned_chunk, reduce_scatter
+
+    p, r = comm.Get_size(), comm.Get_rank()
+
+    def rows(N):
+        lo, hi = owned_chunk(N * C, p, r)
+        return lo // C, hi // C
+
+    def rs(a):
+        return reduce_scatter(a.reshape(-1), comm, op="sum", algorithm="ring").reshape(-1, C).copy()
+
+    def ag(a_s, N):
+        whole = np.empty((N, C), a_s.dtype)
+        lo, hi = rows(N)
+        whole[lo:hi] = a_s
+        return allgather(whole.reshape(-1), comm, algorithm="ring").reshape(N, C)
+
+    return TP(p, r, reduce, True, rows, rs, ag)
+
+
+def _activation_bytes(model, tok) -> int:
+    """Bytes of what backward keeps for one batch (every block's caches and the head's)."""
+    from mpitrain.parallel.pipeline import _nbytes
+
+    _, ctx = model.stage_forward(tok[:, :-1], tok[:, 1:])
+    return _nbytes(ctx)
+
+
 def _step_time(model, tok, steps):
     times = []
     for _ in range(steps + 1):
@@ -107,6 +137,13 @@ def main(argv=None) -> int:
     step, comm_s = comm.allreduce(step, op=MPI.MAX), comm.allreduce(comm_s, op=MPI.MAX)
     wait_s = comm.allreduce(wait_s, op=MPI.MAX)
 
+    plain_act = _activation_bytes(part, tok)
+    seq = GPT(**kw, tp=_sequence_slot(comm, lambda a: allreduce(a, comm, op="sum", algorithm="ring"), args.embd))
+    seq_act = _activation_bytes(seq, tok)
+    seq_step = comm.allreduce(_step_time(seq, tok, args.steps), op=MPI.MAX)
+    whole_act = _activation_bytes(GPT(**kw), tok) if r == 0 else None
+    whole_act = comm.bcast(whole_act, root=0)
+
     n = args.batch * args.ctx * args.embd * 4
     sizes = [n // 16, n // 4, n]
     alpha, beta = fit_alpha_beta(sizes, measure_pingpong(comm, sizes))
@@ -119,6 +156,7 @@ def main(argv=None) -> int:
     row = {"ranks": p, "args": vars(args), "tp1_step_s": whole, "tp_step_s": step, "speedup": whole / step,
            "allreduce_calls": ncalls, "allreduce_s": comm_s, "wait_s": wait_s, "predicted_allreduce_s": predicted,
            "payload_bytes": nbytes, "payload_formula": formula, "wire_bytes_per_rank": nbytes * 2 * (p - 1) / p,
+           "activation_bytes": {"tp1": whole_act, "tp": plain_act, "sequence": seq_act}, "sequence_step_s": seq_step,
            "wire_floor_s": floor, "ring_fit": [a, b], "alpha": alpha, "beta": beta, "gamma": gamma}
     log0(f"GPT {args.layers}L {args.embd}C {args.heads}H ctx {args.ctx}, batch {args.batch}: one step (forward + "
          f"backward), medians of {args.steps}")
@@ -136,6 +174,9 @@ def main(argv=None) -> int:
          f"{nbytes * 2 * (p - 1) / p:,.0f} per rank (x 2(p-1)/p)")
     log0(f"  compute share     {(step - comm_s - wait_s) * 1e3:.1f} ms = {(step - comm_s - wait_s) / whole:.0%} of tp = 1's "
          f"(ideal {1 / p:.0%}: replicated LayerNorms, embeddings and head)")
+    log0(f"  activations kept  {whole_act / 2**20:.1f} MiB at tp = 1, {plain_act / 2**20:.1f} MiB per rank at tp = {p}, "
+         f"{seq_act / 2**20:.1f} MiB with parallel.sequence ({seq_act / plain_act:.0%} of plain tp); sequence-parallel "
+         f"step {seq_step * 1e3:.1f} ms")
     if args.json and r == 0:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=1)
