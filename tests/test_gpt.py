@@ -385,24 +385,16 @@ def test_mpi_gpt_buckets_with_accumulation_match_one_allreduce(comm):
 # ---------------------------------------------------------------------------------- end to end
 
 def _mpirun(n, args, cwd, env=None, timeout=240):
-    import os
-    import subprocess
-    import sys
+    from conftest import run_mpitrain
 
-    from conftest import MPIRUN
-
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", *args], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_mpitrain(n, args, env, timeout, cwd)
 
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    from mpitrain.data import make_pycode
+    from conftest import make_corpus
 
-    d = tmp_path_factory.mktemp("pycode") / "pc"
-    make_pycode(d, shards=2, max_bytes=150_000)
-    return d
+    return make_corpus(tmp_path_factory, 150_000)
 
 
 def _tiny_job(corpus, ckpt, *extra):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_mpitrain
 
 from mpitrain import config
 from mpitrain.models.gpt import GPT
@@ -221,25 +222,7 @@ def test_tp_over_the_ranks_trains_like_one_rank(comm, dtype):
 
 # ------------------------------------------------------------------------------- end to end
 
-def _mpirun(n, args, timeout=240, env=None):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import MPIRUN
-
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from mpitrain.data import make_pycode
-
-    d = tmp_path_factory.mktemp("pycode") / "pc"
-    make_pycode(d, shards=2, max_bytes=120_000)
-    return d
+_mpirun = run_mpitrain
 
 
 def _job(corpus, ckpt, *extra):
