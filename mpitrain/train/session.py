@@ -25,6 +25,7 @@ from ..metrics import Timers
 from ..optim import LRSchedule, make_optimizer
 from ..runtime import UserError, agree, agree_config, log0
 from .control import GradPolicy, StopFlag
+from .model_parallel import ModelParallel
 from .results import Results, optimizer_bytes
 
 
@@ -48,7 +49,7 @@ class Run:
         self.data = self.model = self.opt = self.schedule = None
         self.strategy = None
         self.grid = self.pipeline = None  # the process grid (parallel/grid.py); this rank's pipeline stage
-        self.tp_comm_s = self.tp_bytes = 0.0  # tensor parallelism's all-reduces (time, bytes sent)
+        self.mp = None                    # this rank's share of the model on the grid (model_parallel.py)
         self.replica_comm = comm          # the ranks that hold the same parameters (the dp group)
         self.total_bytes = 0.0
         self.last_test = (float("nan"), float("nan"))  # the newest evaluation (also read back on resume)
@@ -81,9 +82,10 @@ class Run:
             self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed,
                                      window=cfg.model.block_size + 1)
         self._data_info()
+        self.mp = ModelParallel(cfg, self.grid, self.xp, cfg.model.vocab_size or getattr(self.spec, "vocab_size", 0))
         with models.grads_allocator(self.strategy.grads_allocator(self.backend)):  # (shm: node-shared grads)
             self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed,
-                                      part=self._stage_part(), tp=self._tp_slot())
+                                      part=self.mp.part(), tp=self.mp.tp_slot())
         self.policy.bind(self.model, self.grid.mp_comm)
         self._lm_setup()
         self.strategy.bind(self)
@@ -115,104 +117,7 @@ class Run:
              f"{threads.describe()}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
         if self.grid.pp * self.grid.tp > 1:
-            self._log_layout()
-
-    def _tp_slot(self):
-        """This rank's tensor-parallel slot and the all-reduce it hands the model (None: tp = 1)."""
-        if self.grid.tp == 1:
-            return None
-        from ..models.gpt_shard import TP
-
-        if not self.cfg.parallel.sequence:
-            return TP(self.grid.tp, self.grid.tp_rank, self._tp_allreduce)
-        return TP(self.grid.tp, self.grid.tp_rank, self._tp_allreduce, True, self._tp_rows, self._tp_reduce_scatter,
-                  self._tp_allgather)
-
-    def _tp_rows(self, N: int) -> tuple[int, int]:
-        """This tp rank's rows of N (sequence parallelism): the ring's chunk of the N x C elements."""
-        from ..collectives import owned_chunk
-
-        C = self.cfg.model.n_embd
-        lo, hi = owned_chunk(N * C, self.grid.tp, self.grid.tp_rank)
-        if lo % C or hi % C:
-            raise ValueError(f"{N} rows do not split evenly over {self.grid.tp} tp ranks")
-        return lo // C, hi // C
-
-    def _tp_timed(self, fn, nbytes: float):
-        import time
-
-        t0 = time.perf_counter()
-        out = fn()
-        self.tp_comm_s += time.perf_counter() - t0
-        self.tp_bytes += (self.grid.tp - 1) / self.grid.tp * nbytes
-        return out
-
-    def _tp_reduce_scatter(self, a):
-        """(N, C) partial sums -> this rank's rows of their sum (a new (N/t, C) array)."""
-        from ..collectives import reduce_scatter
-
-        C = a.shape[1]
-        chunk = self._tp_timed(lambda: reduce_scatter(a.reshape(-1), self.grid.tp_comm, op="sum", algorithm="ring"),
-                               a.nbytes)
-        return chunk.reshape(-1, C).copy()
-
-    def _tp_allgather(self, a_s, N: int):
-        """This rank's rows (N/t, C) -> every rank's (N, C)."""
-        from ..collectives import allgather
-
-        whole = self.xp.empty((N, a_s.shape[1]), dtype=a_s.dtype)
-        lo, hi = self._tp_rows(N)
-        whole[lo:hi] = a_s
-        return self._tp_timed(lambda: allgather(whole.reshape(-1), self.grid.tp_comm, algorithm="ring"),
-                              whole.nbytes).reshape(N, -1)
-
-    def _tp_allreduce(self, a):
-        """Sum ``a`` in place over the tp group with the project's all-reduce (bitwise alike on every tp
-        rank); its time and bytes are counted apart (``tp_comm_s``, ``tp_bytes``)."""
-        import time
-
-        from ..collectives import allreduce
-
-        algorithm = self.cfg.comm.algorithm
-        if algorithm in ("shm", "hier"):  # (shm reduces node-shared windows; activations are plain memory)
-            algorithm = "ring"
-        t0 = time.perf_counter()
-        allreduce(a, self.grid.tp_comm, op="sum", algorithm=algorithm)
-        self.tp_comm_s += time.perf_counter() - t0
-        self.tp_bytes += 2.0 * (self.grid.tp - 1) / self.grid.tp * a.nbytes
-        return a
-
-    def _stage_part(self):
-        """The blocks this rank's pipeline stage holds (parallel/stages.py), or None without a pipeline."""
-        pp = self.grid.pp
-        self.stage_splits = [(0, self.cfg.model.n_layer)]
-        if pp == 1:
-            return None
-        from ..models.gpt import Part
-        from ..parallel.stages import split_blocks
-
-        m = self.cfg.model
-        if m.n_layer < pp:
-            raise UserError(f"parallel.pp = {pp} > model.n_layer = {m.n_layer}: every stage needs at least one block")
-        self.stage_splits = split_blocks(m.n_layer, pp, *self._piece_costs())
-        lo, hi = self.stage_splits[self.grid.pp_rank]
-        return Part(lo, hi, self.grid.first, self.grid.last)
-
-    def _piece_costs(self):
-        """(block, first, last) relative costs for balancing: one block's FLOPs, the embeddings', the head's."""
-        m = self.cfg.model
-        C, V, T = m.n_embd, m.vocab_size or self.spec.vocab_size, m.block_size
-        block = 72.0 * C * C + 12.0 * T * C
-        return block, 6.0 * C, 6.0 * V * C + 15.0 * V
-
-    def _log_layout(self) -> None:
-        """Which global ranks hold which stage (and its blocks), per dp replica."""
-        what = []
-        for s, (lo, hi) in enumerate(self.stage_splits):
-            extra = (["embeddings"] if s == 0 else []) + [f"blocks {lo}-{hi - 1}"] + (
-                ["head"] if s == self.grid.pp - 1 else [])
-            what.append("(" + " + ".join(extra) + ")")
-        log0("layout (rank = (stage * dp + replica) * tp + tp slot):\n" + "\n".join(self.grid.table(what)))
+            self.mp.log()
 
     def _ensure_data(self) -> None:
         """data.path made on first use -- only where the job named its data set with that path (config.py)."""
@@ -412,7 +317,8 @@ class Run:
                 continue
             ls, c = self.model.evaluate(batch)
             loss_sum, correct, count = loss_sum + ls, correct + c, count + self.model.count(batch)
-        sent = self.strategy.sent_bytes + self.tp_bytes + (self.pipeline.sent_bytes if self.pipeline is not None else 0.0)
+        sent = self.strategy.sent_bytes + (self.mp.bytes if self.mp is not None else 0.0) + (
+            self.pipeline.sent_bytes if self.pipeline is not None else 0.0)
         tot = np.array([loss_sum, correct, count, sent], dtype=np.float64)
         if comm.Get_size() > 1:
             from mpi4py import MPI
