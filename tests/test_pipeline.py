@@ -256,8 +256,13 @@ def test_pp2_run_equals_accumulation_and_resumes_across_layouts(tmp_path, corpus
     one = _mpirun(1, _job(corpus, tmp_path / "one"))
     assert one.returncode == 0, one.stdout + one.stderr
     for sched in ("1f1b", "gpipe"):
-        two = _mpirun(2, _job(corpus, tmp_path / sched, "parallel.pp=2", f'parallel.schedule="{sched}"'))
+        out = tmp_path / f"{sched}.json"
+        two = _mpirun(2, [*_job(corpus, tmp_path / sched, "parallel.pp=2", f'parallel.schedule="{sched}"'),
+                          "--metrics-out", str(out)])
         assert two.returncode == 0, two.stdout + two.stderr
+        grid = __import__("json").loads(out.read_text())["grid"]
+        assert grid["pp"] == 2 and grid["schedule"] == sched and grid["peak_stash"] == (4 if sched == "gpipe" else 2)
+        assert grid["sent_by_kind"]["activation"] == 4 * 4 * 2 * 16 * 16 * 4, "4 steps x M = 4 activations of B·T·C·4 bytes (stage 0 sends them)"
         assert "dp 1 x pp 2 x tp 1" in two.stdout and "stage 1 (blocks" in two.stdout and "bubble 20%" in two.stdout
         evals = [[ln.split("val loss")[1][:8] for ln in r.stdout.splitlines() if ln.startswith("step ") and "val loss" in ln]
                  for r in (one, two)]

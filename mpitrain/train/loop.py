@@ -286,6 +286,14 @@ class Loop:
         extra = {}
         if hasattr(run.model, "flops_per_token"):  # a language model: per-token numbers (results.py)
             extra = run.results.lm_metrics(self.test, self.rates(), getattr(run.spec, "vocab_size", 0))
+        g = run.grid
+        if g is not None and g.pp * g.tp > 1:  # the layout, and rank 0's share of its traffic
+            extra["grid"] = {"dp": g.dp, "pp": g.pp, "tp": g.tp, "sequence": self.cfg.parallel.sequence,
+                             "tp_comm_s": run.mp.comm_s, "tp_bytes": run.mp.bytes}
+            if run.pipeline is not None:
+                p = run.pipeline
+                extra["grid"].update(schedule=p.schedule, micro_batches=p.m, predicted_bubble=p.bubble,
+                                     peak_stash=p.peak_stash, peak_stash_bytes=p.peak_stash_bytes, sent_by_kind=p.sent)
         return run.results.metrics(
             test=self.test, epochs=run.epoch, steps=run.step, ranks=run.size, samples=self.samples,
             comm_fraction=run.timers.fraction("comm"), timers=run.timers.totals(), skipped=run.policy.skipped,
