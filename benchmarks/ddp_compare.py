@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JOB = ROOT / "jobs" / "synthetic.toml"
 # a smaller variant of the synthetic job (same widths and batch): one epoch of 16 Ki rows
 DEFAULT_SET = ["data.path=data/bench/synthetic-16k", "data.rows=16384", "train.epochs=1",
-               "checkpoint.every=0"]
+               "checkpoint.every=0", "data.dataset=synthetic"]
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 

@@ -74,7 +74,7 @@ def _train(n, job, data, out, sets=()):
 
     t0 = time.perf_counter()
     try:
-        m = train_run(n, [f"data.path={data}", f"checkpoint.dir={out}/ck-{job}-{n}", "checkpoint.every=0", *sets],
+        m = train_run(n, [f"data.path={data}", "data.dataset=graphs", f"checkpoint.dir={out}/ck-{job}-{n}", "checkpoint.every=0", *sets],
                       Path(f"{out}/m.json"), job=ROOT / "jobs" / job, what=f"{job} on {n} rank(s)")
     except UserError as e:
         sys.exit(str(e))

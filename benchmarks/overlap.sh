@@ -2,7 +2,7 @@
 # Gradient buckets overlapped with backprop vs one all-reduce after it (docs/benchmarks.md).
 # Run from anywhere; uses the repo venv. Prints samples/s and per-step ms (wall, exposed comm, compute).
 cd "$(dirname "$0")/.."
-S="--set data.path=data/bench/synthetic-16k --set data.rows=16384 --set train.epochs=1 --set checkpoint.every=0 --set comm.algorithm=ring"
+S="--set data.path=data/bench/synthetic-16k --set data.dataset=synthetic --set data.rows=16384 --set train.epochs=1 --set checkpoint.every=0 --set comm.algorithm=ring"
 for rep in 1 2; do
 for n in 2 4; do
   for cfg in "none:--set comm.bucket_bytes=0" "progress:--set comm.bucket_bytes=4194304 --set comm.overlap=progress" "thread:--set comm.bucket_bytes=4194304 --set comm.overlap=thread"; do

@@ -94,10 +94,10 @@ def pipeline_run(args, grid, schedule, m, steps):
         pipe.step(micro)
         grid.pp_comm.Barrier()
         times.append(time.perf_counter() - t0)
-    sent0 = pipe.sent_bytes / (steps + 1)
+    sent = grid.pp_comm.allreduce(pipe.sent["activation"] + pipe.sent["gradient"]) / (steps + 1) / (grid.pp - 1)
     spans = grid.pp_comm.gather([(grid.pp_rank, *sp) for sp in rec.spans], root=0)
     stash = grid.pp_comm.gather((pipe.peak_stash, pipe.peak_stash_bytes), root=0)
-    return float(np.median(times[1:])), spans, stash, sent0, pipe.check
+    return float(np.median(times[1:])), spans, stash, sent, pipe.check
 
 
 def main(argv=None) -> int:
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             row = {"schedule": schedule, "M": m, "step_s": secs, "whole_step_s": whole, "speedup": whole / secs,
                    "ideal": ideal, "bubble": sched.bubble(p, m), "idle": idle,
                    "stash": [s for s, _ in stash], "stash_bytes": [b for _, b in stash], "stash_bound": bound,
-                   "bytes_stage0": sent, "boundary_formula": boundary}
+                   "bytes_per_boundary": sent, "boundary_formula": boundary}
             rows.append(row)
             if schedule == "1f1b":
                 last_spans = flat

@@ -10,7 +10,7 @@ BASE=${1:-main}
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 git archive "$BASE" mpitrain | tar -x -C "$T"
-SYN="jobs/synthetic.toml --set data.path=data/bench/synthetic-8k --set data.rows=8192 --set train.epochs=1"
+SYN="jobs/synthetic.toml --set data.path=data/bench/synthetic-8k --set data.dataset=synthetic --set data.rows=8192 --set train.epochs=1"
 GPT="jobs/gpt-tiny.toml --set train.eval_every=0"
 for rep in 1 2; do
 for job in syn gpt; do

@@ -33,7 +33,8 @@ from mpitrain.compare import train_run  # noqa: E402  (mpirun ... train --metric
 from mpitrain.runtime import UserError  # noqa: E402
 DEFAULT_JOB = ROOT / "jobs" / "synthetic.toml"
 # a smaller variant of the synthetic job (same widths, batch and data generator): one epoch of 16 Ki rows
-DEFAULT_SET = ["data.path=data/bench/synthetic-16k", "data.rows=16384", "train.epochs=1", "checkpoint.every=0"]
+DEFAULT_SET = ["data.path=data/bench/synthetic-16k", "data.rows=16384", "train.epochs=1", "checkpoint.every=0",
+               "data.dataset=synthetic"]
 
 
 def run_one(n: int, algorithm: str, args, tmp: Path) -> dict:

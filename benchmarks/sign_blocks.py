@@ -43,7 +43,7 @@ def worker(scale: str, argv: list[str]) -> int:
 
 def run_one(args, block: int, seed: int, scale: str, tmp: Path) -> dict:
     sets = ['comm.compress="sign"', f"comm.sign_block={block}", f"train.seed={seed}", "checkpoint.every=0",
-            f'data.path="{args.data}"', *args.set]
+            f'data.path="{args.data}"', 'data.dataset="digits"', *args.set]
     entry = ["-m", "mpitrain"] if scale == "rms" else [str(Path(__file__).resolve()), "--worker-scale", scale, "--"]
     try:
         m = train_run(args.ranks, sets, tmp / f"m-{scale}-{block}-{seed}.json", entry=entry, timeout=args.timeout,

@@ -29,7 +29,7 @@ from mpitrain.runtime import UserError  # noqa: E402
 B = "comm.bucket_bytes=1048576"
 JOBS = {
     "synthetic": ("jobs/synthetic.toml", ["data.path=data/bench/synthetic-16k", "data.rows=16384", "train.epochs=1",
-                                          "checkpoint.every=0"]),
+                                          "checkpoint.every=0", "data.dataset=synthetic"]),
     "gpt": ("jobs/gpt.toml", ["train.max_steps=60", "train.eval_every=0", "checkpoint.every_steps=0"]),
 }
 VARIANTS = {

@@ -36,6 +36,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -44,6 +46,7 @@ import numpy as np
 
 from . import __version__
 from .runtime import UserError, log0, warn
+from .units import format_size
 
 NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 HEADER_BYTES = 512  # the HDF5 user block holding the whole-file checksum
@@ -206,15 +209,84 @@ def save(directory, *, params, optimizer: dict, step: int, epoch: int, step_in_e
         if failed is not None:
             gc.collect()  # free the half-written file's h5py objects here, quietly
     if failed is not None:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"checkpoint {final}: write failed ({failed}); the previous checkpoint "
-                        "is intact. Free space or change checkpoint.dir, then --resume")
-    for old in list_checkpoints(d)[keep:]:
-        old.unlink(missing_ok=True)
-    for stale in d.glob(".ckpt-*.h5.tmp"):
-        if stale != tmp:
-            stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"checkpoint {final}: write failed ({failed}; {_free(d)}); {_what_is_left(d, final)}")
+    _remember(final, extra)
+    prune(d, keep, (extra or {}).get("run_id"), written=final)
     return final
+
+
+def _free(d: Path) -> str:
+    """``12MiB free there``: the free space of the file system ``d`` is on (or of its nearest parent)."""
+    p = d.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{format_size(shutil.disk_usage(p).free)} free there"
+    except OSError as e:
+        return f"free space unknown: {e.strerror or e}"
+
+
+def _what_is_left(d: Path, final: Path) -> str:
+    """The truth about what a failed write leaves: the newest checkpoint that verifies, or none."""
+    files = list_checkpoints(d)
+    good = next((p for p in files if _good(p) is not None), None)
+    if good is not None:
+        return f"the newest good checkpoint, {good.name}, is intact. Free space or change checkpoint.dir, then --resume"
+    what = "none of the checkpoints there verifies" if files else "there is no earlier checkpoint"
+    return f"{what}: nothing to resume from. Free space or change checkpoint.dir and start again"
+
+
+# What this process knows of checkpoint files, by path: ((size, mtime_ns, inode), verifies, run_id). Filled
+# by ``load`` and ``save``, so pruning reads each file at most once per process (a damaged one too).
+_VERIFIED: dict[str, tuple[tuple, bool, str | None]] = {}
+
+
+def _stat_key(p: Path) -> tuple | None:
+    try:
+        st = p.lstat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _remember(p: Path, meta: dict | None, ok: bool = True) -> None:
+    key = _stat_key(Path(p))
+    if key is not None:
+        _VERIFIED[str(p)] = (key, ok, (meta or {}).get("run_id"))
+
+
+def _good(p: Path):
+    """(run_id,) of a regular checkpoint file that verifies (read once, then remembered); None otherwise."""
+    key = _stat_key(p)
+    if key is None:
+        return None
+    hit = _VERIFIED.get(str(p))
+    if hit is None or hit[0] != key:
+        try:
+            load(p)
+        except ValueError:
+            _remember(p, None, ok=False)
+        hit = _VERIFIED.get(str(p))
+    return (hit[2],) if hit is not None and hit[0] == key and hit[1] else None
+
+
+def prune(d: Path, keep: int, run_id: str | None, written: Path | None = None) -> list[Path]:
+    """Delete this run's own verified checkpoints beyond the newest ``keep`` (never the one just
+    ``written``); damaged files, directories and other runs' files are left alone. Returns the deleted."""
+    mine = [p for p in list_checkpoints(d) if (g := _good(p)) is not None and g[0] == run_id]
+    gone = []
+    for old in mine[max(keep, 1):]:
+        if old != written:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+                gone.append(old)
+    for stale in d.glob(".ckpt-*.h5.tmp"):
+        if stale.is_file() and not stale.is_symlink():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return gone
 
 
 @contextlib.contextmanager
@@ -250,16 +322,24 @@ def _quiet_h5py_cleanup():
 
 
 def _io_reason(exc: BaseException) -> str:
-    """The OS's words for a failed write (``No space left on device``), also from inside h5py's messages."""
-    e = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror
-        m = re.search(r"error message = '([^']+)'", str(e))
+    """The OS's words for a failed write (``No space left on device``), one short line, also from inside
+    h5py's messages (never their file descriptors, buffer addresses and offsets)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and (e.strerror or isinstance(e.errno, int) and e.errno > 0):
+            return e.strerror or os.strerror(e.errno)
+        text = str(e)
+        m = re.search(r"error message = '([^'\n]+)'", text) or re.search(r"\berrno = ([0-9]+)", text)
         if m:
-            return m.group(1)
-        e = e.__context__
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+            return m.group(1) if not m.group(1).isdigit() else os.strerror(int(m.group(1)))
+        todo += [e.__cause__, e.__context__]
+    first = " ".join(str(exc).split())  # one line
+    first = re.sub(r"\s*\(.*", "", first) or type(exc).__name__  # HDF5's details are in parentheses
+    return first[:160]
 
 
 def list_checkpoints(directory) -> list[Path]:
@@ -327,6 +407,7 @@ def load(path) -> dict:
     opt.update(meta.pop("optimizer_scalars", {}))
     strategy = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("strategy/")}
     strategy.update(meta.pop("strategy_scalars", {}))
+    _remember(Path(path), meta)
     return {"params": arrays["params"], "optimizer": opt, "path": str(path), **meta, "strategy": strategy}
 
 
@@ -352,8 +433,11 @@ def add_arguments(p):
 
 def _cmd_list(args) -> int:
     files = list_checkpoints(args.dir)
+    aside = _list_aside(args.dir)
     if not files:
-        log0(f"no checkpoints in {args.dir}")
+        log0(f"no checkpoints in {args.dir}" + (" (but in the folders set aside below)" if aside else ""))
+        for line in aside:
+            log0(line)
         return 1
     bad = 0
     for p in files:
@@ -363,7 +447,21 @@ def _cmd_list(args) -> int:
         except ValueError as e:
             bad += 1
             log0(f"{p}  DAMAGED: {e}")
+    for line in aside:
+        log0(line)
     return 1 if bad == len(files) else 0
+
+
+def _list_aside(directory) -> list[str]:
+    """One line per ``previous-*`` folder: another run's checkpoints a fresh run set aside, and how to resume it."""
+    d = Path(directory)
+    out = []
+    for sub in sorted(d.glob("previous-*")) if d.is_dir() else []:
+        files = list_checkpoints(sub)
+        steps = ", ".join(NAME.match(p.name).group(1).lstrip("0") or "0" for p in files) or "none"
+        out.append(f"{sub}/  set aside: another run's {len(files)} checkpoint(s) (steps {steps}); continue it with "
+                   f"--set checkpoint.dir={sub} --resume")
+    return out
 
 
 def _cmd_show(args) -> int:
@@ -384,6 +482,7 @@ def _cmd_show(args) -> int:
 #
 #   checkpoint.dir/RUN.json          {"run_id", "config_digest", "host", "pid"} of the run writing here
 #   checkpoint.dir/ckpt-*.h5         that run's checkpoints (meta: run_id, config_digest)
+#   checkpoint.dir/job.toml          that run's effective job: every key after defaults, job file, --set
 #   checkpoint.dir/previous-<id>-N/  another run's checkpoints, set aside when a new run started here
 #
 # A fresh run (no --resume) sets aside whatever another run left, so pruning never deletes another
@@ -392,6 +491,7 @@ def _cmd_show(args) -> int:
 # first one fail with a message instead of both exiting 0 with one's files gone.
 
 OWNER = "RUN.json"
+JOB = "job.toml"  # the effective job of the run that owns the directory (every key resolved)
 
 
 def owner(directory) -> dict | None:
@@ -401,16 +501,27 @@ def owner(directory) -> dict | None:
         return None
 
 
-def claim(directory, run_id: str, digest: str) -> None:
-    """Rank 0: record ``run_id`` as the run writing checkpoints in ``directory`` (atomically)."""
+def claim(directory, run_id: str, digest: str, job: str | None = None) -> None:
+    """Rank 0: record ``run_id`` as the run writing checkpoints in ``directory`` (atomically), and its
+    effective job (``job``, TOML text) as job.toml beside them."""
     import socket
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{OWNER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "config_digest": digest, "host": socket.gethostname(),
-                               "pid": os.getpid()}) + "\n")
-    os.replace(tmp, d / OWNER)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if job is not None:
+            jtmp = d / f".{JOB}.{os.getpid()}.tmp"
+            jtmp.write_text(job)
+            os.replace(jtmp, d / JOB)
+        tmp.write_text(json.dumps({"run_id": run_id, "config_digest": digest, "host": socket.gethostname(),
+                                   "pid": os.getpid()}) + "\n")
+        os.replace(tmp, d / OWNER)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"checkpoint.dir {d}: cannot record this run in {OWNER} ({_io_reason(e)}; {_free(d)}); "
+                        f"{_what_is_left(d, d / OWNER)}") from None
 
 
 def set_aside(directory) -> tuple[Path, dict] | None:
@@ -426,7 +537,7 @@ def set_aside(directory) -> tuple[Path, dict] | None:
         n += 1
     dest = d / f"previous-{rid}-{n}"
     dest.mkdir()
-    for p in [*files, d / OWNER]:
+    for p in [*files, d / OWNER, d / JOB]:
         if p.exists():
             os.replace(p, dest / p.name)
     _fsync_dir(d)

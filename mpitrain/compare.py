@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .runtime import UserError, job_size
+from .units import json_text
 
 # name -> the --set options that select it (on top of the job and the user's --set)
 STRATEGIES = {
@@ -47,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, from: {', '.join(STRATEGIES)} (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="applied to every run, e.g. --set train.epochs=10")
-    p.add_argument("--repeats", type=int, default=1, help="runs per strategy; the table shows the median")
-    p.add_argument("--out", default="runs/compare", help="directory for each run's metrics JSON")
+    p.add_argument("--repeats", type=int, default=1, help="runs per strategy; the table shows the median (default 1)")
+    p.add_argument("--out", default="runs/compare", help="directory for each run's metrics JSON (default runs/compare)")
     p.add_argument("--plot", metavar="FILE.png", help="draw accuracy vs time and vs bytes (needs matplotlib)")
     p.add_argument("--markdown", metavar="FILE.md", help="also write the table as Markdown")
     p.add_argument("--mpirun", help="the launcher (default: the mpirun next to this Python, else on PATH)")
@@ -107,8 +108,9 @@ def run_one(name: str, rep: int, args, mpirun: str, out: Path) -> dict:
     t0 = time.perf_counter()
     m = train_run(args.ranks, sets, path, job=args.job, mpirun=mpirun, timeout=args.timeout, what=name)
     m["name"] = name
-    path.write_text(json.dumps(m, indent=2) + "\n")
-    print(f"# {name:<10} accuracy {m['test_accuracy']:.4f}  {time.perf_counter() - t0:5.1f} s  "
+    path.write_text(json_text(m, indent=2) + "\n")
+    print(f"# {name:<10} accuracy {m['test_accuracy']:.4f}  {time.perf_counter() - t0:5.1f} s end to end "
+          f"(start-up included; training {m['wall_s']:.1f} s)  "
           f"{m['bytes_per_step'] / 1e3:9.1f} kB/step/rank", file=sys.stderr, flush=True)
     return m
 
@@ -135,7 +137,7 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
-    head = ["strategy", "setting", "test acc", "wall s", "kB/step/rank", "MB in all", f"bytes vs {rows[0]['strategy']}"]
+    head = ["strategy", "setting", "test acc", "train s", "kB/step/rank", "MB in all", f"bytes vs {rows[0]['strategy']}"]
     lines = []
     if markdown:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -202,7 +204,9 @@ def main(args) -> int:
         raise UserError("compare launches its own mpirun: run it as one process (python -m mpitrain compare)")
     names = _strategies(args.strategies)
     if args.ranks < 1 or args.repeats < 1:
-        raise UserError("--ranks and --repeats must be >= 1")
+        raise UserError(f"--ranks {args.ranks} and --repeats {args.repeats} must be >= 1")
+    if not 0 < args.timeout < float("inf"):  # also NaN
+        raise UserError(f"--timeout {args.timeout} must be a finite number of seconds > 0")
     out = Path(args.out)
     if args.replot:
         runs = _load(out, names)
@@ -226,7 +230,7 @@ def main(args) -> int:
     if not runs:
         raise UserError("no strategy produced a result")
     rows = summarize(runs)
-    job = args.job or "the default digits job"
+    job = (args.job or "the default digits job") + "".join(f" --set {o}" for o in args.overrides)
     reps = max(len(ms) for ms in runs.values())
     print(f"# {job}, {rows[0]['ranks']} rank(s); medians of {reps} run(s) each; metrics in {out}/")
     print(table(rows))

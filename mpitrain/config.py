@@ -79,6 +79,10 @@ class TrainConfig:
     accum_steps: int = 1             # micro-batches per optimizer step (gradient accumulation)
     eval_every: int = 0              # > 0: evaluate (val/test loss) every this many steps; 0 = at epoch ends only
     eval_batches: int = 0            # > 0: at most this many eval batches per rank per evaluation; 0 = all
+    threads: int = 0                 # BLAS/OpenMP threads per rank; 0 = auto: the node's cores / its ranks
+                                     # (or OMP_NUM_THREADS when set; mpitrain/threads.py)
+    log_every: int = 0               # > 0: a progress line every this many steps (loss, ms/step, rate, comm,
+                                     # ETA); 0 = the bar on a terminal, a line every 10 s otherwise
 
 
 @dataclass
@@ -101,6 +105,8 @@ class ParallelConfig:
     tp: int = 1                      # tensor-parallel ranks per stage (1 = off)
     pp: int = 1                      # pipeline stages (the model's blocks split across ranks); 1 = off
     schedule: str = "1f1b"           # pipeline schedule: 1f1b | gpipe
+    sequence: bool = False           # with tp > 1: sequence parallelism (activations split by rows outside
+                                     # attention and the MLP; reduce-scatter + all-gather for the all-reduces)
 
 
 @dataclass
@@ -271,11 +277,11 @@ def validate(cfg: JobConfig, origins: dict | None = None) -> None:
         ("train.accum_steps", t.accum_steps >= 1, "must be >= 1 (1 = no accumulation)"),
         ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = at epoch ends only)"),
         ("train.eval_batches", t.eval_batches >= 0, "must be >= 0 (0 = all)"),
+        ("train.threads", t.threads >= 0, "must be >= 0 (0 = auto: the node's cores / its ranks)"),
+        ("train.log_every", t.log_every >= 0, "must be >= 0 (0 = the bar, or a line every 10 s in a log)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("parallel.pp", cfg.parallel.pp >= 1, "must be >= 1 (1 = no pipeline)"),
         ("parallel.tp", cfg.parallel.tp >= 1, "must be >= 1 (1 = no tensor parallelism)"),
-        ("parallel.tp", cfg.parallel.tp == 1, "is not supported yet: tensor parallelism is not built; "
-         "set parallel.tp = 1"),
     ]
     for key, ok, why in rules:
         if not ok:
@@ -342,20 +348,36 @@ def _exclusive(cfg: JobConfig, origins: dict) -> None:
 
 
 def _model_parallel(cfg: JobConfig, origins: dict) -> None:
-    """What a pipeline does not combine with yet: one line naming both keys."""
-    pp, t, c = cfg.parallel.pp, cfg.train, cfg.comm
-    if pp == 1:
-        return
-    where = origins.get("parallel.pp", cfg.source)
-    clash = [("model.kind", cfg.model.kind, cfg.model.kind != "gpt", "only the GPT (model.kind = \"gpt\") has "
-              "pipeline stages"),
-             ("model.n_layer", cfg.model.n_layer, cfg.model.n_layer < pp, "every stage needs at least one block"),
-             ("comm.compress", c.compress, c.compress != "none", "reset comm.compress = \"none\""),
-             ("train.sync_every", t.sync_every, t.sync_every > 1, "reset train.sync_every = 1"),
-             ("comm.mode", c.mode, c.mode == "ps", "reset comm.mode = \"sync\"")]
-    for key, value, bad, hint in clash:
-        if bad:
-            raise UserError(f"{where}: parallel.pp = {pp} and {key} = {value!r} do not combine: {hint}")
+    """What a pipeline or tensor parallelism does not combine with (yet): one line naming both keys."""
+    pp, tp, t, c, m = cfg.parallel.pp, cfg.parallel.tp, cfg.train, cfg.comm, cfg.model
+    if cfg.parallel.sequence and tp == 1:
+        raise UserError(f"{origins.get('parallel.sequence', cfg.source)}: parallel.sequence = true needs "
+                        "parallel.tp > 1 (it splits tensor parallelism's activations); set parallel.tp or drop it")
+    for key, n in (("parallel.pp", pp), ("parallel.tp", tp)):
+        if n == 1:
+            continue
+        where = origins.get(key, cfg.source)
+        clash = [("model.kind", m.kind, m.kind != "gpt", "only the GPT (model.kind = \"gpt\") is split across "
+                  "ranks"),
+                 ("comm.compress", c.compress, c.compress != "none", "reset comm.compress = \"none\""),
+                 ("train.sync_every", t.sync_every, t.sync_every > 1, "reset train.sync_every = 1"),
+                 ("comm.mode", c.mode, c.mode == "ps", "reset comm.mode = \"sync\"")]
+        if key == "parallel.tp":  # (ZeRO composes with pp; with tp it is built to, but not yet tested)
+            clash.append(("train.zero", t.zero, t.zero > 0, "reset train.zero = 0 (ZeRO with tensor parallelism "
+                          "is not tested yet)"))
+        if key == "parallel.pp":
+            clash.append(("model.n_layer", m.n_layer, m.n_layer < pp, "every stage needs at least one block"))
+        else:
+            clash += [("model.block_size", m.block_size, cfg.parallel.sequence and m.block_size % tp != 0,
+                       "parallel.sequence splits the tokens of every window evenly: make model.block_size a "
+                       "multiple of parallel.tp"),
+                      ("model.n_head", m.n_head, m.n_head % tp != 0, "each tp rank takes whole heads: make "
+                       "model.n_head a multiple of parallel.tp"),
+                      ("model.n_embd", m.n_embd, (4 * m.n_embd) % tp != 0, "4 x model.n_embd (the MLP's width) "
+                       "must be a multiple of parallel.tp")]
+        for k, value, bad, hint in clash:
+            if bad:
+                raise UserError(f"{where}: {key} = {n} and {k} = {value!r} do not combine: {hint}")
 
 
 def default_job_path() -> Path:
@@ -387,10 +409,44 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig
         raise UserError(f"{path}: TOML syntax error: {e}") from None
     cfg.source = str(path)
     _apply(cfg, table, str(path))
-    origins = {}
+    origins = {f"{s}.{k}": str(path) for s, sec in table.items() for k in sec}
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(cfg, {section: {key: value}}, f"--set {text}")
         origins[f"{section}.{key}"] = f"--set {text}"
     validate(cfg, origins)
+    cfg.origins = origins  # key -> the job file or --set that gave it (keys not in it: defaults)
     return cfg
+
+
+def may_make_builtin(cfg: JobConfig) -> bool:
+    """Whether a missing data.path may be filled with the built-in data.dataset: only where the data set was
+    named with that path (a --set data.path needs a --set data.dataset beside it; a job file's path a
+    dataset key), or data.path is the default -- so a typo in a path never becomes a freshly made set."""
+    origins = getattr(cfg, "origins", None)
+    if origins is None:  # built in code, not loaded: the caller said what it wants
+        return True
+    path, dataset = origins.get("data.path"), origins.get("data.dataset")
+    if path is None:
+        return True
+    if path.startswith("--set"):
+        return bool(dataset and dataset.startswith("--set"))
+    return dataset is not None
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v) if isinstance(v, str) else repr(v)
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The job with every key resolved (defaults, job file, --set), as a TOML job file that loads back to it."""
+    lines = [f"# the effective job: {cfg.source}"
+             + "".join(f" {o}" for o in dict.fromkeys(getattr(cfg, "origins", {}).values()) if o.startswith("--set"))
+             + " (every key, defaults filled in)"]
+    for sname, section in cfg.to_dict().items():
+        lines += ["", f"[{sname}]"] + [f"{k} = {_toml_value(v)}" for k, v in section.items()]
+    return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ def add_arguments(p):
                    help="override a job key (e.g. --set checkpoint.dir=...)")
     p.add_argument("--checkpoint", metavar="FILE", help="a checkpoint file (default: the job's newest)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--tokens", type=int, required=True, metavar="N", help="tokens to generate")
+    p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
@@ -50,7 +50,7 @@ def _checkpoint(args) -> dict:
 
 def load_model(ck, what: str = "generate"):
     """The GPT a checkpoint holds (its params in); ``what`` names the command in the error."""
-    from .models import GPT
+    from .models import GPT, check
 
     mc = ck.get("model_config")
     kind = (mc or {}).get("kind") or ((ck.get("config") or {}).get("model") or {}).get("kind", "?")
@@ -59,14 +59,23 @@ def load_model(ck, what: str = "generate"):
                         "model.kind = \"gpt\" job")
     m = GPT(mc["n_layer"], mc["n_head"], mc["n_embd"], mc["block_size"], mc["vocab_size"],
             tie_embeddings=mc["tie_embeddings"], dtype=np.float32, seed=0)
-    if ck["params"].size != m.n_params:
-        raise UserError(f"{ck['path']}: {ck['params'].size} parameters, but its model_config makes {m.n_params}")
+    check(ck, m, "its model_config makes", "the file is inconsistent: use another checkpoint")
     m.params[...] = ck["params"].astype(np.float32)
     return m
 
 
+def check_options(n, temperature, top_k, seed) -> None:
+    """UserError (one line) unless every number is one ``sample`` can use."""
+    for name, v in (("--tokens", n), ("--top-k", top_k), ("--seed", seed)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+            raise UserError(f"{name} = {v!r} must be an integer >= 0" + (" (0 = all tokens)" if name == "--top-k" else ""))
+    if not isinstance(temperature, (int, float, np.floating)) or not 0 <= temperature < float("inf"):
+        raise UserError(f"--temperature = {temperature!r} must be a finite number >= 0 (0 = greedy)")
+
+
 def sample(model, prompt: list[int], n: int, *, temperature=1.0, top_k=0, seed=0) -> list[int]:
     """``n`` tokens after ``prompt`` (a list of ids), sampled from the model."""
+    check_options(n, temperature, top_k, seed)
     rng, toks = np.random.default_rng(seed), list(prompt)
     for _ in range(n):
         ctx = np.array([toks[-model.block_size:]], dtype=np.int64)
@@ -74,17 +83,15 @@ def sample(model, prompt: list[int], n: int, *, temperature=1.0, top_k=0, seed=0
         if temperature <= 0:
             toks.append(int(z.argmax()))
             continue
-        z /= temperature
         if 0 < top_k < z.size:
             z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-        p = np.exp(z - z.max())
+        p = np.exp((z - z.max()) / temperature)  # max first: a tiny temperature gives 0s and a 1, never NaN
         toks.append(int(rng.choice(z.size, p=p / p.sum())))
     return toks[len(prompt):]
 
 
 def main(args) -> int:
-    if args.tokens < 0:
-        raise UserError(f"--tokens = {args.tokens} must be >= 0")
+    check_options(args.tokens, args.temperature, args.top_k, args.seed)
     ck = _checkpoint(args)
     model = load_model(ck)
     prompt = list(args.prompt.encode("utf-8"))

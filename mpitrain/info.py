@@ -42,7 +42,7 @@ def main(args) -> int:
     import numpy as np
     from mpi4py import MPI
 
-    from . import __version__, backend
+    from . import __version__, backend, threads
 
     comm = get_comm()
     lib = MPI.Get_library_version().strip().splitlines()[0]
@@ -61,6 +61,9 @@ def main(args) -> int:
     log0(f"MPI standard  {'.'.join(map(str, MPI.Get_version()))}; thread level {levels.get(MPI.Query_thread(), '?')}")
     log0(f"versions      python {platform.python_version()}, mpi4py {mpi4py.__version__}, "
          f"numpy {np.__version__}, h5py {h5py.__version__}")
+    pools = ", ".join(f"{k} {v}" for k, v in threads.in_effect().items()) or "threadpoolctl not installed"
+    log0(f"threads       {threads.describe()}; in effect on rank 0: {pools}; "
+         f"set train.threads or OMP_NUM_THREADS to choose")
     cupy = backend._cupy()
     log0(f"CuPy          {cupy.__version__ if cupy else 'not installed'}; GPUs visible on rank 0: {ngpu}")
     aware, why = backend.cuda_aware_info()

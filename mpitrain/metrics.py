@@ -17,12 +17,13 @@ to a list.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
 import time
 from collections import defaultdict
+
+from .units import json_text
 
 __all__ = ["Timers", "ProgressBar", "StatusLine", "Trace", "format_rate"]
 
@@ -480,5 +481,5 @@ class Trace:
         os.makedirs(d, exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
+            f.write(json_text(doc, separators=(",", ":")))
         os.replace(tmp, path)

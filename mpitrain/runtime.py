@@ -80,8 +80,9 @@ def abort(code: int = 1) -> None:
     """End every rank of the job now. Never returns."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if job_size() > 1:
-        time.sleep(ABORT_LINGER_S)
+    if job_size() == 1:  # no other rank to end: exit without MPI_Abort's own line after the message
+        os._exit(code)
+    time.sleep(ABORT_LINGER_S)
     MPI.COMM_WORLD.Abort(code)
     os._exit(code)  # pragma: no cover - Abort does not return
 
@@ -154,3 +155,20 @@ def signal_name(signum: int) -> str:
     """``SIGUSR1`` for 10; the number itself for anything that is not a signal."""
     return signal.Signals(signum).name if signum in iter(signal.Signals) else str(signum)
 
+
+LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID", "SLURM_STEP_ID",
+                 "HYDRA_CONTROL_FD", "MPIEXEC_HOSTNAME")
+
+
+def launcher_seen(env=None) -> bool:
+    """True when a launcher (mpirun/mpiexec/srun) started this process, as its environment shows."""
+    env = os.environ if env is None else env
+    return any(v in env for v in LAUNCHER_VARS)
+
+
+def single_rank_note(command: str, comm=None) -> None:
+    """Started without a launcher at one rank: say so once (stderr), and how to use more ranks."""
+    comm = comm or get_comm()
+    if comm.Get_size() == 1 and not launcher_seen():
+        report(f"note: running on 1 rank (no mpirun seen); for N ranks: mpirun -n N python -m mpitrain {command} "
+               "... (N = the cores you have; `mpitrain info` shows them)")

@@ -203,3 +203,39 @@ def check_env() -> None:
     """Every knob of KNOBS that is set, checked now (the CLI calls this first): a bad one is one line."""
     for name in KNOBS:
         env_knob(name)
+
+
+# --------------------------------------------------------------------------- JSON numbers
+
+
+def finite(obj):
+    """``obj`` with every NaN/Infinity (nested in dicts, lists, tuples; Python or NumPy numbers, arrays) as
+    None, NumPy scalars and arrays as Python ones: what strict JSON can hold."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_text(obj, **kw) -> str:
+    """Strict JSON of ``obj`` (``finite`` first: null where a number is not finite; never NaN/Infinity)."""
+    import json
+
+    return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 2m10s, 1h05m: a duration as a person reads it (an ETA)."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -22,6 +22,30 @@ def find_mpirun(bin_dir=BIN, path=None) -> str:
 
 
 MPIRUN = find_mpirun()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_mpitrain(n, args, env=None, timeout=240, cwd=ROOT):
+    """``mpirun -n n python -m mpitrain ARGS`` from the checkout (one BLAS thread per rank); the result."""
+    import subprocess
+
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", *args], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def make_corpus(tmp_path_factory, max_bytes=120_000):
+    """A small byte-token set of the stdlib's sources (2 shards) for end-to-end GPT runs."""
+    from mpitrain.data import make_pycode
+
+    d = tmp_path_factory.mktemp("pycode") / "pc"
+    make_pycode(d, shards=2, max_bytes=max_bytes)
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory)
 
 
 def h5_edit(path, fn):

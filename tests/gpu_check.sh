@@ -201,14 +201,14 @@ if [ "$SYSTEM" = 1 ]; then system_setup; else venv_setup; fi
 
 # ---------------------------------------------------------------- steps
 
-TRAIN_SET=(--set train.share_gpu=true --set data.path="$WORK/data/digits" --set checkpoint.dir="$WORK/ckpt-digits")
+TRAIN_SET=(--set train.share_gpu=true --set data.path="$WORK/data/digits" --set data.dataset=digits --set checkpoint.dir="$WORK/ckpt-digits")
 STEPS=(
   "info ($NP ranks)|60|mpirun -n $NP $PY -m mpitrain info"
   "MPI GPU tests ($NP ranks)|$PER_RUN|mpirun -n $NP $PY -m mpi4py -m pytest --with-mpi -m 'mpi and gpu' -p no:cacheprovider --timeout=$PER_TEST --timeout-method=thread -q -rs tests/test_gpu.py"
   "serial GPU tests|$PER_RUN|$PY -m pytest -m 'gpu and not mpi' -p no:cacheprovider --timeout=$PER_TEST -q -rs -s tests/test_gpu.py tests/test_graphs.py"
   "training, digits, backend=cupy, $NP ranks sharing the GPU(s)|$PER_RUN|mpirun -n $NP $PY -m mpitrain train --set train.backend=cupy --set train.epochs=5 ${TRAIN_SET[*]} --metrics-out $WORK/train-cupy.json"
-  "speed: jobs/synthetic.toml, backend=numpy, $NP ranks|$PER_RUN|mpirun -n $NP $PY -m mpitrain train jobs/synthetic.toml --set train.backend=numpy --set train.share_gpu=true --set train.epochs=1 --set data.path=$WORK/data/synthetic --metrics-out $WORK/synthetic-numpy.json"
-  "speed: jobs/synthetic.toml, backend=cupy, $NP ranks|$PER_RUN|mpirun -n $NP $PY -m mpitrain train jobs/synthetic.toml --set train.backend=cupy --set train.share_gpu=true --set train.epochs=1 --set data.path=$WORK/data/synthetic --metrics-out $WORK/synthetic-cupy.json"
+  "speed: jobs/synthetic.toml, backend=numpy, $NP ranks|$PER_RUN|mpirun -n $NP $PY -m mpitrain train jobs/synthetic.toml --set train.backend=numpy --set train.share_gpu=true --set train.epochs=1 --set data.path=$WORK/data/synthetic --set data.dataset=synthetic --metrics-out $WORK/synthetic-numpy.json"
+  "speed: jobs/synthetic.toml, backend=cupy, $NP ranks|$PER_RUN|mpirun -n $NP $PY -m mpitrain train jobs/synthetic.toml --set train.backend=cupy --set train.share_gpu=true --set train.epochs=1 --set data.path=$WORK/data/synthetic --set data.dataset=synthetic --metrics-out $WORK/synthetic-cupy.json"
   "bench --backend cupy (ring, native; up to $MAX)|$PER_RUN|mpirun -n $NP $PY -m mpitrain bench --backend cupy --algorithms ring,native --max $MAX --json $WORK/bench-cupy.json --csv $WORK/bench-cupy.csv"
   "staged ring, 1 vs 2 streams (16MiB..$MAX)|$PER_RUN|mpirun -n $NP $PY benchmarks/gpu_streams.py --min 16MiB --max $MAX --json $WORK/streams-cupy.json"
 )

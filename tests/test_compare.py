@@ -12,6 +12,7 @@ from mpitrain import compare
 
 def _compare(tmp_path, *args, timeout=300):
     cmd = [sys.executable, "-m", "mpitrain", "compare", "--set", f"data.path={tmp_path / 'digits'}",
+           "--set", "data.dataset=digits",
            "--out", str(tmp_path / "runs"), *args]
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -488,7 +488,7 @@ def test_each_scheme_trains_the_default_job(comm, digits_dir, scheme, extra, thr
     from mpitrain.train import Trainer
 
     p = comm.Get_size()
-    cfg = config.load(None, [f"data.path=\"{digits_dir}\"", "checkpoint.every=0", "train.epochs=10",
+    cfg = config.load(None, [f"data.path=\"{digits_dir}\"", "data.dataset=digits", "checkpoint.every=0", "train.epochs=10",
                              f"comm.compress=\"{scheme}\"", *extra])
     tr = Trainer(cfg, comm)
     with contextlib.redirect_stdout(io.StringIO()):

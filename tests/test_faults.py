@@ -409,7 +409,7 @@ BAD_CONFIG = {  # name -> (job file text or None, --set options, words of the me
     "lr_negative": ("[train]\nlr = -0.5\n", [], "bad.toml: train.lr = -0.5 must be > 0"),
     "batch_zero": (None, ["train.batch_size=0"], "train.batch_size = 0 must be >= 1"),
     "batch_too_big": (None, ["train.batch_size=5000"], "fewer than batch_size=5000"),
-    "more_shards_than_rows": (None, ["data.shards=5000", "data.path=NEW"],
+    "more_shards_than_rows": (None, ["data.shards=5000", "data.path=NEW", "data.dataset=digits"],
                               "5000 shards requested but only 1438 training rows"),
 }
 
@@ -468,8 +468,8 @@ def test_full_disk(digits, tmp_path):
     failed_cleanly(job, f"checkpoint.dir {tmp_path / 'c'}: cannot write there (File too large)", rank=0)
     # full while writing the next checkpoint (~18 KB): a clean error, the previous one intact, no debris
     job = train(2, tmp_path, digits, "--resume", "--set", "train.epochs=3", prog=(str(wrap), "8192"))
-    failed_cleanly(job, f"checkpoint {tmp_path / 'c' / 'ckpt-00000066.h5'}: write failed (File too large)",
-                   "the previous checkpoint is intact", rank=0)
+    failed_cleanly(job, f"checkpoint {tmp_path / 'c' / 'ckpt-00000066.h5'}: write failed (File too large; ",
+                   "the newest good checkpoint, ckpt-00000044.h5, is intact", rank=0)
     names = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert names == ["RUN.json", "ckpt-00000022.h5", "ckpt-00000044.h5"], names  # and the owner record
     assert checkpoint.latest(tmp_path / "c")["step"] == 2 * STEPS

@@ -385,24 +385,16 @@ def test_mpi_gpt_buckets_with_accumulation_match_one_allreduce(comm):
 # ---------------------------------------------------------------------------------- end to end
 
 def _mpirun(n, args, cwd, env=None, timeout=240):
-    import os
-    import subprocess
-    import sys
+    from conftest import run_mpitrain
 
-    from conftest import MPIRUN
-
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", *args], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_mpitrain(n, args, env, timeout, cwd)
 
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    from mpitrain.data import make_pycode
+    from conftest import make_corpus
 
-    d = tmp_path_factory.mktemp("pycode") / "pc"
-    make_pycode(d, shards=2, max_bytes=150_000)
-    return d
+    return make_corpus(tmp_path_factory, 150_000)
 
 
 def _tiny_job(corpus, ckpt, *extra):
@@ -422,13 +414,17 @@ def test_gpt_job_metrics_final_checkpoint_and_bitwise_resume(tmp_path, small_cor
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "m.json"
-    a = _mpirun(2, [*_tiny_job(small_corpus, tmp_path / "a"), "--metrics-out", str(out)], root)
+    a = _mpirun(2, [*_tiny_job(small_corpus, tmp_path / "a", "train.log_every=4"), "--metrics-out", str(out)], root)
     assert a.returncode == 0, a.stdout + a.stderr
     m = __import__("json").loads(out.read_text())
+    _check_lm_lines(a.stdout, m)
     assert m["steps"] == 12 and m["val_loss"] > 0 and m["val_bpb"] == pytest.approx(m["val_loss"] / math.log(2))
     assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and [e["step"] for e in m["evals"]] == [6, 12]
     assert m["val_loss"] < math.log(256), "it learned something"
     assert checkpoint.latest(tmp_path / "a")["step"] == 12, "a final checkpoint at max_steps"
+    from mpitrain import config                      # the effective job beside the checkpoints
+    job = config.load(tmp_path / "a" / "job.toml")
+    assert job.train.log_every == 4 and job.data.path == str(small_corpus) and job.train.max_steps == 12
     b = _mpirun(2, _tiny_job(small_corpus, tmp_path / "b"), root, env={"MPITRAIN_FAULT": "0:8:kill"})
     assert b.returncode != 0 and checkpoint.latest(tmp_path / "b")["step"] == 5
     c = _mpirun(2, [*_tiny_job(small_corpus, tmp_path / "b"), "--resume"], root)
@@ -441,6 +437,21 @@ def test_gpt_job_metrics_final_checkpoint_and_bitwise_resume(tmp_path, small_cor
     from mpitrain.cli import main as cli_main        # generate from the job's newest checkpoint
     assert cli_main(["generate", str(root / "jobs" / "gpt-tiny.toml"), "--set", f"checkpoint.dir={tmp_path / 'a'}", "--prompt",
                      "import ", "--tokens", "12", "--top-k", "5", "--seed", "1"]) == 0
+
+
+def _check_lm_lines(out, m):
+    """A language model's lines say tokens/s, the loss of the last interval, val bits; log_every lines have an ETA."""
+    import re
+
+    logged = [ln for ln in out.splitlines() if re.match(r"epoch 1/1  step +\d+/12  loss ", ln)]
+    assert [int(re.search(r"step +(\d+)/", ln)[1]) for ln in logged] == [4, 8, 12], out
+    assert all(re.search(r" [\d.]+ ms/step  [\d,]+ tokens/s  comm \d+%  eta \d+s$", ln) for ln in logged), out
+    evals = [ln for ln in out.splitlines() if ln.startswith("step ")]
+    assert len(evals) == 2 and all("(last 6 steps)  val loss" in ln and "bits/byte" in ln for ln in evals), out
+    done = out.splitlines()[-1]
+    assert done.startswith("done: val loss ") and "bits/byte" in done and "tokens/s" in done, out
+    assert "test acc" not in out and "samples/s" not in out, out
+    assert 0 < m["epochs"] < 1, "the fraction of an epoch that max_steps trained, not 0"
 
 
 def test_local_sgd_run_that_ends_by_max_steps_mid_epoch_ends_in_agreement(tmp_path, small_corpus):

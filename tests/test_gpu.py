@@ -998,7 +998,7 @@ def test_gpu_model_and_optimizers_match_numpy(cp):
 def _train(tmp_path, backend_name, extra=(), n=2):
     out = tmp_path / f"{backend_name}.json"
     cmd = [MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", "train",
-           "--set", f"data.path={tmp_path / 'digits'}",
+           "--set", f"data.path={tmp_path / 'digits'}", "--set", "data.dataset=digits",
            "--set", f"checkpoint.dir={tmp_path / ('ckpt-' + backend_name)}",
            "--set", "train.epochs=5", "--set", f"train.backend={backend_name}", *extra,
            "--metrics-out", str(out)]

@@ -268,7 +268,7 @@ def test_collective_tests_across_hosts(hosts):
 
 def test_training_across_hosts(hosts, tmp_path):
     m = tmp_path / "metrics.json"
-    p = _mpirun(3, PY, "-m", "mpitrain", "--set", "train.epochs=2", "--set", f"data.path={tmp_path / 'digits'}",
+    p = _mpirun(3, PY, "-m", "mpitrain", "--set", "train.epochs=2", "--set", f"data.path={tmp_path / 'digits'}", "--set", "data.dataset=digits",
                 "--set", f"checkpoint.dir={tmp_path / 'ck'}", "--metrics-out", m, ppn=1, timeout=120, cwd=tmp_path)
     _ok(p)
     metrics = json.loads(m.read_text())

@@ -12,22 +12,22 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "mpitrain"
 
 BASE = {"runtime", "units"}
-UTIL = BASE | {"backend", "config", "optim", "faults", "watchdog", "metrics", "checkpoint"}
+UTIL = BASE | {"backend", "config", "optim", "faults", "watchdog", "metrics", "checkpoint", "threads"}
 # component -> the components it may import (besides itself)
 ALLOWED = {
     "runtime": set(), "units": {"runtime"},
     "backend": BASE, "config": BASE, "optim": BASE | {"backend"}, "faults": BASE, "metrics": BASE,
-    "watchdog": BASE | {"metrics"}, "checkpoint": BASE,
+    "watchdog": BASE | {"metrics"}, "checkpoint": BASE, "threads": BASE,
     "collectives": BASE | {"backend"},
     "models": BASE | {"backend"},
     "data": BASE,
     "perf": BASE | {"backend", "collectives"},
-    "bench": BASE | {"backend", "collectives", "perf", "metrics"},
+    "bench": BASE | {"backend", "collectives", "perf", "metrics", "threads"},
     "parallel": BASE | {"backend", "collectives", "models", "data"},
     "sync": UTIL | {"collectives", "models", "data", "parallel"},
     "train": UTIL | {"collectives", "models", "data", "parallel", "sync"},
 }
-TOP = {"cli", "__main__", "compare", "info", "generate"}  # the commands: may import anything
+TOP = {"cli", "__main__", "compare", "info", "generate", "export"}  # the commands: may import anything
 
 
 def _modules():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_mpitrain
 
 from mpitrain import config
 from mpitrain.models.gpt import GPT, Part
@@ -100,7 +101,7 @@ def test_layout_maps_round_trip_and_checkpoints_move():
     full = GPT(n_layer=3, **KW)
     parts = [GPT(n_layer=3, part=Part(0, 2, True, False), **KW), GPT(n_layer=3, part=Part(2, 3, False, True), **KW)]
     flat = np.arange(full.params.size, dtype=np.float32)
-    pieces = [(m.tensors(), from_full(flat, full.tensors(), m.tensors())) for m in parts]
+    pieces = [(m.tensors(), from_full(flat, full.tensors(), m.tensors()), 0) for m in parts]
     assert np.array_equal(to_full(pieces, full.tensors(), np.float32), flat)
     ck = {"params": flat, "optimizer": {"kind": "adam", "step": 3, "exp_avg": flat * 2}}
     mine = checkpoint_for(ck, parts[1])
@@ -225,25 +226,7 @@ def test_grid_groups_and_rank_order(comm):
 
 # ------------------------------------------------------------------------------- end to end
 
-def _mpirun(n, args, timeout=240, env=None):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import MPIRUN
-
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from mpitrain.data import make_pycode
-
-    d = tmp_path_factory.mktemp("pycode") / "pc"
-    make_pycode(d, shards=2, max_bytes=120_000)
-    return d
+_mpirun = run_mpitrain
 
 
 def _job(corpus, ckpt, *extra):
@@ -273,10 +256,17 @@ def test_pp2_run_equals_accumulation_and_resumes_across_layouts(tmp_path, corpus
     one = _mpirun(1, _job(corpus, tmp_path / "one"))
     assert one.returncode == 0, one.stdout + one.stderr
     for sched in ("1f1b", "gpipe"):
-        two = _mpirun(2, _job(corpus, tmp_path / sched, "parallel.pp=2", f'parallel.schedule="{sched}"'))
+        out = tmp_path / f"{sched}.json"
+        two = _mpirun(2, [*_job(corpus, tmp_path / sched, "parallel.pp=2", f'parallel.schedule="{sched}"'),
+                          "--metrics-out", str(out)])
         assert two.returncode == 0, two.stdout + two.stderr
+        grid = __import__("json").loads(out.read_text())["grid"]
+        assert grid["pp"] == 2 and grid["schedule"] == sched and grid["peak_stash"] == (4 if sched == "gpipe" else 2)
+        assert grid["sent_by_kind"]["activation"] == 4 * 4 * 2 * 16 * 16 * 4, "4 steps x M = 4 activations of B·T·C·4 bytes (stage 0 sends them)"
         assert "dp 1 x pp 2 x tp 1" in two.stdout and "stage 1 (blocks" in two.stdout and "bubble 20%" in two.stdout
-        assert two.stdout.count("val loss") == one.stdout.count("val loss") == 2
+        evals = [[ln.split("val loss")[1][:8] for ln in r.stdout.splitlines() if ln.startswith("step ") and "val loss" in ln]
+                 for r in (one, two)]
+        assert len(evals[0]) == 2 and evals[0] == evals[1], "the same val losses, evaluated through the stages"
         _same(tmp_path / "one", tmp_path / sched)
     # pp = 1 -> pp = 2 -> pp = 1: one run handed over at steps 2 and 3 ends where the others end
     mix = tmp_path / "mix"
@@ -286,6 +276,19 @@ def test_pp2_run_equals_accumulation_and_resumes_across_layouts(tmp_path, corpus
         assert r.returncode == 0, r.stdout + r.stderr
         assert steps == 2 or f"resumed from" in r.stdout, r.stdout
     _same(tmp_path / "one", mix)
+
+
+@pytest.mark.parametrize("fault,code", [("1:3:kill", None), ("0:1:usr1", 75)])
+def test_pp2_killed_or_signalled_resumes_bitwise(tmp_path, corpus, fault, code):
+    """A pipeline killed (rank 1, mid-step 3: the step-2 checkpoint is left) or stopped by SIGUSR1 (a
+    checkpoint at once, exit 75) resumes in the same layout and ends bitwise where an uninterrupted run ends."""
+    whole = _mpirun(2, _job(corpus, tmp_path / "whole", "parallel.pp=2"))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    cut = _mpirun(2, _job(corpus, tmp_path / "cut", "parallel.pp=2"), env={"MPITRAIN_FAULT": fault})
+    assert cut.returncode != 0 and (code is None or cut.returncode == code), cut.stdout + cut.stderr
+    again = _mpirun(2, [*_job(corpus, tmp_path / "cut", "parallel.pp=2"), "--resume"])
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stdout + again.stderr
+    _same(tmp_path / "whole", tmp_path / "cut")
 
 
 def test_dp2_by_pp2_on_four_ranks_equals_dp2(tmp_path, corpus):
@@ -305,7 +308,7 @@ def test_dp2_by_pp2_on_four_ranks_equals_dp2(tmp_path, corpus):
     (["parallel.pp=2", "model.kind=\"mlp\"", "data.dataset=\"digits\""], 2, "only the GPT"),
     (["parallel.pp=2", "comm.compress=\"fp16\""], 2, "comm.compress"),
     (["parallel.pp=2", "train.zero=1"], 2, "train.zero"),
-    (["parallel.tp=2"], 2, "tensor parallelism is not built"),
+    (["parallel.pp=2", "parallel.tp=2"], 2, "does not divide the 2 rank(s)"),
 ])
 def test_bad_layouts_are_one_line_on_every_rank(tmp_path, corpus, keys, n, message):
     p = _mpirun(n, _job(corpus, tmp_path / "bad", *keys), timeout=120)

@@ -239,7 +239,7 @@ def test_ps_trainer_in_process(comm, shared_tmp):
     if n < 2:
         pytest.skip("the parameter server needs a server and at least one worker (2 ranks or more)")
     servers = 2 if n >= 4 else 1
-    cfg = config.load(None, [f"data.path={shared_tmp / 'digits'}", f"checkpoint.dir={shared_tmp / 'c'}",
+    cfg = config.load(None, [f"data.path={shared_tmp / 'digits'}", "data.dataset=digits", f"checkpoint.dir={shared_tmp / 'c'}",
                              'comm.mode="ps"', f"comm.servers={servers}", "train.epochs=2", "model.hidden=[16]",
                              "checkpoint.every=0", "comm.max_staleness=1"])
     out = shared_tmp / "m.json"

@@ -294,7 +294,7 @@ def test_a_training_run_with_shm_matches_ring(tmp_path):
 
     out = {}
     for alg in ("ring", "shm"):
-        job = ["--set", f"data.path={tmp_path / 'digits'}", "--set", f"checkpoint.dir={tmp_path / alg}",
+        job = ["--set", f"data.path={tmp_path / 'digits'}", "--set", "data.dataset=digits", "--set", f"checkpoint.dir={tmp_path / alg}",
                "--set", "train.epochs=2", "--set", "model.hidden=[16]", "--set", f'comm.algorithm="{alg}"',
                "--metrics-out", str(tmp_path / f"{alg}.json")]
         res = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "mpitrain", "train", *job], cwd=tmp_path,

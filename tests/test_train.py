@@ -67,7 +67,7 @@ def _run(n, args, tmp_path, env=None, timeout=240):
 
 
 def _job(tmp_path, *extra):
-    return ["--set", f"data.path={tmp_path / 'digits'}", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}", *extra]
+    return ["--set", f"data.path={tmp_path / 'digits'}", "--set", "data.dataset=digits", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}", *extra]
 
 
 def test_default_job_on_two_ranks_reaches_96_percent(tmp_path):
@@ -111,7 +111,8 @@ STRATEGY_KEYS = {"sync": [], "fp16": ["comm.compress=\"fp16\""],
 def test_resumed_run_is_bitwise_identical(tmp_path, strategy, stop):
     """Uninterrupted vs. stopped mid-epoch-3 (killed, or SIGUSR1 -> checkpoint) and resumed, for every
     strategy: its own state (error-feedback residuals of every rank, local steps) is in the checkpoint."""
-    common = ["--set", "train.epochs=4", "--set", "model.hidden=[32]", "--set", f"data.path={tmp_path / 'd'}"]
+    common = ["--set", "train.epochs=4", "--set", "model.hidden=[32]", "--set", f"data.path={tmp_path / 'd'}",
+              "--set", "data.dataset=digits"]
     for k in STRATEGY_KEYS[strategy]:
         common += ["--set", k]
     a, _ = _run(2, [*common, "--set", f"checkpoint.dir={tmp_path / 'a'}"], tmp_path)

@@ -76,8 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max", type=_size_arg, default=_DefaultSize(parse_size("256MiB")), metavar="SIZE",
                    help="largest message, e.g. 64M, 256MiB (default 256MiB; 1GiB with --model); K/M/G are binary")
     p.add_argument("--step", type=_step_arg, default=4.0, help="size multiplier (default 4)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--op", default="sum", choices=OPS)
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="element type of the buffers reduced (default float32)")
+    p.add_argument("--op", default="sum", choices=OPS, help="reduction operation (default sum)")
     p.add_argument("--iters", type=_nonneg, default=None,
                    help=f"timed iterations per size (default or 0: scaled to size, ~{TARGET_SECONDS:g} s "
                         f"per size, {MIN_ROUNDS}..{MAX_ROUNDS})")

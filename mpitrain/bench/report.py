@@ -9,11 +9,10 @@ the plot draws busbw vs size per algorithm, memcpy, p2p (and d2h) as dashed ceil
 from __future__ import annotations
 
 import csv
-import json
 import math
 
 from ..perf.plot import pyplot, size_axes
-from ..units import format_size
+from ..units import format_size, json_text
 from .timing import MAX_ROUNDS, MIN_ROUNDS, TARGET_SECONDS
 
 COLUMNS = ("size", "count", "type", "op", "algorithm", "picked", "time_us", "algbw", "busbw",
@@ -63,8 +62,9 @@ def format_header(meta: dict) -> str:
         f"#   sizes {format_size(meta['min'])}..{format_size(meta['max'])} x{meta['step']:g}  "
         f"iters {iters}  "
         f"warmup {meta['warmup']}",
-        f"#   time: max over ranks of the median; algbw = bytes/time; busbw = algbw*{factor}; "
-        "speedup = native time / time",
+        f"#   time: max over ranks of the median; algbw = bytes/time; busbw = algbw*{factor}"
+        + (" -- at 1 rank that is 0 (no bytes move), so busbw = algbw here: a local copy, not a network; "
+           "mpirun -n 2 or more measures one" if meta["ranks"] == 1 else "") + "; speedup = native time / time",
         _WRONG[coll].format(tol=tol) + "memcpy: one rank copying the same bytes (the ceiling)",
         "#   p2p: ranks 0 and 1 ping-pong the same bytes, busbw = bytes / one-way time (the wire every "
         "algorithm here runs on)",
@@ -151,7 +151,7 @@ def write_csv(path, rows) -> None:
 
 def write_json(path, rows, meta: dict | None = None) -> None:
     with open(path, "w") as f:
-        json.dump({"meta": meta or {}, "rows": rows}, f, indent=1)
+        f.write(json_text({"meta": meta or {}, "rows": rows}, indent=1))
         f.write("\n")
 
 

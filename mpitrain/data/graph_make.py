@@ -32,6 +32,7 @@ import numpy as np
 
 from ..runtime import UserError, tag
 from .graphs import KIND, DataProblem, GraphSet, validate, write_graph_file
+from .importer import MAX_CLASSES
 from .make import DEFAULT_SHARDS, Progress, _check_sizes, _made, _prepare_out, split_rows
 from .shards import FORMAT, MANIFEST, SCHEMA_VERSION, TEST_FILE, is_shard_name, shard_name, split_bounds, \
     write_json_atomic
@@ -148,6 +149,39 @@ def make_graphs(out, *, graphs: int = 4000, test_graphs: int | None = None, node
 # ----------------------------------------------------------------------------- import
 
 
+# What each array of a graph .npz must be before it is cast to the file's dtype (graphs.DTYPES): its kinds
+# of numbers, its dimensions, and the range the stored dtype holds (checked on the ORIGINAL values, so an
+# int64 node id beyond int32 is refused instead of wrapping around into a valid one).
+_NPZ = {"x": ("iufb", 2, "[nodes, features]"), "edges": ("iu", 2, "[edges, 2]"),
+        "edge_attr": ("iufb", (1, 2), "[edges, edge_features]"), "node_ptr": ("iu", 1, "[graphs + 1]"),
+        "edge_ptr": ("iu", 1, "[graphs + 1]"), "y": ("iu", 1, "[graphs]")}
+
+
+def _npz_array(z, key: str, suffix: str, src) -> np.ndarray:
+    """Array ``key+suffix`` of ``z``, checked on its own dtype and shape; UserError naming file and key."""
+    from .graphs import DTYPES
+
+    a, (kinds, ndim, shape) = np.asarray(z[f"{key}{suffix}"]), _NPZ[key]
+    name = f"{src}: {key}{suffix}"
+    if a.dtype.kind not in kinds or a.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        what = "integers" if kinds == "iu" else "numbers"
+        raise UserError(f"{tag()} {name} must be {what} of shape {shape}, got {a.dtype} {a.shape}")
+    if key == "edges" and a.shape[1] != 2:
+        raise UserError(f"{tag()} {name} must have shape [edges, 2] (sender, receiver), got {a.shape}")
+    dt = DTYPES[key]
+    if a.size and dt.kind == "i" and a.dtype.kind in "iu":
+        lo, hi, info = int(a.min()), int(a.max()), np.iinfo(dt)
+        if lo < info.min or hi > info.max:
+            bad = lo if lo < info.min else hi
+            raise UserError(f"{tag()} {name} holds {bad}, beyond the {dt.name} range of the format "
+                            f"[{info.min}, {info.max}]")
+    if a.size and dt.kind == "f" and a.dtype.kind == "f":
+        big = np.abs(a[np.isfinite(a)]).max(initial=0)
+        if big > np.finfo(dt).max:
+            raise UserError(f"{tag()} {name} holds {big:g}, beyond the float32 range of the format")
+    return a
+
+
 def _graphs_from(z, src, suffix="") -> GraphSet | None:
     names = ["x", "edges", "node_ptr", "edge_ptr", "y"]
     have = [f"{k}{suffix}" in z for k in names]
@@ -157,16 +191,17 @@ def _graphs_from(z, src, suffix="") -> GraphSet | None:
         missing = [f"{k}{suffix}" for k, h in zip(names, have) if not h]
         raise UserError(f"{tag()} {src}: a graph .npz needs the arrays x, edges, node_ptr, edge_ptr, y; "
                         f"missing {', '.join(missing)}")
-    get = lambda k: np.asarray(z[f"{k}{suffix}"])  # noqa: E731
-    x = get("x")
-    if x.ndim != 2 or x.dtype.kind not in "iufb":
-        raise UserError(f"{tag()} {src}: x{suffix} must be numbers of shape [nodes, features], got {x.shape}")
-    edges = get("edges")
-    if edges.ndim != 2 or edges.shape[1] != 2 or edges.dtype.kind not in "iu":
-        raise UserError(f"{tag()} {src}: edges{suffix} must be integers of shape [edges, 2], got {edges.shape} "
-                        f"{edges.dtype}")
-    ea = get("edge_attr") if f"edge_attr{suffix}" in z else None
-    g = GraphSet(x, edges, ea, get("node_ptr"), get("edge_ptr"), get("y"))
+    arrays = {k: _npz_array(z, k, suffix, src) for k in names}
+    ea = _npz_array(z, "edge_attr", suffix, src) if f"edge_attr{suffix}" in z else None
+    if ea is not None and len(ea) != len(arrays["edges"]):
+        raise UserError(f"{tag()} {src}: edge_attr{suffix} has {len(ea)} rows but edges{suffix} has "
+                        f"{len(arrays['edges'])} (one row of edge features per edge)")
+    if ea is not None and ea.ndim == 1:
+        ea = ea[:, None]
+    if len(arrays["y"]) and int(arrays["y"].max()) >= MAX_CLASSES:
+        raise UserError(f"{tag()} {src}: y{suffix} holds label {int(arrays['y'].max())}, beyond {MAX_CLASSES} "
+                        "(2**24) classes; labels are class numbers 0..classes-1")
+    g = GraphSet(arrays["x"], arrays["edges"], ea, arrays["node_ptr"], arrays["edge_ptr"], arrays["y"])
     try:
         validate(g, f"{src} (arrays{suffix or ''})", classes=int(g.y.max()) + 1 if len(g.y) else 1,
                  features=g.features, edge_features=g.edge_features)

@@ -204,11 +204,11 @@ def open_graphs(path, comm, manifest: dict, *, batch_size: int, seed: int = 0, v
         fail(f"{tag()} {path}: rank {r} holds only {per_rank[r]} training graphs, fewer than "
              f"batch_size={batch_size} ({manifest['train_rows']} graphs in {len(manifest['shards'])} "
              f"shards over {size} ranks); use a smaller batch size, fewer ranks or more graphs")
-    used = steps * int(batch_size) * size
-    if used < 0.9 * manifest["train_rows"]:
-        log0(f"warning: data set {path}: only {used} of {manifest['train_rows']} training graphs are used per "
-             f"epoch ({len(manifest['shards'])} shards over {size} ranks, batch {batch_size}); remake it with a "
-             f"shard count that is a multiple of {size}", comm=comm)
+    from .reader import balance_advice
+
+    advice = balance_advice([e["rows"] for e in manifest["shards"]], size, int(batch_size), "graphs")
+    if advice:
+        log0(f"warning: data set {path}: {advice}", comm=comm)
     return GraphReader(path=path, comm=comm, manifest=manifest, batch_size=int(batch_size), seed=seed,
                        files=st["files"], segments=st["segments"], test_file=st["test"],
                        test_range=st["test_range"], steps_per_epoch=steps, graphs_per_rank=per_rank,

@@ -120,6 +120,46 @@ def plan_segments(shard_rows: list[int], size: int, rank: int) -> list[tuple[int
     return segs
 
 
+def rows_used(shard_rows: list[int], size: int, batch_size: int) -> int:
+    """Rows all ranks together train on per epoch: steps (the fewest rows of any rank // batch) x batch x ranks."""
+    return _fewest(shard_rows, size) // batch_size * batch_size * size
+
+
+def _fewest(shard_rows: list[int], size: int) -> int:
+    """The rows of the rank that holds fewest (``plan_segments``' ownership, without listing segments)."""
+    if len(shard_rows) < size:
+        return sum(shard_rows) // size
+    return int(np.bincount(np.arange(len(shard_rows)) % size, weights=shard_rows, minlength=size).min())
+
+
+def _cut(n: int, k: int) -> list[int]:
+    """Rows per shard when ``data make`` cuts ``n`` rows into ``k`` shards."""
+    return [hi - lo for lo, hi in split_bounds(n, k)]
+
+
+USED = 0.9  # below this fraction of the train rows used per epoch, open_dataset warns
+
+
+def balance_advice(shard_rows: list[int], size: int, batch_size: int, unit: str = "rows") -> str | None:
+    """None when >= 90 % of the rows are used per epoch; else the warning's advice: a shard count
+    (as ``data make`` cuts shards) or a batch size that does use them, checked by ``rows_used``."""
+    n, k, used = sum(shard_rows), len(shard_rows), rows_used(shard_rows, size, batch_size)
+    if used >= USED * n:
+        return None
+    head = f"only {used} of {n} training {unit} are used per epoch ({k} shards over {size} ranks, batch {batch_size})"
+    counts = sorted({size * m for m in range(1, k // size + 3)}, key=lambda c: (abs(c - k), c))
+    best = max(counts, key=lambda c: rows_used(_cut(n, c), size, batch_size))  # the closest of the best
+    fewest = _fewest(_cut(n, best), size)
+    if fewest // batch_size * batch_size * size >= USED * n:
+        return f"{head}: the shards do not divide evenly among the ranks; remake it with --shards {best}"
+    b = next((b for b in range(batch_size - 1, 0, -1) if fewest // b * b * size >= USED * n), 0)
+    if b and _fewest(shard_rows, size) // b * b * size < USED * n:
+        return f"{head}; remake it with --shards {best} and train.batch_size = {b} (each rank then holds ~{fewest} {unit})"
+    if b:
+        return f"{head}: each rank holds about {fewest} {unit}; use train.batch_size = {b}"
+    return f"{head}: each rank holds about {fewest} {unit}; use fewer ranks or a larger data set"
+
+
 def _hint(manifest, path) -> str:
     from .make import regenerate_hint
 
@@ -408,12 +448,9 @@ def open_dataset(path, comm=None, *, batch_size: int, seed: int = 0, verify: boo
                     test_range=st["test_range"], steps_per_epoch=steps,
                     block_rows=st["block_rows"], window_blocks=int(window_blocks),
                     rows_per_rank=rows_per_rank)
-    used = steps * int(batch_size) * size
-    if used < 0.9 * m["train_rows"]:
-        log0(f"warning: data set {path}: only {used} of {m['train_rows']} training rows are used "
-             f"per epoch ({len(m['shards'])} shards over {size} ranks, batch {batch_size}); "
-             f"remake it with a shard count that is a multiple of {size} to balance the ranks",
-             comm=comm)
+    advice = balance_advice([e["rows"] for e in m["shards"]], size, int(batch_size))
+    if advice:
+        log0(f"warning: data set {path}: {advice}", comm=comm)
     return reader
 
 

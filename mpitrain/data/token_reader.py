@@ -116,6 +116,37 @@ def _open_local(path: Path, rank: int, size: int, window: int):
     return m, train, val
 
 
+def _fewest(what: str, counts: list[int]) -> str:
+    r = int(np.argmin(counts))
+    return (f"the {what} split holds {sum(counts):,} tokens over {len(counts)} rank(s), {counts[r]:,} on rank {r} "
+            "(the fewest)")
+
+
+def _steps_per_epoch(path, sizes: list[tuple[int, int]], window: int, batch_size: int) -> int:
+    """Batches per rank and epoch (the same on every rank). UserError when a rank has no train window (one
+    needs 2·block_size tokens: it starts at a random offset below block_size), or no rank a val window."""
+    T, train, val = window - 1, [n for n, _ in sizes], [v for _, v in sizes]
+    per_rank = [(n - T) // T for n in train]
+    if min(per_rank) < 1:
+        fit = f"model.block_size <= {min(train) // 2}" if min(train) >= 4 else "a smaller model.block_size"
+        fit += ", fewer ranks" if len(train) > 1 else ""
+        raise UserError(f"{tag()} {path}: {_fewest('train', train)}, but one window of block_size + 1 = {window} "
+                        f"tokens needs {2 * T:,} tokens per rank (it starts at a random offset below block_size); "
+                        f"use {fit}, or more text")
+    if max(val) < window:
+        raise UserError(f"{tag()} {path}: {_fewest('val', val)}, and no rank holds one window of block_size + 1 = "
+                        f"{window} tokens: the val loss would measure nothing; use a smaller model.block_size"
+                        f"{f' (at most {max(val) - 1})' if max(val) >= 2 else ''}{', fewer ranks' if len(val) > 1 else ''}, or remake the set "
+                        "with a larger --val-fraction")
+    steps = min(per_rank) // batch_size
+    if steps < 1:
+        r = int(np.argmin(per_rank))
+        raise UserError(f"{tag()} {path}: rank {r} holds only {per_rank[r]} windows of {window} tokens, "
+                        f"fewer than batch_size = {batch_size} ({sum(train):,} train tokens over {len(train)} "
+                        "ranks); use a smaller batch or block_size, fewer ranks, or more text")
+    return steps
+
+
 def open_tokens(path, comm=None, *, batch_size: int, seed: int = 0, window: int | None = None) -> TokenReader:
     """Open the token data set in ``path`` for this rank (collective over ``comm``); errors on every rank."""
     comm = comm if comm is not None else get_comm()
@@ -132,10 +163,9 @@ def open_tokens(path, comm=None, *, batch_size: int, seed: int = 0, window: int 
         err = f"{tag()} {e.file}: {e.reason}; remake the set (`python -m mpitrain data check {path}` lists problems)"
     except UserError as e:
         err = str(e)
-    T = int(window or 2) - 1
-    windows = (len(st[1]) - T) // T if st is not None else -1
     sig = (st[0]["train_tokens"], st[0]["vocab_size"], int(batch_size), int(seed), window) if st else None
-    gathered = comm.allgather((err, sig, windows)) if size > 1 else [(err, sig, windows)]
+    sizes = (len(st[1]), len(st[2])) if st is not None else (0, 0)
+    gathered = comm.allgather((err, sig, sizes)) if size > 1 else [(err, sig, sizes)]
     bad = [(r, g[0]) for r, g in enumerate(gathered) if g[0] is not None]
     if bad:
         r, text = bad[0]
@@ -143,13 +173,7 @@ def open_tokens(path, comm=None, *, batch_size: int, seed: int = 0, window: int 
     if any(g[1] != gathered[0][1] for g in gathered):
         raise UserError(f"{tag()} {path}: ranks disagree on the data set or its reading (tokens, vocab, batch, "
                         f"seed, window): {[g[1] for g in gathered]}")
-    per_rank = [g[2] for g in gathered]
-    steps = min(per_rank) // int(batch_size)
-    if steps == 0:
-        r = int(np.argmin(per_rank))
-        raise UserError(f"{tag()} {path}: rank {r} holds only {max(per_rank[r], 0)} windows of {window} tokens, "
-                        f"fewer than batch_size = {batch_size} ({st[0]['train_tokens']:,} train tokens over {size} "
-                        "ranks); use a smaller batch or block_size, fewer ranks, or more text")
+    steps = _steps_per_epoch(path, [g[2] for g in gathered], int(window), int(batch_size))
     m, train, val = st
     if len(val) < window:
         warn(f"{path}: this rank holds only {len(val)} val tokens, fewer than one window of {window}; "

@@ -76,7 +76,11 @@ def write_token_set(out, train, val, *, vocab_size: int, shards: int, made: dict
     for name, a in (("train", train), ("val", val)):
         if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab_size):
             raise UserError(f"{tag()} {out}: {name} tokens outside [0, {vocab_size})")
-    if shards < 1 or len(train) < shards:
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise UserError(f"{tag()} {out}: --shards must be at least 1 (got {shards})")
+    if not val.size:
+        raise UserError(f"{tag()} {out}: the val split would hold no tokens; hold out more (--val-fraction)")
+    if len(train) < shards:
         raise UserError(f"{tag()} {out}: {len(train)} training tokens cannot fill {shards} shard(s); "
                         "use fewer --shards or more text")
     out = _prepare_out(out, overwrite)
@@ -120,8 +124,7 @@ def import_text(paths, out, *, shards: int = 4, val_fraction: float = 0.1, overw
     """Text files (or directories of them) -> byte tokens; the last ``val_fraction`` is val."""
     from .make import _made
 
-    if not 0 < val_fraction < 1:
-        raise UserError(f"{tag()} --val-fraction = {val_fraction} must be in (0, 1)")
+    _check_fraction(val_fraction)
     files, chunks, sources = _text_files(paths), [], []
     for p in files:
         try:
@@ -157,6 +160,11 @@ def stdlib_sources(root=None) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _check_fraction(val_fraction) -> None:
+    if not 0 < val_fraction < 1:  # also NaN
+        raise UserError(f"{tag()} --val-fraction = {val_fraction} must be in (0, 1)")
+
+
 def _in_val(rel: str, val_fraction: float) -> bool:
     h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big")
     return h / 2.0 ** 64 < val_fraction
@@ -167,6 +175,9 @@ def make_pycode(out, *, shards: int = 4, val_fraction: float = 0.1, max_bytes: i
     """The stdlib .py corpus (``max_bytes`` > 0: whole files in sorted order up to that many bytes)."""
     from .make import _made
 
+    _check_fraction(val_fraction)
+    if max_bytes < 0:
+        raise UserError(f"{tag()} --max-bytes = {max_bytes} must be >= 0 (0 = the whole standard library)")
     root = Path(root or sysconfig.get_paths()["stdlib"])
     files = stdlib_sources(root)
     if not files:
@@ -184,6 +195,9 @@ def make_pycode(out, *, shards: int = 4, val_fraction: float = 0.1, max_bytes: i
     if not parts["val"] and len(sources) > 1:  # a tiny corpus: the last file is held out
         sources[-1]["split"] = "val"
         parts["val"].append(parts["train"].pop())
+    if not parts["train"] or not parts["val"]:
+        raise UserError(f"{tag()} {out}: --max-bytes = {max_bytes} takes {len(sources)} file(s) ({total:,} bytes): "
+                        "too few for a train and a val split; raise --max-bytes (or 0 = all)")
     train = np.frombuffer(b"".join(parts["train"]), dtype=np.uint8)
     val = np.frombuffer(b"".join(parts["val"]), dtype=np.uint8)
     if log is not None:

@@ -49,16 +49,13 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gpt_layers as K
+from . import gpt_seq
+from .gpt_shard import TP, block_shapes, shard_index
+from .gpt_shard import check as _tp_check
 from .base import Model, grads_buffer, params_buffer
 
 BLOCK_TENSORS = ("mlp_proj.w", "mlp_proj.b", "mlp_fc.w", "mlp_fc.b", "ln2.w", "ln2.b",
                  "attn_proj.w", "attn_proj.b", "attn_qkv.w", "attn_qkv.b", "ln1.w", "ln1.b")
-
-
-def _block_shapes(C):
-    return {"mlp_proj.w": (4 * C, C), "mlp_proj.b": (C,), "mlp_fc.w": (C, 4 * C), "mlp_fc.b": (4 * C,),
-            "ln2.w": (C,), "ln2.b": (C,), "attn_proj.w": (C, C), "attn_proj.b": (C,),
-            "attn_qkv.w": (C, 3 * C), "attn_qkv.b": (3 * C,), "ln1.w": (C,), "ln1.b": (C,)}
 
 
 class Part(NamedTuple):
@@ -69,7 +66,7 @@ class Part(NamedTuple):
     head: bool
 
 
-def layout(n_layer, C, V, T, tie, part):
+def layout(n_layer, C, V, T, tie, part, tp=1):
     """``([(name, offset, shape)], n, ready)`` of ``part``: the tensors in backprop order (docstring)."""
     out, off, ready = [], 0, []
 
@@ -84,7 +81,7 @@ def layout(n_layer, C, V, T, tie, part):
         add("lnf.w", (C,))
         add("lnf.b", (C,))
         ready.append(off)
-    shapes = _block_shapes(C)
+    shapes = block_shapes(C, tp)
     for layer in reversed(range(part.lo, part.hi)):
         for t in BLOCK_TENSORS:
             add(f"h{layer}.{t}", shapes[t])
@@ -103,7 +100,7 @@ class GPT(Model):
     pipeline = True  # offers stage parts (part=, stage_forward, stage_backward)
 
     @classmethod
-    def from_spec(cls, spec, options, *, xp=np, seed=0, dtype=np.float32, part=None):
+    def from_spec(cls, spec, options, *, xp=np, seed=0, dtype=np.float32, part=None, tp=None):
         from ..runtime import UserError
 
         vocab = int(options["vocab_size"]) or int(spec.vocab_size)
@@ -114,11 +111,13 @@ class GPT(Model):
         if options["n_embd"] % options["n_head"]:
             raise UserError(f"model.n_embd = {options['n_embd']} is not a multiple of model.n_head = "
                             f"{options['n_head']}")
+        if tp is not None and (why := _tp_check(options["n_head"], options["n_embd"], tp.size)):
+            raise UserError(why)
         return cls(options["n_layer"], options["n_head"], options["n_embd"], options["block_size"], vocab,
-                   tie_embeddings=options["tie_embeddings"], xp=xp, dtype=dtype, seed=seed, part=part)
+                   tie_embeddings=options["tie_embeddings"], xp=xp, dtype=dtype, seed=seed, part=part, tp=tp)
 
     def __init__(self, n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=256, *,
-                 tie_embeddings=True, xp=np, dtype=np.float32, seed=0, part=None):
+                 tie_embeddings=True, xp=np, dtype=np.float32, seed=0, part=None, tp=None):
         n_layer, n_head, n_embd = int(n_layer), int(n_head), int(n_embd)
         block_size, vocab_size = int(block_size), int(vocab_size)
         if min(n_layer, n_head, n_embd, block_size) < 1 or vocab_size < 2:
@@ -126,12 +125,16 @@ class GPT(Model):
         if n_embd % n_head:
             raise ValueError(f"n_embd = {n_embd} is not a multiple of n_head = {n_head}")
         self.part = Part(0, n_layer, True, True) if part is None else Part(*part)
+        self.tp = TP() if tp is None else TP(*tp)
+        if why := _tp_check(n_head, n_embd, self.tp.size):
+            raise ValueError(why)
         if not 0 <= self.part.lo <= self.part.hi <= n_layer:
             raise ValueError(f"part {self.part}: blocks must lie in [0, {n_layer}]")
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
         self.block_size, self.vocab_size, self.tie = block_size, vocab_size, bool(tie_embeddings)
         self.xp, self.dtype = xp, np.dtype(dtype)
-        self._tensors, self._n, self.ready = layout(n_layer, n_embd, vocab_size, block_size, self.tie, self.part)
+        self._tensors, self._n, self.ready = layout(n_layer, n_embd, vocab_size, block_size, self.tie, self.part,
+                                                    self.tp.size)
         self.params = params_buffer(xp, self._n, self.dtype)
         self.grads = grads_buffer(xp, self._n, self.dtype)
         self.p = {name: self.params[o:o + math.prod(s)].reshape(s) for name, o, s in self._tensors}
@@ -157,8 +160,8 @@ class GPT(Model):
 
     def block_span(self, layer):
         """``(lo, hi)`` of block ``layer``'s tensors in the flat buffer (contiguous: the layout above)."""
-        o = {name: off for name, off, _ in self._tensors}
-        return o[f"h{layer}.mlp_proj.w"], o[f"h{layer}.ln1.b"] + self.n_embd
+        o = {name: (off, off + math.prod(shape)) for name, off, shape in self._tensors}
+        return o[f"h{layer}.{BLOCK_TENSORS[0]}"][0], o[f"h{layer}.{BLOCK_TENSORS[-1]}"][1]
 
     def param_groups(self):
         """Every block of this part (ZeRO-3 gathers each just before its forward and its backward)."""
@@ -184,10 +187,10 @@ class GPT(Model):
         resid = 0.02 / math.sqrt(2 * self.n_layer)
         C, V, T = self.n_embd, self.vocab_size, self.block_size
 
-        def put(name, values):
+        def put(name, values):  # the whole tensor drawn; this rank keeps its part (and its tp slice)
             if name in where:
                 o, s = where[name]
-                host[o:o + math.prod(s)] = np.asarray(values, dtype=np.float64).ravel()
+                host[o:o + math.prod(s)] = self.shard(name, np.asarray(values, dtype=np.float64)).ravel()
 
         put("wte", rng.normal(0.0, 0.02, (V, C)))
         put("wpe", rng.normal(0.0, 0.02, (T, C)))
@@ -195,7 +198,7 @@ class GPT(Model):
             put("lm_head", rng.normal(0.0, 0.02, (V, C)))
         put("lnf.w", np.ones(C))
         for layer in range(self.n_layer):
-            for t, shape in _block_shapes(C).items():
+            for t, shape in block_shapes(C).items():
                 if t.startswith("ln") and t.endswith(".w"):
                     put(f"h{layer}.{t}", np.ones(shape))
                 elif t.endswith(".w"):
@@ -223,9 +226,18 @@ class GPT(Model):
         return 6.0 * C, 6.0 * 12 * C * C + 12.0 * T * C, 6.0 * V * C + 15.0 * V
 
     def full_tensors(self):
-        """``tensors()`` of the whole model (every part's names and shapes are a subsequence of it)."""
+        """``tensors()`` of the whole model, whole tensors (every part's names are a subsequence of it)."""
         return layout(self.n_layer, self.n_embd, self.vocab_size, self.block_size, self.tie,
                       Part(0, self.n_layer, True, True))[0]
+
+    def shard_index(self, name, tp_rank=None):
+        """The index of tp rank ``tp_rank``'s (default: this rank's) slice in the whole tensor; None: whole."""
+        return shard_index(name, self.n_embd, self.tp.size, self.tp.rank if tp_rank is None else tp_rank)
+
+    def shard(self, name, whole):
+        """This rank's tp slice of the whole tensor ``name`` (the array itself when it is replicated)."""
+        idx = self.shard_index(name)
+        return whole if idx is None else whole[idx]
 
     def describe(self):
         tie = "tied" if self.tie else "untied"
@@ -233,6 +245,8 @@ class GPT(Model):
         if (lo, hi, embed, head) != (0, self.n_layer, True, True):
             what = "+".join((["embeddings"] if embed else []) + [f"blocks {lo}-{hi - 1}"] + (["head"] if head else []))
             tie += f"; this stage: {what}"
+        if self.tp.size > 1:
+            tie += f"; tp slot {self.tp.rank} of {self.tp.size}: heads and MLP width / {self.tp.size}"
         return (f"GPT {self.n_layer}L {self.n_head}H {self.n_embd}C ctx {self.block_size} vocab "
                 f"{self.vocab_size} ({tie}), {self.n_params:,} params ({self.dtype.name}, {self.xp.__name__})")
 
@@ -275,20 +289,33 @@ class GPT(Model):
 
     def _block(self, layer, h, B, T, keep):
         """One block's forward: h (N, C) -> h (N, C), and (with ``keep``) what its backward needs."""
+        if self.tp.sequence:
+            return gpt_seq.block_forward(self, layer, h, B, T, keep)
         xp, C, N = self.xp, self.n_embd, B * T
         q = lambda t: self.p[f"h{layer}.{t}"]  # noqa: E731
-        self.params_needed(*self.block_span(layer))
         ln1, c_ln1 = K.layernorm_forward(xp, h, q("ln1.w"), q("ln1.b"))               # (N, C)
-        qkv = xp.matmul(ln1, q("attn_qkv.w")) + q("attn_qkv.b")                       # (N, 3C)
-        att, c_att = K.attention_forward(xp, qkv.reshape(B, T, 3 * C), self.n_head, self._mask(T))
-        att = att.reshape(N, C)                                                       # (N, C)
-        h2 = h + xp.matmul(att, q("attn_proj.w")) + q("attn_proj.b")                  # (N, C)
+        Cl, nh = C // self.tp.size, self.n_head // self.tp.size                       # this tp rank's share
+        qkv = xp.matmul(ln1, q("attn_qkv.w")) + q("attn_qkv.b")                       # (N, 3C/tp)
+        att, c_att = K.attention_forward(xp, qkv.reshape(B, T, 3 * Cl), nh, self._mask(T))
+        att = att.reshape(N, Cl)                                                      # (N, C/tp)
+        h2 = h + self._g(xp.matmul(att, q("attn_proj.w"))) + q("attn_proj.b")         # (N, C)
         ln2, c_ln2 = K.layernorm_forward(xp, h2, q("ln2.w"), q("ln2.b"))              # (N, C)
         fc = xp.matmul(ln2, q("mlp_fc.w")) + q("mlp_fc.b")                            # (N, 4C)
         gl, c_gelu = K.gelu_forward(xp, fc)                                           # (N, 4C)
-        h = h2 + xp.matmul(gl, q("mlp_proj.w")) + q("mlp_proj.b")                     # (N, C)
-        self.params_done(*self.block_span(layer))
+        h = h2 + self._g(xp.matmul(gl, q("mlp_proj.w"))) + q("mlp_proj.b")            # (N, C)
         return h, ((ln1, c_ln1, c_att, att, ln2, c_ln2, c_gelu, gl) if keep else None)
+
+    def _hooked(self, fn, layer, *args):
+        """``fn(layer, *args)`` (a block's forward or backward) between params_needed / params_done (base.py)."""
+        span = self.block_span(layer)
+        self.params_needed(*span)
+        out = fn(layer, *args)
+        self.params_done(*span)
+        return out
+
+    def _g(self, partial):
+        """The sum over the tp group of a row layer's partial product (g forward; f's backward): in place."""
+        return partial if self.tp.size == 1 else self.tp.allreduce(partial)
 
     def _head(self, h):
         """h (N, C) -> logits (N, V), (lnf, its cache)."""
@@ -316,13 +343,39 @@ class GPT(Model):
         g["wte"][...] = 0
         K.embedding_backward(xp, g["wte"], x.reshape(-1), dh)
 
+    def _blocks(self, h, B, T, layers, keep):
+        """h (N, C) through ``layers`` -> (h (N, C), their caches); with sequence parallelism the blocks
+        work on this rank's rows (models/gpt_seq.py), gathered back whole at the end."""
+        h, caches = self._rows(h), []
+        for layer in layers:
+            h, cache = self._hooked(self._block, layer, h, B, T, keep)
+            caches.append(cache)
+        return self._whole(h, B * T), caches
+
+    def _blocks_backward(self, dh, caches, B, T, layers, ready=None):
+        """dh (N, C) at the last of ``layers``' output -> at the first one's input; ``ready(i)`` after each."""
+        dh = self._rows(dh)
+        for i, (layer, cache) in enumerate(zip(reversed(layers), reversed(caches))):
+            dh = self._hooked(self._block_backward, layer, dh, cache, B, T)
+            caches[len(caches) - 1 - i] = None
+            if ready is not None:
+                ready(i)
+        return self._whole(dh, B * T)
+
+    def _rows(self, h):
+        """This rank's rows of h (sequence parallelism), else h."""
+        if not self.tp.sequence:
+            return h
+        lo, hi = self.tp.rows(h.shape[0])
+        return h[lo:hi].copy()
+
+    def _whole(self, h_s, N):
+        return self.tp.allgather(h_s, N) if self.tp.sequence else h_s
+
     def _forward(self, x, keep):
         """x (B, T) int -> logits (B*T, V) and, with ``keep``, the per-layer caches (the whole model)."""
         B, T = x.shape
-        h, caches = self._embed(x), []
-        for layer in range(self.n_layer):
-            h, cache = self._block(layer, h, B, T, keep)
-            caches.append(cache)
+        h, caches = self._blocks(self._embed(x), B, T, range(self.n_layer), keep)
         logits, ctx = self._head(h)
         return logits, (caches, ctx)
 
@@ -348,11 +401,8 @@ class GPT(Model):
         del z
         if on_grad_ready is not None:
             on_grad_ready(self.ready[0])
-        for i, layer in enumerate(reversed(range(self.n_layer))):
-            dh = self._block_backward(layer, dh, caches[layer], B, T)
-            caches[layer] = None
-            if on_grad_ready is not None:
-                on_grad_ready(self.ready[i + 1])
+        hook = None if on_grad_ready is None else (lambda i: on_grad_ready(self.ready[i + 1]))
+        dh = self._blocks_backward(dh, caches, B, T, range(self.n_layer), hook)
         self._embed_backward(x, dh)
         if self.tie and not keep_apart:
             self.g["wte"] += self.g_head
@@ -362,28 +412,27 @@ class GPT(Model):
 
     def _block_backward(self, layer, dh, cache, B, T):
         """dh (N, C) at the block's output -> dh at its input; the block's grads written."""
+        if self.tp.sequence:
+            return gpt_seq.block_backward(self, layer, dh, cache, B, T)
         xp, C = self.xp, self.n_embd
         q = lambda t: self.p[f"h{layer}.{t}"]  # noqa: E731
         d = lambda t: self.g[f"h{layer}.{t}"]  # noqa: E731
         ln1, c_ln1, c_att, att, ln2, c_ln2, c_gelu, gl = cache
-        self.params_needed(*self.block_span(layer))
         xp.matmul(gl.T, dh, out=d("mlp_proj.w"))                                      # (4C, C)
         xp.sum(dh, axis=0, out=d("mlp_proj.b"))
         dfc = K.gelu_backward(xp, xp.matmul(dh, q("mlp_proj.w").T), c_gelu)           # (N, 4C)
         xp.matmul(ln2.T, dfc, out=d("mlp_fc.w"))                                      # (C, 4C)
         xp.sum(dfc, axis=0, out=d("mlp_fc.b"))
-        dh2 = dh + K.layernorm_backward(xp, xp.matmul(dfc, q("mlp_fc.w").T), c_ln2, q("ln2.w"),
-                                        d("ln2.w"), d("ln2.b"))                        # (N, C)
+        dh2 = dh + K.layernorm_backward(xp, self._g(xp.matmul(dfc, q("mlp_fc.w").T)), c_ln2, q("ln2.w"),
+                                        d("ln2.w"), d("ln2.b"))                        # (N, C); f's backward
         xp.matmul(att.T, dh2, out=d("attn_proj.w"))                                   # (C, C)
         xp.sum(dh2, axis=0, out=d("attn_proj.b"))
-        datt = xp.matmul(dh2, q("attn_proj.w").T).reshape(B, T, C)                    # (B, T, C)
-        dqkv = K.attention_backward(xp, datt, c_att).reshape(B * T, 3 * C)            # (N, 3C)
+        datt = xp.matmul(dh2, q("attn_proj.w").T).reshape(B, T, C // self.tp.size)    # (B, T, C/tp)
+        dqkv = K.attention_backward(xp, datt, c_att).reshape(B * T, 3 * C // self.tp.size)  # (N, 3C/tp)
         xp.matmul(ln1.T, dqkv, out=d("attn_qkv.w"))                                   # (C, 3C)
         xp.sum(dqkv, axis=0, out=d("attn_qkv.b"))
-        dh = dh2 + K.layernorm_backward(xp, xp.matmul(dqkv, q("attn_qkv.w").T), c_ln1, q("ln1.w"),
-                                        d("ln1.w"), d("ln1.b"))
-        self.params_done(*self.block_span(layer))
-        return dh
+        return dh2 + K.layernorm_backward(xp, self._g(xp.matmul(dqkv, q("attn_qkv.w").T)), c_ln1, q("ln1.w"),
+                                          d("ln1.w"), d("ln1.b"))
 
     # ------------------------------------------------------------------ stages
     def stage_forward(self, inp, y=None, keep=True):
@@ -398,10 +447,7 @@ class GPT(Model):
         else:
             x, (B, T, _) = None, inp.shape
             h = inp.reshape(B * T, self.n_embd)
-        caches = []
-        for layer in range(part.lo, part.hi):
-            h, cache = self._block(layer, h, B, T, keep)
-            caches.append(cache)
+        h, caches = self._blocks(h, B, T, range(part.lo, part.hi), keep)
         if not part.head:
             return h.reshape(B, T, self.n_embd), (x, caches, None, None)
         z, hctx = self._head(h)
@@ -421,8 +467,7 @@ class GPT(Model):
         else:
             B, T, _ = dout.shape
             dh = dout.reshape(B * T, self.n_embd)
-        for layer, cache in zip(reversed(range(self.part.lo, self.part.hi)), reversed(caches)):
-            dh = self._block_backward(layer, dh, cache, B, T)
+        dh = self._blocks_backward(dh, caches, B, T, range(self.part.lo, self.part.hi))
         if self.part.embed:
             self._embed_backward(x, dh)
             return None

@@ -114,6 +114,12 @@ class MPNN(Model):
     def tensors(self):
         return [(name, self._offsets[name], shape) for name, shape in self._layout]
 
+    def config(self):
+        """The constructor arguments that fix the shapes and meaning of the parameters (for checkpoints)."""
+        return {"features": self.features, "edge_features": self.edge_features, "classes": self.classes,
+                "width": self.width, "rounds": self.rounds, "readout": self.readout, "residual": self.residual,
+                "hidden": list(self.hidden), "activation": self.activation, "dtype": self.dtype.name}
+
     def block_end(self, name):
         """The end offset of tensor ``name`` in the flat buffers."""
         return self._offsets[name] + math.prod(self.p[name].shape)

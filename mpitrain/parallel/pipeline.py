@@ -55,7 +55,8 @@ class Pipeline:
         self.staged = backend.is_device(model.params) and not backend.cuda_aware_mpi()
         self.acc = Accumulator(model, self.m)
         self.timers, self.trace = timers, trace
-        self.sent_bytes = 0.0
+        self.sent_bytes = 0.0        # everything this stage sent (the run's byte count)
+        self.sent = dict.fromkeys(_WHAT.values(), 0)  # ... by kind: activations, gradients, eval, tied wte
         self.peak_stash = 0          # most micro-batches whose activations were alive at once
         self.peak_stash_bytes = 0    # their bytes (the caches backward needs), at that moment
         self._sends = []
@@ -80,6 +81,7 @@ class Pipeline:
         host = host if host.flags.c_contiguous else host.copy()
         self._sends.append((self.comm.Isend(host, dest=dest, tag=tag), host))
         self.sent_bytes += host.nbytes
+        self.sent[_WHAT[tag]] += host.nbytes
         if self.trace is not None:
             self.trace.instant(f"send {_WHAT[tag]} to stage {dest}", track="pipeline send", bytes=host.nbytes)
 
@@ -174,6 +176,7 @@ class Pipeline:
         if self.timers is not None:
             self.timers.add("comm", time.perf_counter() - t0)
         self.sent_bytes += mine.nbytes
+        self.sent[_WHAT[TAG_TIED]] += mine.nbytes
         g += self.xp.asarray(other)
 
     def _share_loss(self, losses, correct) -> tuple[float, int]:

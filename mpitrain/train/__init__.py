@@ -27,11 +27,18 @@ def add_arguments(p):
                    "(rank 0, flushed at once)")
     p.add_argument("--tensorboard", metavar="DIR", help="stream metrics as TensorBoard scalars (rank 0; needs "
                    "tensorboardX: pip install 'mpitrain[tb]')")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective job (every key after defaults, the job file and --set) and its "
+                        "layout on this many ranks, then exit (a run saves it as job.toml beside its checkpoints)")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     cfg = config.load(args.job, args.overrides)
+    if args.print_config:
+        from .effective import print_config
+
+        return print_config(cfg, get_comm())
     return Trainer(cfg, get_comm()).run(resume=args.resume, metrics_out=args.metrics_out, trace=args.trace,
                                         log=args.log, tensorboard=args.tensorboard)
 

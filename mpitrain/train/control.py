@@ -35,6 +35,14 @@ _HINT = ("Lower train.lr, set train.clip_norm, check the data (python -m mpitrai
          "train.nonfinite=\"skip\"")
 
 
+def sum_in_order(values) -> float:
+    """A left-to-right float sum (the canonical order: never a pairwise or compensated one)."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
 NORM_BLOCK = 1 << 16  # elements per block of the canonical norm (the docstring)
 
 
@@ -147,7 +155,8 @@ class GradPolicy:
                 grads *= self.t.clip_norm / norm
 
     def grad_norm(self, grads) -> float:
-        """The canonical global norm of the model's gradient ``grads`` (the module docstring)."""
+        """The canonical global norm of the model's gradient ``grads`` (the module docstring). A tensor split
+        over tensor-parallel ranks adds its slices' sums in tp-rank order (equal to tolerance, not bitwise)."""
         m, xp = self.model, self.model.xp
         sq = {name: tensor_sq(xp, grads[off:off + math.prod(shape)]) for name, off, shape in m.tensors()}
         return self._total(sq)
@@ -163,17 +172,19 @@ class GradPolicy:
                 shard *= self.t.clip_norm / norm
 
     def _total(self, sq: dict) -> float:
-        """The stages' tensor sums (``sq``: this stage's) added in the full model's order; the norm."""
+        """The model-parallel parts' tensor sums (``sq``: this part's) added in the full model's order."""
         m = self.model
-        if self.group is not None:
-            for other in self.group.allgather(sq):
-                for k, v in other.items():
-                    sq.setdefault(k, v)
         order = m.full_tensors() if hasattr(m, "full_tensors") else m.tensors()
-        total = 0.0
+        if self.group is None:
+            return math.sqrt(sum_in_order(sq[name] for name, _, _ in order))
+        sliced = getattr(m, "shard_index", lambda name, tp_rank=None: None)
+        tp_rank = getattr(getattr(m, "tp", None), "rank", 0)
+        every = sorted(self.group.allgather((tp_rank, sq)), key=lambda e: e[0])
+        total = []
         for name, _, _ in order:
-            total += sq[name]
-        return math.sqrt(total)
+            parts = [d[name] for _, d in every if name in d]
+            total.append(sum_in_order(parts) if sliced(name) is not None else parts[0])
+        return math.sqrt(sum_in_order(total))
 
     def finite(self, grads, loss: float, step: int, epoch: int, collective: bool) -> bool:
         """Are the gradients finite (on every stage of the replica)? If not: the non-finite policy."""

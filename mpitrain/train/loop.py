@@ -25,9 +25,10 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from ..metrics import ProgressBar, Trace
+from ..metrics import Trace
 from ..parallel.accumulate import Accumulator
 from ..runtime import EXIT_STOPPED, log0, signal_name
+from .progress import Progress
 
 
 class Loop:
@@ -152,9 +153,7 @@ class Loop:
             synced = run.strategy.synced()
             if t.check_every and run.step % t.check_every == 0 and synced:
                 run.check_replicas()
-            bar.update(i, epoch=run.epoch + 1, loss=stats[0] / max(stats[2], 1),
-                       accuracy=stats[1] / max(stats[2], 1), samples=n * run.replica_comm.Get_size(),
-                       comm_fraction=run.timers.fraction("comm"))
+            bar.step(i, loss, c, n)
             self._periodic(bar, i, stats)
             if synced and self.should_stop():
                 if i < run.steps_per_epoch:
@@ -164,7 +163,7 @@ class Loop:
             run.strategy.epoch_end(run.step)   # the run ends here (local SGD: average the replicas)
             self._evaluate(bar)
             run.results.epoch(round(run.epoch + i / run.steps_per_epoch, 3), run.step, run.total_bytes, stats,
-                              self.test, self.samples, run.timers.fraction("comm"))
+                              self.test, self.samples, run.timers.fraction("comm"), self.eval_s)
             if run.checkpointing() and self.saved_step != run.step:
                 run.save(i)
                 self.saved_step = run.step
@@ -173,7 +172,7 @@ class Loop:
         self._evaluate(bar)
         run.epoch += 1
         run.results.epoch(run.epoch, run.step, run.total_bytes, stats, self.test, self.samples,
-                          run.timers.fraction("comm"))
+                          run.timers.fraction("comm"), self.eval_s)
         ck = self.cfg.checkpoint
         if ((ck.every and run.epoch % ck.every == 0) or (ck.every_steps and run.step % ck.every_steps == 0)
                 or (run.checkpointing() and self.max_steps and run.step >= self.max_steps)):
@@ -201,7 +200,7 @@ class Loop:
         if t.eval_every and run.step % t.eval_every == 0:
             val = self._timed_eval()
             bar.clear()
-            run.results.eval_line(run.step, run.total_steps, stats, val, self.rates())
+            run.results.eval_line(run.step, run.total_steps, bar.take_eval_window(), val, self.rates())
         every = self.cfg.checkpoint.every_steps
         if every and run.step % every == 0 and i < run.steps_per_epoch and run.strategy.synced():
             run.save(i)
@@ -262,7 +261,7 @@ class Loop:
             if run.pipeline is not None:
                 run.pipeline.trace = run.trace
         per_epoch = min(run.steps_per_epoch, self.max_steps) if self.max_steps else run.steps_per_epoch
-        bar = ProgressBar(per_epoch, epochs=run.results.epochs, comm=self.comm)
+        bar = Progress(self, per_epoch)  # (it tells run.results what the run counts: samples, tokens, graphs)
         run.results.start()
         if self.max_steps:
             self.complete = run.complete(run.step, self.max_steps, "steps")
@@ -288,6 +287,14 @@ class Loop:
         extra = {}
         if hasattr(run.model, "flops_per_token"):  # a language model: per-token numbers (results.py)
             extra = run.results.lm_metrics(self.test, self.rates(), getattr(run.spec, "vocab_size", 0))
+        g = run.grid
+        if g is not None and g.pp * g.tp > 1:  # the layout, and rank 0's share of its traffic
+            extra["grid"] = {"dp": g.dp, "pp": g.pp, "tp": g.tp, "sequence": self.cfg.parallel.sequence,
+                             "tp_comm_s": run.mp.comm_s, "tp_bytes": run.mp.bytes}
+            if run.pipeline is not None:
+                p = run.pipeline
+                extra["grid"].update(schedule=p.schedule, micro_batches=p.m, predicted_bubble=p.bubble,
+                                     peak_stash=p.peak_stash, peak_stash_bytes=p.peak_stash_bytes, sent_by_kind=p.sent)
         return run.results.metrics(
             test=self.test, epochs=run.epoch, steps=run.step, ranks=run.size, samples=self.samples,
             comm_fraction=run.timers.fraction("comm"), timers=run.timers.totals(), skipped=run.policy.skipped,
@@ -311,5 +318,5 @@ def run_loop(run, metrics_out=None, trace=None) -> int:
     if loop.complete:
         return 0
     skipped = f" ({run.policy.skipped} non-finite step(s) skipped)" if run.policy.skipped else ""
-    log0(f"done: test accuracy {loop.test[1]:.4f}, {run.step} steps in {run.results.elapsed():.1f} s{skipped}")
+    run.results.done_line(loop.test, run.step, loop.rates(), skipped)
     return 0

@@ -23,14 +23,14 @@ A language model (a model with ``flops_per_token``, the GPT) adds
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
-from .live import Live, clean
+from .live import Live
 
 from ..runtime import UserError, log0
+from ..units import json_text
 
 
 def check_writable(path, what: str) -> None:
@@ -54,6 +54,9 @@ class Results:
         self.epochs = epochs
         self.history: list[dict] = []
         self.evals: list[dict] = []
+        self.unit = "samples"  # what the rates count: samples | tokens (a language model) | graphs
+        self.vocab_size = 0
+        self.first_step = 0
         self.baseline = None  # token sets: {"gzip -9": bits, "xz -9": bits, "unit": ...} (data/baseline.py)
         self.live = Live()    # --log / --tensorboard (rank 0; live.py): a record per line printed here
         self.t_start = time.perf_counter()
@@ -66,8 +69,9 @@ class Results:
         return time.perf_counter() - self.t_start
 
     def epoch(self, epoch: int, step: int, comm_bytes: float, train: tuple, test: tuple, samples: int,
-              comm_fraction: float) -> None:
-        """One history entry and the epoch line (rank 0 prints). ``train`` = (loss sum, correct, seen)."""
+              comm_fraction: float, eval_s: float = 0.0) -> None:
+        """One history entry and the epoch line (rank 0 prints). ``train`` = (loss sum, correct, seen);
+        the rate leaves out ``eval_s`` seconds of evaluation."""
         elapsed = self.elapsed()
         test_loss, test_acc = test
         loss, correct, seen = train
@@ -77,22 +81,47 @@ class Results:
                  "test_accuracy": float(test_acc), "test_loss": float(test_loss)}
         self.history.append(entry)
         self.live.record("epoch", **entry, samples_per_s=samples / max(elapsed, 1e-9), comm_fraction=comm_fraction)
+        rate = f"{samples / max(elapsed - eval_s, 1e-9):,.0f} {self.unit}/s"
+        if self.unit == "tokens":
+            log0(f"epoch {epoch:>3}/{self.epochs}  train loss {loss / max(seen, 1):.4f} (epoch mean)  val loss "
+                 f"{test_loss:.4f} ({self.bits(test_loss)})  {rate}  comm {100 * comm_fraction:.0f}%")
+            return
         log0(f"epoch {epoch:>3}/{self.epochs}  loss {loss / max(seen, 1):.4f}  train acc "
              f"{correct / max(seen, 1):.4f}  test loss {test_loss:.4f}  test acc {test_acc:.4f}  "
-             f"{samples / max(elapsed, 1e-9):,.0f} samples/s  comm {100 * comm_fraction:.0f}%")
+             f"{rate}  comm {100 * comm_fraction:.0f}%")
+
+    def bits(self, loss: float) -> str:
+        """A language model's loss (nats per token) in bits per byte (byte tokens) or per token."""
+        per = (self.baseline or {}).get("unit", "byte" if 0 < self.vocab_size <= 256 else "token")
+        return f"{loss / math.log(2):.3f} bits/{per}"
 
     def eval_line(self, step: int, total: int, train: tuple, val: tuple, rates: dict) -> None:
-        """One train.eval_every entry and line: step, train loss (this epoch so far), val loss (+ bpb)."""
-        loss, _, seen = train
-        val_loss = float(val[0])
+        """One train.eval_every entry and line: step, the train loss since the previous evaluation, val loss."""
+        loss, correct, seen = train
+        val_loss, steps = float(val[0]), step - (self.evals[-1]["step"] if self.evals else self.first_step)
         self.evals.append({"step": step, "wall_s": self.elapsed(), "train_loss": loss / max(seen, 1),
                            "val_loss": val_loss})
         self.live.record("eval", **self.evals[-1], val_bits=val_loss / math.log(2), **rates)
+        head = f"step {step:>6}/{total}  train loss {loss / max(seen, 1):.4f} (last {steps} steps)"
+        if self.unit != "tokens":
+            log0(f"{head}  test loss {val_loss:.4f}  test acc {float(val[1]):.4f}  "
+                 f"{rates['tokens_per_s']:,.0f} {self.unit}/s")
+            return
         mfu = f"  mfu {100 * rates['mfu']:.1f}%" if "mfu" in rates else ""
         b = self.baseline
         ref = f"; gzip -9 {b['gzip -9']:.3f}, xz -9 {b['xz -9']:.3f}" if b else ""
-        log0(f"step {step:>6}/{total}  loss {loss / max(seen, 1):.4f}  val loss {val_loss:.4f} "
-             f"({val_loss / math.log(2):.3f} bits{ref})  {rates['tokens_per_s']:,.0f} tokens/s{mfu}")
+        log0(f"{head}  val loss {val_loss:.4f} ({self.bits(val_loss)}{ref})  {rates['tokens_per_s']:,.0f} "
+             f"tokens/s{mfu}")
+
+    def done_line(self, test: tuple, steps: int, rates: dict, note: str = "") -> None:
+        """The run's last line: what the model kind measures (val bits for a language model, else accuracy)."""
+        took = f"{steps} steps in {self.elapsed():.1f} s"
+        if self.unit == "tokens":
+            mfu = f", mfu {100 * rates['mfu']:.1f}%" if "mfu" in rates else ""
+            log0(f"done: val loss {float(test[0]):.4f} ({self.bits(float(test[0]))}), {took}, "
+                 f"{rates['tokens_per_s']:,.0f} tokens/s{mfu}{note}")
+        else:
+            log0(f"done: test accuracy {test[1]:.4f}, {took}{note}")
 
     def lm_metrics(self, test: tuple, rates: dict, vocab_size: int) -> dict:
         val_loss = float(test[0])
@@ -106,6 +135,9 @@ class Results:
                 backend, stopped, strategy, comm_bytes, steps_done, bytes_divisor, optimizer_bytes, **extra):
         elapsed = self.elapsed()
         test_loss, test_acc = test
+        last = self.history[-1] if self.history else {}
+        if last.get("step") == steps and isinstance(last.get("epoch"), float):  # ended by max_steps mid-epoch
+            epochs = last["epoch"]
         m = {"test_accuracy": float(test_acc), "test_loss": float(test_loss), "epochs": epochs, "steps": steps,
              "ranks": ranks, "samples_per_s": samples / max(elapsed, 1e-9), "comm_fraction": comm_fraction,
              "wall_s": elapsed, "timers_s": timers, "nonfinite_skipped": skipped, "algorithm": algorithm,
@@ -119,11 +151,11 @@ class Results:
 
     @staticmethod
     def write(path, metrics: dict) -> None:
-        """Rank 0 only. NaN (nothing measured) is written as null: the file stays valid JSON."""
+        """Rank 0 only. NaN/Infinity (nothing measured), at any depth, is written as null: strict JSON."""
         if not path:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(clean(metrics), indent=2, allow_nan=False) + "\n")
+        Path(path).write_text(json_text(metrics, indent=2) + "\n")
 
 
 def optimizer_bytes(opt) -> int:

@@ -19,12 +19,13 @@ import signal
 
 import numpy as np
 
-from .. import __version__, backend, checkpoint, models, sync, units, watchdog
+from .. import __version__, backend, checkpoint, config, models, sync, threads, units, watchdog
 from ..faults import Faults
 from ..metrics import Timers
 from ..optim import LRSchedule, make_optimizer
 from ..runtime import UserError, agree, agree_config, log0
 from .control import GradPolicy, StopFlag
+from .model_parallel import ModelParallel
 from .results import Results, optimizer_bytes
 
 
@@ -48,6 +49,7 @@ class Run:
         self.data = self.model = self.opt = self.schedule = None
         self.strategy = None
         self.grid = self.pipeline = None  # the process grid (parallel/grid.py); this rank's pipeline stage
+        self.mp = None                    # this rank's share of the model on the grid (model_parallel.py)
         self.replica_comm = comm          # the ranks that hold the same parameters (the dp group)
         self.total_bytes = 0.0
         self.memory_plan = {}
@@ -57,8 +59,7 @@ class Run:
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool) -> None:
-        from ..data import ensure_dataset, open_dataset
-
+        from ..data import open_dataset
         from ..parallel.grid import Grid
 
         cfg, comm, t = self.cfg, self.comm, self.cfg.train
@@ -66,26 +67,28 @@ class Run:
         self.grid = Grid(comm, cfg.parallel.tp, cfg.parallel.pp)
         self.replica_comm = self.grid.dp_comm
         self.strategy = sync.make(cfg, self.grid.dp_comm)  # checks what every rank can check alone
+        threads.apply(comm, t.threads)  # before anything computes (the MFU peak too)
         if self.strategy.uses_watchdog:
             self.watchdog = watchdog.start(comm, cfg.comm.timeout_s, hint=self.resume_hint())
         dcomm = self.strategy.data_comm()
         self.backend = self.strategy.backend(t.backend)
         self.xp = backend.get_xp(self.backend)
         if self.backend == "cupy":
-            backend.select_device(dcomm, share=t.share_gpu)
+            # one GPU per rank of the node: with a grid every rank computes (each stage and tp slot its own)
+            backend.select_device(comm if self.grid.pp * self.grid.tp > 1 else dcomm, share=t.share_gpu)
             self.timers = Timers(sync=backend.synchronize)
         d = cfg.data
-        ensure_dataset(d.path, d.dataset, comm, shards=d.shards, seed=t.seed,
-                       rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+        self._ensure_data()
         if dcomm is not None:
             self.data = open_dataset(d.path, dcomm, batch_size=t.batch_size, seed=t.seed,
                                      window=cfg.model.block_size + 1)
         self._data_info()
+        self.mp = ModelParallel(cfg, self.grid, self.xp, cfg.model.vocab_size or getattr(self.spec, "vocab_size", 0))
         with models.grads_allocator(self.strategy.grads_allocator(self.backend)), \
                 models.params_allocator(self.strategy.params_allocator(self.backend)):  # (shm, ZeRO-2/3)
             self.model = models.build(cfg.model.kind, vars(cfg.model), self.spec, xp=self.xp, seed=t.seed,
-                                      part=self._stage_part())
-        self.policy.bind(self.model, self.grid.pp_comm)
+                                      part=self.mp.part(), tp=self.mp.tp_slot())
+        self.policy.bind(self.model, self.grid.mp_comm)
         self._lm_setup()
         self.strategy.bind(self)
         if self.grid.pp > 1:
@@ -111,43 +114,29 @@ class Run:
         if self.pipeline is not None:
             ranks = (f"{self.grid.describe()} ({cfg.parallel.schedule}, {t.accum_steps} micro-batches, "
                      f"predicted bubble {self.pipeline.bubble:.0%})")
+        elif self.grid.tp > 1:
+            ranks = self.grid.describe()
         log0(f"mpitrain {__version__}: {ranks}, {self.model.describe()}, "
              f"{self.train_rows} training {self.data_unit}, {self.steps_per_epoch} steps/epoch of {t.batch_size} x "
-             f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, optimizer state "
+             f"{self.data_ranks}{accum}, sync={self.strategy.label}, backend={t.backend}, threads "
+             f"{threads.describe()}, optimizer state "
              f"{units.format_size(self.optimizer_bytes())}/rank")
-        if self.pipeline is not None:
-            self._log_layout()
+        if self.grid.pp * self.grid.tp > 1:
+            self.mp.log()
 
-    def _stage_part(self):
-        """The blocks this rank's pipeline stage holds (parallel/stages.py), or None without a pipeline."""
-        pp = self.grid.pp
-        if pp == 1:
-            return None
-        from ..models.gpt import Part
-        from ..parallel.stages import split_blocks
+    def _ensure_data(self) -> None:
+        """data.path made on first use -- only where the job named its data set with that path (config.py)."""
+        from ..data import ensure_dataset
 
-        m = self.cfg.model
-        if m.n_layer < pp:
-            raise UserError(f"parallel.pp = {pp} > model.n_layer = {m.n_layer}: every stage needs at least one block")
-        self.stage_splits = split_blocks(m.n_layer, pp, *self._piece_costs())
-        lo, hi = self.stage_splits[self.grid.pp_rank]
-        return Part(lo, hi, self.grid.first, self.grid.last)
-
-    def _piece_costs(self):
-        """(block, first, last) relative costs for balancing: one block's FLOPs, the embeddings', the head's."""
-        m = self.cfg.model
-        C, V, T = m.n_embd, m.vocab_size or self.spec.vocab_size, m.block_size
-        block = 72.0 * C * C + 12.0 * T * C
-        return block, 6.0 * C, 6.0 * V * C + 15.0 * V
-
-    def _log_layout(self) -> None:
-        """Which global ranks hold which stage (and its blocks), per dp replica."""
-        what = []
-        for s, (lo, hi) in enumerate(self.stage_splits):
-            extra = (["embeddings"] if s == 0 else []) + [f"blocks {lo}-{hi - 1}"] + (
-                ["head"] if s == self.grid.pp - 1 else [])
-            what.append("(" + " + ".join(extra) + ")")
-        log0("layout (rank = (stage * dp + replica) * tp + tp slot):\n" + "\n".join(self.grid.table(what)))
+        d, ok = self.cfg.data, config.may_make_builtin(self.cfg)
+        try:
+            ensure_dataset(d.path, d.dataset if ok else "", self.comm, shards=d.shards, seed=self.cfg.train.seed,
+                           rows=d.rows or None, features=d.features or None, classes=d.classes or None)
+        except UserError as e:
+            if ok:
+                raise
+            raise UserError(f"{e} (nothing is made at a data.path the job did not name a data set with: check "
+                            "it for a typo, or name the set there with --set data.dataset=...)") from None
 
     def _data_info(self) -> None:
         """Every rank learns the data set's spec and sizes from a rank that reads training data."""
@@ -260,21 +249,12 @@ class Run:
         if ck is None:
             log0(f"--resume: no checkpoint in {self.cfg.checkpoint.dir}; starting from scratch")
             return None
-        n = self._full_params()
-        if ck["params"].size != n:
-            raise UserError(f"{ck['path']}: holds {ck['params'].size} parameters but the model has "
-                            f"{n}; the job's model section changed since it was written")
-        if self.pipeline is not None:  # the full layout -> this stage's share
+        models.check(ck, self.model)
+        if self.grid.pp * self.grid.tp > 1:  # the full layout -> this stage's (and tp slot's) share
             from ..parallel.layout import checkpoint_for
 
             ck = checkpoint_for(ck, self.model)
         return ck
-
-    def _full_params(self) -> int:
-        """The whole model's parameter count (a pipeline stage holds only part of it)."""
-        if self.pipeline is None:
-            return self.model.params.size
-        return sum(int(np.prod(s)) for _, _, s in self.model.full_tensors())
 
     def restore_replicated(self, ck) -> None:
         """Resume a run whose parameters and optimizer state are replicated on every rank."""
@@ -335,7 +315,7 @@ class Run:
             log0(f"note: {d} held the checkpoints of another run (run {prev['run_id']}, steps "
                  f"{', '.join(map(str, prev['steps']))}); moved them to {dest}. To continue that run: "
                  f"--set checkpoint.dir={dest} --resume")
-        checkpoint.claim(d, self.run_id, self.cfg.digest())
+        checkpoint.claim(d, self.run_id, self.cfg.digest(), job=config.to_toml(self.cfg))
         self._claimed = True
 
     # -------------------------------------------------------------- evaluation
@@ -346,7 +326,8 @@ class Run:
         limit = self.cfg.train.eval_batches or None
         with self.strategy.params_held("eval"):
             loss_sum, correct, count = self._eval_sums(data, limit)
-        sent = self.strategy.sent_bytes + (self.pipeline.sent_bytes if self.pipeline is not None else 0.0)
+        sent = self.strategy.sent_bytes + (self.mp.bytes if self.mp is not None else 0.0) + (
+            self.pipeline.sent_bytes if self.pipeline is not None else 0.0)
         tot = np.array([loss_sum, correct, count, sent], dtype=np.float64)
         if comm.Get_size() > 1:
             from mpi4py import MPI
@@ -383,10 +364,10 @@ class Run:
             optimizer = self.strategy.optimizer_state()
         if params is None:
             params = self.strategy.saved_params()  # (ZeRO-3: gathered from the shards on dp rank 0)
-            if self.pipeline is not None:  # every stage's share, in the full layout
+            if self.grid.pp * self.grid.tp > 1:  # every stage's share, in the full layout
                 from ..parallel.layout import gather_full
 
-                params, optimizer = gather_full(self.model, optimizer, self.grid.pp_comm, params)
+                params, optimizer = gather_full(self.model, optimizer, self.grid.mp_comm, params)
         ok = None
         if self.rank == 0:
             if not self._claimed:
@@ -408,8 +389,7 @@ class Run:
 
     def _model_extra(self) -> dict:
         """What rebuilds the model without the data set (``generate``): its kind and shape."""
-        cfg = getattr(self.model, "config", None)
-        return {"model_config": {"kind": self.model.kind, **cfg()}} if cfg is not None else {}
+        return models.record(self.model)
 
     def close(self) -> None:
         self.stop.restore()
