@@ -145,26 +145,9 @@ def test_the_canonical_norm_from_shards_equals_the_whole_gradient(comm):
 # ------------------------------------------------------------------------------------ serial
 
 def _mpirun(n, args, timeout=300, env=None):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_mpitrain
 
-    from conftest import MPIRUN
-
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, "-m", "mpitrain", *args], cwd=root, env=e,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from mpitrain.data import make_pycode
-
-    d = tmp_path_factory.mktemp("pycode") / "pc"
-    make_pycode(d, shards=2, max_bytes=120_000)
-    return d
+    return run_mpitrain(n, args, env=env, timeout=timeout)
 
 
 def _gpt_job(corpus, ckpt, *extra):
@@ -204,7 +187,7 @@ def test_zero3_with_pp_and_resume_across_zero_levels_and_rank_counts(tmp_path, c
 def test_zero2_and_3_equal_zero0_for_the_mpnn(tmp_path):
     out = {}
     for z in (0, 2, 3):
-        keys = [f"data.path={tmp_path / 'g'}", "data.rows=160", f"checkpoint.dir={tmp_path / f'z{z}'}",
+        keys = [f"data.path={tmp_path / 'g'}", 'data.dataset="graphs"', "data.rows=160", f"checkpoint.dir={tmp_path / f'z{z}'}",
                 "train.max_steps=3", "checkpoint.every_steps=3", "train.batch_size=8", f"train.zero={z}",
                 "train.clip_norm=0.1", "train.eval_batches=1"]
         r = _mpirun(3, ["train", "jobs/graph.toml", "--metrics-out", str(tmp_path / f"m{z}.json"),
