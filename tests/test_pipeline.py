@@ -307,7 +307,6 @@ def test_dp2_by_pp2_on_four_ranks_equals_dp2(tmp_path, corpus):
     (["parallel.pp=2", "model.n_layer=1"], 2, "every stage needs at least one block"),
     (["parallel.pp=2", "model.kind=\"mlp\"", "data.dataset=\"digits\""], 2, "only the GPT"),
     (["parallel.pp=2", "comm.compress=\"fp16\""], 2, "comm.compress"),
-    (["parallel.pp=2", "train.zero=1"], 2, "train.zero"),
     (["parallel.pp=2", "parallel.tp=2"], 2, "does not divide the 2 rank(s)"),
 ])
 def test_bad_layouts_are_one_line_on_every_rank(tmp_path, corpus, keys, n, message):
