@@ -29,6 +29,7 @@ Bytes on the wire per step: two gathers of every block (forward, backward) and o
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 
@@ -48,6 +49,23 @@ class _Gather:
         self.counts = [sum(b - a for a, b in ps) for ps in self.parts]
         self.displs = [sum(self.counts[:q]) for q in range(len(self.counts))]
         self.send = [(shard_off(a), shard_off(a) + b - a) for a, b in self.parts[rank]]
+
+
+class _Pending:
+    """A started gather: its request and buffers (``send`` alive until done), when it began and ended."""
+
+    def __init__(self, g, req, recv, send):
+        self.g, self.req, self.recv, self.send = g, req, recv, send
+        self.t0, self.t_done = time.perf_counter(), None
+
+    def test(self) -> None:
+        if self.t_done is None and self.req is not None and self.req.Test():
+            self.t_done = time.perf_counter()
+
+    def wait(self) -> None:
+        if self.t_done is None:
+            self.req.Wait()
+            self.t_done = time.perf_counter()
 
 
 class Zero3(Zero):
@@ -110,27 +128,34 @@ class Zero3(Zero):
         """Start gathering ``key`` = (lo, hi) into place; a handle for ``_finish``."""
         g, params = self._gathers[key], self.run.model.params
         if self.size == 1:
-            return g, None, None, None
+            return _Pending(g, None, None, None)
         send = np.concatenate([backend.to_numpy(self.pshard[a:b]) for a, b in g.send]) if g.send else \
             np.empty(0, dtype=params.dtype)
         recv = np.empty(sum(g.counts), dtype=params.dtype)
-        req = self._gcomm.Iallgatherv(send, [recv, (g.counts, g.displs)])
+        h = _Pending(g, self._gcomm.Iallgatherv(send, [recv, (g.counts, g.displs)]), recv, send)
         self.sent_bytes += allreduce_bytes((g.hi - g.lo) * params.itemsize, self.size) / 2
-        return g, req, recv, send  # (send stays alive until the gather is done)
+        return h
 
-    def _finish(self, handle) -> None:
-        g, req, recv, _ = handle
-        params, xp = self.run.model.params, self.run.xp
-        if req is None:  # one rank: its shard is everything
+    def _poll(self) -> None:
+        """Let MPI move the prefetched gathers on (MPICH progresses only inside MPI calls); note completions."""
+        for h in self._inflight.values():
+            h.test()
+
+    def _finish(self, h) -> None:
+        g, params, xp = h.g, self.run.model.params, self.run.xp
+        if h.req is None:  # one rank: its shard is everything
             for (a, b), (sa, sb) in zip(g.parts[self.rank], g.send):
                 params[a:b] = self.pshard[sa:sb]
             return
         with self.run.timers("comm"):
-            req.Wait()
+            h.wait()
+        if self.run.trace is not None:  # --trace: from the gather's start to when it was first seen complete
+            self.run.trace.add_span("gather", f"gather [{g.lo}, {g.hi})", h.t0, h.t_done - h.t0,
+                                    step=self.run.step + 1, bytes=(g.hi - g.lo) * params.itemsize)
         off = 0
         for q in range(self.size):
             for a, b in g.parts[q]:
-                params[a:b] = xp.asarray(recv[off:off + b - a])
+                params[a:b] = xp.asarray(h.recv[off:off + b - a])
                 off += b - a
 
     def _shard_off(self, a: int) -> int:
@@ -167,6 +192,7 @@ class Zero3(Zero):
 
     def done(self, lo, hi) -> None:
         key = (lo, hi)
+        self._poll()
         if not self.sharded or self._next == key:  # needed again at once: keep it
             return
         self._held.discard(key)
