@@ -182,15 +182,17 @@ class GPT(Model):
     def init(self, seed=0):
         """Every tensor of the whole model drawn in one order (the docstring's); this part keeps its own."""
         rng = np.random.default_rng(seed)
-        host = np.zeros(self._n, dtype=np.float64)
         where = {name: (o, s) for name, o, s in self._tensors}
+        for o, s in where.values():  # zeros where nothing is drawn (biases); tensor by tensor, no whole host copy
+            self.params[o:o + math.prod(s)] = 0
         resid = 0.02 / math.sqrt(2 * self.n_layer)
         C, V, T = self.n_embd, self.vocab_size, self.block_size
 
         def put(name, values):  # the whole tensor drawn; this rank keeps its part (and its tp slice)
             if name in where:
                 o, s = where[name]
-                host[o:o + math.prod(s)] = self.shard(name, np.asarray(values, dtype=np.float64)).ravel()
+                part = self.shard(name, np.asarray(values, dtype=np.float64)).ravel()
+                self.params[o:o + math.prod(s)] = self.xp.asarray(part.astype(self.dtype))
 
         put("wte", rng.normal(0.0, 0.02, (V, C)))
         put("wpe", rng.normal(0.0, 0.02, (T, C)))
@@ -203,7 +205,6 @@ class GPT(Model):
                     put(f"h{layer}.{t}", np.ones(shape))
                 elif t.endswith(".w"):
                     put(f"h{layer}.{t}", rng.normal(0.0, resid if "proj" in t else 0.02, shape))
-        self.params[...] = self.xp.asarray(host.astype(self.dtype))
         self.grads[...] = 0
         self.seed = seed
 

@@ -88,6 +88,8 @@ class Zero(AllReduce):
             self._where[a] = (a, b, off)
             off += b - a
         self._cuts, self._launched = self.cuts(model.grads.size), []
+        for buf in self._paged_grads:  # (the model zeroed its gradients: hand the pages back)
+            buf.release_all()
         run.opt = run.make_optimizer(self.pshard, pieces=self.mine)
         run.schedule = run.make_schedule(run.total_steps, run.steps_per_epoch)
         self._flag = np.zeros(1, dtype=np.int64)

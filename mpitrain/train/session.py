@@ -230,15 +230,18 @@ class Run:
 
     # ------------------------------------------------------------------ resume
     def broadcast_params(self) -> None:
-        host = backend.to_numpy(self.model.params).copy()
-        self.replica_comm.Bcast(host, root=0)
-        self.model.params[...] = self.xp.asarray(host)
+        if self.xp is np:  # in place: no second copy of the parameters
+            self.replica_comm.Bcast(self.model.params, root=0)
+        else:
+            host = backend.to_numpy(self.model.params).copy()
+            self.replica_comm.Bcast(host, root=0)
+            self.model.params[...] = self.xp.asarray(host)
         self.check_replicas("initial parameters (hash)", "this is a bug: please report it")
 
     def check_replicas(self, what=None, hint=None) -> None:
         h = hashlib.sha1()
         for chunk in self.strategy.params_chunks():  # (ZeRO-3: one gathered group at a time)
-            h.update(chunk.tobytes())
+            h.update(np.ascontiguousarray(chunk))  # (its buffer: no bytes copy)
         agree(self.replica_comm, h.hexdigest()[:12], what or f"parameters at step {self.step} (hash)",
               hint or "the replicas diverged: check that every rank runs the same code and MPI library")
 
