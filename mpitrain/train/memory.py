@@ -80,12 +80,12 @@ def suggest(run, zero: int, p: int, limit: int) -> str:
     """A layout predicted to fit ``limit``: a higher zero level, else zero 3 on more dp ranks."""
     for z in range(zero + 1, 4):
         if run.comm.allreduce(sum(predict(run, z, p).values()), op=MPI.MAX) <= limit:
-            return f"train.zero = {z} on the same {run.size} rank(s)"
+            return f"would fit: train.zero = {z} on the same {run.size} rank(s)"
     other = run.size // p
     for k in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
         if run.comm.allreduce(sum(predict(run, 3, p * k).values()), op=MPI.MAX) <= limit:
-            return f"train.zero = 3 on {run.size * k} ranks (dp = {p * k}{f' x {other}' if other > 1 else ''})"
-    return "no zero level fits: lower train.batch_size or the model, or raise train.memory_limit"
+            return f"would fit: train.zero = 3 on {run.size * k} ranks (dp = {p * k}{f' x {other}' if other > 1 else ''})"
+    return "no layout up to 1024x the ranks fits: lower train.batch_size or the model, or raise train.memory_limit"
 
 
 def check(run) -> dict:
@@ -100,7 +100,7 @@ def check(run) -> dict:
     where = "train.memory_limit" if t.memory_limit else "the node's free memory / its ranks"
     if limit and worst[0] > limit:
         raise UserError(f"this layout needs ~{units.format_size(worst[0])} per rank ({describe(shown)}; zero "
-                        f"{zero}, dp {p}), more than {units.format_size(limit)} ({where}); would fit: "
+                        f"{zero}, dp {p}), more than {units.format_size(limit)} ({where}); "
                         f"{suggest(run, zero, p, limit)}")
     log0(f"memory plan per rank (zero {zero}, dp {p}): {describe(shown)} = {units.format_size(worst[0])}"
          + (f" of {units.format_size(limit)} ({where})" if limit else ""))

@@ -159,7 +159,10 @@ class Results:
 
 
 def optimizer_bytes(opt) -> int:
-    """Bytes of optimizer state this rank holds (momentum, Adam's m and v)."""
+    """Bytes of optimizer state this rank holds (momentum, Adam's m and v): its buffers, not copies."""
+    bufs = getattr(opt, "_buffers", None)
+    if bufs is not None:
+        return sum(int(getattr(v, "nbytes", 0)) for v in bufs().values() if v is not None)
     return sum(getattr(v, "nbytes", 0) for v in opt.state_dict().values())
 
 
