@@ -91,6 +91,11 @@ class Zero(AllReduce):
         for buf in self._paged_grads:  # (the model zeroed its gradients: hand the pages back)
             buf.release_all()
         run.opt = run.make_optimizer(self.pshard, pieces=self.mine)
+        self.transient = not self.pviews and self.level < 3  # several pieces: the shard copies live only in
+        if self.transient:                                   # update (between steps: the full buffers only)
+            run.opt.params = self.pshard = None
+            if self.level < 2:
+                self.gshard = None
         run.schedule = run.make_schedule(run.total_steps, run.steps_per_epoch)
         self._flag = np.zeros(1, dtype=np.int64)
 
@@ -169,6 +174,7 @@ class Zero(AllReduce):
         """Non-finite policy, canonical clipping and the optimizer step on this rank's shard."""
         run, model = self.run, self.run.model
         if not self.gviews and self.level < 2:
+            self.gshard = run.xp.empty(self.m, dtype=model.grads.dtype)
             self._copy(model.grads, self.gshard, True)
         if self._any(not bool(run.xp.isfinite(self.gshard).all())):
             run.policy.nonfinite(loss, step, run.epoch, collective=True)
@@ -180,12 +186,19 @@ class Zero(AllReduce):
     def update(self, loss, step) -> bool:
         run, model = self.run, self.run.model
         with run.timers("compute"):
-            if not self.pviews:
+            if self.transient:
+                run.opt.params = self.pshard = run.xp.empty(self.m, dtype=model.params.dtype)
                 self._copy(model.params, self.pshard, True)
-            if not self._shard_step(loss, step):
-                return False
-            if not self.pviews:
-                self._copy(model.params, self.pshard, False)
+            try:
+                if not self._shard_step(loss, step):
+                    return False
+                if self.transient:
+                    self._copy(model.params, self.pshard, False)
+            finally:
+                if self.transient:
+                    run.opt.params = self.pshard = None
+                    if self.level < 2:
+                        self.gshard = None
         with run.timers("comm"), run.watchdog.guard("the parameter all-gather", step):
             for s, e in self.cuts(model.params.size):
                 allgather(model.params[s:e], self.comm, algorithm=self.algorithm)
