@@ -14,8 +14,9 @@ added in order into the tensor's; then the tensors' sums added in the whole mode
 tensor two pipeline stages hold (a tied wte) once. A pipeline stage sends its tensors' sums to the
 others of its replica (one small allgather). Sharded gradients (ZeRO, ``shard_tensor_sums``): a rank
 sums the blocks that lie whole in its shard and sends the pieces of the blocks its shard cuts (at
-most two per shard piece, each < 64 Ki elements); every rank of the dp group puts the cut blocks
-together and sums them alike -- the same bits as one rank holding the whole gradient.
+most two per shard piece, each < 64 Ki elements) to the one rank that sums that block -- the same
+bits as one rank holding the whole gradient. (Buckets much smaller than 64 Ki elements x ranks cut
+most blocks: then about the shard's bytes travel once more per step, only when clipping.)
 Non-finite gradients: with a pipeline the stages of a replica agree on the flag (one all-reduce)
 before any of them skips, so a NaN on one stage never leaves the others waiting.
 """
@@ -68,17 +69,31 @@ def _blocks(tensors):
     return out
 
 
+def _merged(pieces):
+    """``[(lo, hi, offset in the shard)]`` with adjacent pieces joined (one rank: a single range)."""
+    out, so = [], 0
+    for lo, hi in pieces:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi, out[-1][2])
+        else:
+            out.append((lo, hi, so))
+        so += hi - lo
+    return out
+
+
 def shard_tensor_sums(xp, tensors, pieces, shard, comm) -> dict:
     """``{name: canonical sum of squares}`` of a gradient sharded over ``comm`` (the same on every rank):
-    this rank holds ``pieces`` ([lo, hi) of the flat buffer) concatenated in ``shard``."""
+    this rank holds ``pieces`` ([lo, hi) of the flat buffer) concatenated in ``shard``. A block that lies
+    whole in this rank's pieces is summed here; the pieces of a block cut between ranks go to one rank
+    (block number mod p: one alltoall), which puts them together and sums them; the sums are allgathered."""
     import bisect
 
     from .. import backend
 
     blocks = _blocks(tensors)
-    starts = [b[0] for b in blocks]
-    whole, parts, so = {}, {}, 0
-    for plo, phi in pieces:
+    starts, p = [b[0] for b in blocks], comm.Get_size()
+    whole, parts = {}, [{} for _ in range(p)]
+    for plo, phi, so in _merged(pieces):
         i = max(bisect.bisect_right(starts, plo) - 1, 0)
         while i < len(blocks) and blocks[i][0] < phi:
             lo, hi, name, j = blocks[i]
@@ -88,17 +103,18 @@ def shard_tensor_sums(xp, tensors, pieces, shard, comm) -> dict:
                 if (s, e) == (lo, hi):
                     whole[(name, j)] = _sq(xp, view)
                 else:
-                    parts.setdefault((name, j), []).append((s, backend.to_numpy(view).copy()))
+                    parts[i % p].setdefault(i, []).append((s, backend.to_numpy(view)))
             i += 1
-        so += phi - plo
-    sums, cut = {}, {}
-    for w, p in comm.allgather((whole, parts)):
+    cut = {}
+    for got in comm.alltoall(parts):
+        for i, ps in got.items():
+            cut.setdefault(i, []).extend(ps)
+    for i, ps in cut.items():
+        ps.sort(key=lambda t: t[0])
+        whole[blocks[i][2:]] = _sq(xp, xp.asarray(np.concatenate([a for _, a in ps])))
+    sums = {}
+    for w in comm.allgather(whole):
         sums.update(w)
-        for key, got in p.items():
-            cut.setdefault(key, []).extend(got)
-    for key, got in cut.items():
-        got.sort(key=lambda t: t[0])
-        sums[key] = _sq(xp, xp.asarray(np.concatenate([a for _, a in got])))
     out = {}
     for lo, hi, name, j in blocks:
         out[name] = out.get(name, 0.0) + sums[(name, j)]
