@@ -226,3 +226,21 @@ def test_a_model_that_only_fits_sharded_refuses_at_start_and_trains_with_zero3(t
     r = _mpirun(4, _gpt_job(corpus, tmp_path / "big", *keys, "train.zero=3", f"train.memory_limit={limit}"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "memory plan per rank (zero 3, dp 4)" in r.stdout and math.isfinite(plan[3])
+
+
+def test_a_paged_buffer_hands_pages_back_and_reads_zeros_there():
+    from mpitrain.sync.paged import PAGE, Paged
+
+    n = 16 * PAGE // 4
+    buf = Paged(n, np.float32)
+    assert buf.resident_bytes() == 0, "reserved, not yet written"
+    buf.array[:] = 1.5
+    assert buf.resident_bytes() == 16 * PAGE
+    lo, hi = PAGE // 4 + 3, 9 * PAGE // 4 + 5  # pages 2..8 lie wholly inside [lo, hi)
+    buf.release(lo, hi)
+    assert buf.resident_bytes() == 9 * PAGE
+    inside = np.zeros(n, bool)
+    inside[2 * PAGE // 4:9 * PAGE // 4] = True
+    assert (buf.array[inside] == 0).all() and (buf.array[~inside] == 1.5).all(), "only whole pages, zeros after"
+    buf.release_all()
+    assert buf.resident_bytes() == 0

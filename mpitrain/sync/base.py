@@ -3,6 +3,8 @@
 The training loop (train/loop.py) calls every strategy at the same fixed points and has no
 branches of its own:
 
+    with s.params_held("train"):                  around every use of the model (ZeRO-3 gathers there;
+                                                  also "eval" around an evaluation)
     hook = s.grad_hook(step)                      before backward: on_grad_ready(hi), or None
     loss = model.loss_and_grad(batch, hook)       (buckets: finished prefixes leave while backprop runs)
     s.after_backward(step)                        the local gradients are final: make them the agreed ones
@@ -13,6 +15,8 @@ branches of its own:
     s.epoch_end(step)                             the epoch's last step is done
     s.state_dict() / s.load_state_dict(state)     its own state in checkpoints (residuals, counters)
 
+Memory: ``grads_allocator`` / ``params_allocator`` say where the model's buffers live (shm windows,
+ZeRO's paged buffers); ``held_bytes`` measures what a rank holds between steps.
 A strategy owns its state, its byte accounting (``sent_bytes``: what this rank handed to MPI
 for others during this run) and its label. It sees a model only through ``params``, ``grads``
 and ``segments()``. ``grads_agree`` says whether the gradients after ``after_backward`` are

@@ -224,7 +224,7 @@ class Zero3(Zero):
         for lo, hi in list(self._held):
             self._release(lo, hi)
         self._held.clear()
-        self._orders[what], self._next = self._seq, None
+        self._orders[what], self._next, self._scope = self._seq, None, None
 
     # ------------------------------------------------------------------ step
     def update(self, loss, step) -> bool:

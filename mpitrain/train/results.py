@@ -6,6 +6,12 @@ Every strategy reports through here (the parameter server too), so a run's JSON 
     nonfinite_skipped algorithm backend stopped_early strategy comm_bytes bytes_per_step
     optimizer_bytes_per_rank history [+ strategy-specific sections, e.g. "ps"]
 
+and, from the training loop (train/loop.py), what rank 0 holds between steps, measured from its arrays
+(ZeRO's paged buffers: their resident pages), its peak RSS, and the start-up plan (train/memory.py):
+
+    param_bytes_per_rank grad_bytes_per_rank peak_rss_bytes predicted_bytes_per_rank
+    predicted_{params,grads,optimizer,gathered,in_flight,activations}_bytes
+
 ``history`` has one entry per epoch: epoch, step, wall_s, comm_bytes (sent by all ranks so far),
 train_loss, train_accuracy (this epoch's, rank 0's batches), test_accuracy, test_loss (a run that ends by train.max_steps mid-epoch: a fractional last epoch).
 ``evals`` has one entry per train.eval_every evaluation: step, wall_s, train_loss, val_loss.
