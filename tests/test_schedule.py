@@ -71,6 +71,16 @@ def test_the_checker_finds_a_cycle_of_waits_without_sending():
         S.check(progs, 2, 2)
 
 
+def test_only_the_stages_in_the_cycle_are_named():
+    """Stages 0 and 1 wait on each other; stage 2 waits on stage 1 too but is not part of the cycle."""
+    progs = S.build("gpipe", 3, 1)
+    progs[0] = [Instr("recv_grad", 0), Instr("fwd", 0), Instr("send_act", 0), Instr("bwd", 0)]
+    with pytest.raises(ScheduleError) as e:
+        S.check(progs, 3, 1)
+    assert "stage 0" in str(e.value) and "stage 1, instruction 0" in str(e.value)
+    assert "stage 2, instruction" not in str(e.value)
+
+
 def test_text_timeline_and_plot(tmp_path):
     spans = S.simulate(S.build("gpipe", 2, 2), 2, 2)
     text = S.render_text(spans, 2)
@@ -87,6 +97,10 @@ def test_schedule_command_prints_checks_and_plots(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "live micro-batches per stage [4, 3, 2, 1]" in p.stdout and "predicted bubble (p-1)/(m+p-1) = 27.3%" in p.stdout
     assert png.stat().st_size > 1000
+    deep = tmp_path / "new" / "dir" / "s.png"
+    d = subprocess.run([sys.executable, "-m", "mpitrain", "schedule", "--plot", str(deep)], capture_output=True,
+                       text=True, timeout=120)
+    assert d.returncode == 0 and deep.exists(), d.stderr
     for bad, msg in ((["--pp", "0"], "must be >= 1"), (["--schedule", "zb"], "known schedules"),
                      (["--fwd-time", "nan"], "finite number")):
         b = subprocess.run([sys.executable, "-m", "mpitrain", "schedule", *bad], capture_output=True, text=True,

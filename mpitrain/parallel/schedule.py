@@ -172,11 +172,21 @@ def _execute(programs, pp: int):
                 pc[r] += 1
                 moved = True
         if not moved:
-            waits = [f"{_where(r, pc[r], programs[r][pc[r]])} waits for stage "
-                     f"{r - 1 if programs[r][pc[r]].op == 'recv_act' else r + 1}"
-                     for r in range(pp) if pc[r] < len(programs[r])]
-            raise ScheduleError("a cycle of waits, no stage can go on: " + "; ".join(waits))
+            raise ScheduleError("a cycle of waits, no stage can go on: " + _cycle(programs, pc))
     return order
+
+
+def _cycle(programs, pc) -> str:
+    """The cycle among the blocked stages (each waits for the neighbour it receives from), in order."""
+    def peer(r):
+        return r - 1 if programs[r][pc[r]].op == "recv_act" else r + 1
+
+    r, seen = next(r for r in range(len(programs)) if pc[r] < len(programs[r])), []
+    while r not in seen:
+        seen.append(r)
+        r = peer(r)
+    loop = seen[seen.index(r):]
+    return "; ".join(f"{_where(s, pc[s], programs[s][pc[s]])} waits for stage {peer(s)}" for s in loop)
 
 
 def check(programs, pp: int, m: int, schedule: str | None = None) -> dict:

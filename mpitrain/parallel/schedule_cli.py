@@ -48,6 +48,12 @@ def main(args) -> int:
     print(f"step {span:g} time units; idle per stage {', '.join(f'{x:.1%}' for x in idle)}; predicted bubble "
           f"(p-1)/(m+p-1) = {S.bubble(p, m):.1%}")
     if args.plot:
-        S.plot(spans, args.plot, f"{args.schedule}, pp={p}, M={m}")
+        from pathlib import Path
+
+        try:
+            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+            S.plot(spans, args.plot, f"{args.schedule}, pp={p}, M={m}")
+        except OSError as e:
+            raise UserError(f"--plot {args.plot}: cannot write it ({e.strerror or e})") from None
         print(f"wrote {args.plot}")
     return 0
