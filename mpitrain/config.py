@@ -362,9 +362,6 @@ def _model_parallel(cfg: JobConfig, origins: dict) -> None:
                  ("comm.compress", c.compress, c.compress != "none", "reset comm.compress = \"none\""),
                  ("train.sync_every", t.sync_every, t.sync_every > 1, "reset train.sync_every = 1"),
                  ("comm.mode", c.mode, c.mode == "ps", "reset comm.mode = \"sync\"")]
-        if key == "parallel.tp":  # (ZeRO composes with pp; with tp it is built to, but not yet tested)
-            clash.append(("train.zero", t.zero, t.zero > 0, "reset train.zero = 0 (ZeRO with tensor parallelism "
-                          "is not tested yet)"))
         if key == "parallel.pp":
             clash.append(("model.n_layer", m.n_layer, m.n_layer < pp, "every stage needs at least one block"))
         else:
