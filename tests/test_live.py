@@ -68,7 +68,7 @@ def test_a_two_rank_run_streams_what_its_metrics_say(tmp_path):
     pytest.importorskip("tensorboardX")
     log, tb, m = tmp_path / "run.jsonl", tmp_path / "tb", tmp_path / "m.json"
     cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "mpitrain", "--set", f"data.path={tmp_path / 'digits'}",
-           "--set", "checkpoint.every=0", "--set", "train.epochs=2", "--set", "model.hidden=[16]",
+           "--set", "data.dataset=digits", "--set", "checkpoint.every=0", "--set", "train.epochs=2", "--set", "model.hidden=[16]",
            "--set", "train.eval_every=10", "--log", str(log), "--tensorboard", str(tb), "--metrics-out", str(m)]
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))

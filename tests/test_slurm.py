@@ -122,8 +122,13 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """The digits shards, shared by all jobs of this module (made by the first one)."""
-    return tmp_path_factory.mktemp("slurm-data") / "digits"
+    """The digits shards, shared by all jobs of this module (made here: a job makes nothing at a --set
+    data.path that names no data set)."""
+    from mpitrain.data import make_digits
+
+    d = tmp_path_factory.mktemp("slurm-data") / "digits"
+    make_digits(d, shards=4)
+    return d
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -71,7 +71,7 @@ def test_spans_on_named_tracks(comm, shared_tmp):
 
 def _train(tmp_path, *sets):
     cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "mpitrain", "--set", f"data.path={tmp_path / 'digits'}",
-           "--set", "checkpoint.every=0", "--set", "train.epochs=1", "--set", "model.hidden=[32,32,32]",
+           "--set", "data.dataset=digits", "--set", "checkpoint.every=0", "--set", "train.epochs=1", "--set", "model.hidden=[32,32,32]",
            "--set", "train.eval_every=10", "--trace", str(tmp_path / "t.json")]
     for s in sets:
         cmd += ["--set", s]
