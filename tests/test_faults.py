@@ -471,7 +471,7 @@ def test_full_disk(digits, tmp_path):
     failed_cleanly(job, f"checkpoint {tmp_path / 'c' / 'ckpt-00000066.h5'}: write failed (File too large; ",
                    "the newest good checkpoint, ckpt-00000044.h5, is intact", rank=0)
     names = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert names == ["RUN.json", "ckpt-00000022.h5", "ckpt-00000044.h5"], names  # and the owner record
+    assert names == ["RUN.json", "ckpt-00000022.h5", "ckpt-00000044.h5", "job.toml"], names  # and the owner record
     assert checkpoint.latest(tmp_path / "c")["step"] == 2 * STEPS
 
 
@@ -480,13 +480,13 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(digits, tmp_path
     assert job.rc != 0 and job.wall < BOUND, job
     c = tmp_path / "c"
     names = sorted(p.name for p in c.iterdir())
-    assert names == [".ckpt-00000044.h5.tmp", "RUN.json", "ckpt-00000022.h5"], names
+    assert names == [".ckpt-00000044.h5.tmp", "RUN.json", "ckpt-00000022.h5", "job.toml"], names
     assert checkpoint.latest(c)["step"] == STEPS
     again = train(2, tmp_path, digits, "--resume")
     assert again.rc == 0, again
     assert f"resumed from {c / 'ckpt-00000022.h5'}: epoch 2, step 22" in again.out, again
     names = sorted(p.name for p in c.iterdir())
-    assert names == ["RUN.json", "ckpt-00000022.h5", "ckpt-00000044.h5"], names  # the debris is gone
+    assert names == ["RUN.json", "ckpt-00000022.h5", "ckpt-00000044.h5", "job.toml"], names  # the debris is gone
 
 
 def test_corrupt_newest_checkpoint_is_skipped_on_resume(digits, tmp_path):

@@ -170,7 +170,7 @@ def test_resume_into_a_directory_with_damage_and_a_subdirectory(digits, tmp_path
     assert job.rc == 0 and "Traceback" not in job.err, job
     assert f"resumed from {c / f'ckpt-{STEPS:08d}.h5'}" in job.out, job
     names = sorted(p.name for p in c.iterdir())
-    assert names == ["RUN.json", f"ckpt-{2 * STEPS:08d}.h5", "ckpt-99999998.h5", "ckpt-99999999.h5"], names
+    assert names == ["RUN.json", f"ckpt-{2 * STEPS:08d}.h5", "ckpt-99999998.h5", "ckpt-99999999.h5", "job.toml"], names
     assert checkpoint.latest(c)["step"] == 2 * STEPS
 
 

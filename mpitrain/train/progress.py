@@ -64,7 +64,8 @@ class Progress:
         """After step ``i`` of the epoch (``items`` counted on this rank): a line when one is due."""
         self.window.add(loss, correct, items)
         self.since_eval.add(loss, correct, items)
-        self._samples += items * self.run.replica_comm.Get_size()  # each replica's items once
+        replicas = getattr(self.run, "replica_comm", None)  # each replica's items once (a grid: dp, not ranks)
+        self._samples += items * (replicas.Get_size() if replicas is not None else self.run.size)
         if self.line.enabled and self.every and self.run.step % self.every == 0:
             self.line.clear()
             log0(self.text(i, bar=False))
