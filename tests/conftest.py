@@ -34,6 +34,22 @@ def run_mpitrain(n, args, env=None, timeout=240, cwd=ROOT):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def same_checkpoints(a, b):
+    """The newest checkpoints in directories ``a`` and ``b``: the same step, parameters and optimizer state,
+    bit for bit. Returns a's."""
+    import numpy as np
+
+    from mpitrain import checkpoint
+
+    ca, cb = checkpoint.latest(a), checkpoint.latest(b)
+    assert ca["step"] == cb["step"]
+    assert ca["params"].tobytes() == cb["params"].tobytes(), "parameters bitwise"
+    for k, v in ca["optimizer"].items():
+        if isinstance(v, np.ndarray):
+            assert v.tobytes() == cb["optimizer"][k].tobytes(), f"optimizer state {k} bitwise"
+    return ca
+
+
 def make_corpus(tmp_path_factory, max_bytes=120_000):
     """A small byte-token set of the stdlib's sources (2 shards) for end-to-end GPT runs."""
     from mpitrain.data import make_pycode

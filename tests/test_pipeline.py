@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_mpitrain
+from conftest import run_mpitrain, same_checkpoints
 
 from mpitrain import config
 from mpitrain.models.gpt import GPT, Part
@@ -237,16 +237,7 @@ def _job(corpus, ckpt, *extra):
     return ["train", "jobs/gpt-tiny.toml"] + [a for k in keys for a in ("--set", k)]
 
 
-def _same(a, b):
-    from mpitrain import checkpoint
-
-    ca, cb = checkpoint.latest(a), checkpoint.latest(b)
-    assert ca["step"] == cb["step"]
-    assert ca["params"].tobytes() == cb["params"].tobytes(), "parameters bitwise"
-    for k, v in ca["optimizer"].items():
-        if isinstance(v, np.ndarray):
-            assert v.tobytes() == cb["optimizer"][k].tobytes(), f"optimizer state {k} bitwise"
-    return ca
+_same = same_checkpoints
 
 
 def test_pp2_run_equals_accumulation_and_resumes_across_layouts(tmp_path, corpus):

@@ -40,23 +40,22 @@ _PARAMS_ALLOC = contextvars.ContextVar("mpitrain_params_alloc", default=None)
 
 
 @contextlib.contextmanager
+def _using(var, alloc):
+    token = var.set(alloc)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def grads_allocator(alloc):
     """Within the block, NumPy models take ``grads`` from ``alloc(n, dtype)`` (zeroed); None: xp.zeros."""
-    token = _GRADS_ALLOC.set(alloc)
-    try:
-        yield
-    finally:
-        _GRADS_ALLOC.reset(token)
+    return _using(_GRADS_ALLOC, alloc)
 
 
-@contextlib.contextmanager
 def params_allocator(alloc):
     """Within the block, NumPy models take ``params`` from ``alloc(n, dtype)`` (zeroed); None: xp.zeros."""
-    token = _PARAMS_ALLOC.set(alloc)
-    try:
-        yield
-    finally:
-        _PARAMS_ALLOC.reset(token)
+    return _using(_PARAMS_ALLOC, alloc)
 
 
 def params_buffer(xp, n: int, dtype):
