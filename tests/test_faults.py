@@ -248,7 +248,7 @@ def test_watchdog_backstop_thread_catches_a_rank_stuck_inside_a_collective(tmp_p
         wd = watchdog.start(comm, 2.0)
         wd.arrive(0, "the test barrier")
         if comm.Get_rank() == 1:
-            time.sleep(3600)
+            time.sleep(3600)  # sleep-ok: the hung rank is what the watchdog test needs
         with wd.guard("the test barrier", 0):
             comm.Barrier()
         print("not reached")
@@ -537,9 +537,9 @@ def test_sigterm_delivered_twice_at_once_is_one_kill_but_a_later_one_ends_the_ra
         assert grace.install()
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # the same kill, forwarded a second time
-        time.sleep(0.3)
+        time.sleep(0.3)  # sleep-ok: still inside the duplicate window (what is tested)
         assert fired == [], fired
-        time.sleep(watchdog.TERM_DUPLICATE_S)
+        time.sleep(watchdog.TERM_DUPLICATE_S)  # sleep-ok: past the duplicate window (what is tested)
         os.kill(os.getpid(), signal.SIGTERM)  # the user insists
         ended.wait(5)
         assert fired and fired[0].startswith("a second SIGTERM"), fired

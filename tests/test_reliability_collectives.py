@@ -209,7 +209,7 @@ def _wait_for(cond, what, timeout=20.0):
     end = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.001)
+        time.sleep(0.001)  # sleep-ok: yields while polling a condition another thread sets (bounded above)
 
 
 def _run_threads(targets):

@@ -165,7 +165,7 @@ def poll(probe, deadline_s):
         got = probe()
         if got or time.monotonic() - t0 > deadline_s:
             return got or None
-        time.sleep(0.25)
+        time.sleep(0.25)  # sleep-ok: SLURM has no events to wait on (docstring)
 
 
 def wait_for(cluster, jid, until, deadline_s, what):

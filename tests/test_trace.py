@@ -45,7 +45,7 @@ def test_spans_on_named_tracks(comm, shared_tmp):
     t = Trace(comm)
     for i in range(r + 1):  # rank r: r + 1 spans on "stage r"
         with t.span(f"stage {r}", f"fwd {i}", micro=i):
-            time.sleep(0.001)
+            time.sleep(0.001)  # sleep-ok: a span that lasts a measurable time
     t.add_span("steps", "step 1", time.perf_counter() - 0.002, 0.002, step=1)
     t.instant("recv", track=f"stage {r}", src=r - 1)
     h = t.pending(_Handle(2), "bucket 0", "allreduce 0", bytes=8)
