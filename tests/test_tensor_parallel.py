@@ -218,6 +218,18 @@ def test_tp_over_the_ranks_trains_like_one_rank(comm, dtype):
         if part.shard_index(name) is None:
             assert len(set(comm.allgather(part.p[name].tobytes()))) == 1, f"{name} drifted between tp ranks"
     assert math.isfinite(pol.grad_norm(part.grads))
+    if T > 1:  # the run's replica check sees a replicated tensor that drifted on one tp rank
+        from types import SimpleNamespace
+
+        from mpitrain.runtime import UserError
+        from mpitrain.train.session import Run
+
+        run = SimpleNamespace(model=part, grid=SimpleNamespace(tp_comm=comm), step=3)
+        Run._check_tp_replicated(run)
+        if comm.Get_rank() == T - 1:
+            part.p["lnf.b"][0] += 1e-7
+        with pytest.raises(UserError, match="replicated over tp at step 3"):
+            Run._check_tp_replicated(run)
 
 
 # ------------------------------------------------------------------------------- end to end

@@ -244,6 +244,17 @@ class Run:
             h.update(np.ascontiguousarray(chunk))  # (its buffer: no bytes copy)
         agree(self.replica_comm, h.hexdigest()[:12], what or f"parameters at step {self.step} (hash)",
               hint or "the replicas diverged: check that every rank runs the same code and MPI library")
+        if self.grid is not None and self.grid.tp > 1 and not getattr(self.strategy, "sharded", False):
+            self._check_tp_replicated()
+
+    def _check_tp_replicated(self) -> None:
+        """The tensors every tp rank holds whole (LayerNorms, row biases, embeddings, head) are bitwise alike."""
+        m, h = self.model, hashlib.sha1()
+        for name, off, shape in m.tensors():
+            if m.shard_index(name) is None:
+                h.update(backend.to_numpy(m.params[off:off + int(np.prod(shape))]).tobytes())
+        agree(self.grid.tp_comm, h.hexdigest()[:12], f"tensors replicated over tp at step {self.step} (hash)",
+              "the tp ranks' replicated tensors drifted: this is a bug, please report it")
 
     def read_checkpoint(self):
         """Rank 0 reads the newest valid checkpoint; every rank gets it (None: there is none)."""
