@@ -22,9 +22,8 @@ import json
 import time
 
 import numpy as np
-from mpi4py import MPI
 
-from mpitrain.models.gpt import GPT, Part
+from mpitrain.models.gpt import GPT, Part, piece_flops
 from mpitrain.parallel import schedule as sched
 from mpitrain.parallel.accumulate import Accumulator
 from mpitrain.parallel.grid import Grid
@@ -81,8 +80,8 @@ def whole_step_time(args, m, steps) -> float:
 
 
 def pipeline_run(args, grid, schedule, m, steps):
-    lo, hi = split_blocks(args.layers, grid.pp, 72.0 * args.embd ** 2 + 12.0 * args.ctx * args.embd, 0.0,
-                          6.0 * 256 * args.embd)[grid.pp_rank]
+    embed, block, head = piece_flops(args.embd, 256, args.ctx)
+    lo, hi = split_blocks(args.layers, grid.pp, block, embed, head)[grid.pp_rank]
     model = GPT(args.layers, args.heads, args.embd, args.ctx, 256, seed=0, part=Part(lo, hi, grid.first, grid.last))
     pipe = Pipeline(model, grid, schedule, m, args.batch)
     micro, times = _batches(m, args.batch, args.ctx), []

@@ -58,6 +58,11 @@ BLOCK_TENSORS = ("mlp_proj.w", "mlp_proj.b", "mlp_fc.w", "mlp_fc.b", "ln2.w", "l
                  "attn_proj.w", "attn_proj.b", "attn_qkv.w", "attn_qkv.b", "ln1.w", "ln1.b")
 
 
+def piece_flops(C: int, V: int, T: int) -> tuple[float, float, float]:
+    """Training FLOPs per token of (the embeddings, one block, the head + loss): what pipeline stages balance."""
+    return 6.0 * C, 6.0 * 12 * C * C + 12.0 * T * C, 6.0 * V * C + 15.0 * V
+
+
 class Part(NamedTuple):
     """The slice of the model one pipeline stage holds: blocks [lo, hi), the embeddings, the head."""
     lo: int
@@ -219,12 +224,6 @@ class GPT(Model):
         C, L, V = self.n_embd, self.n_layer, self.vocab_size
         n_mm = L * 12 * C * C + V * C
         return 6.0 * n_mm + 12.0 * L * T * C
-
-    def piece_flops(self, T=None) -> tuple[float, float, float]:
-        """Training FLOPs per token of (the embeddings, one block, the head + loss): pipeline balancing."""
-        T = self.block_size if T is None else int(T)
-        C, V = self.n_embd, self.vocab_size
-        return 6.0 * C, 6.0 * 12 * C * C + 12.0 * T * C, 6.0 * V * C + 15.0 * V
 
     def full_tensors(self):
         """``tensors()`` of the whole model, whole tensors (every part's names are a subsequence of it)."""

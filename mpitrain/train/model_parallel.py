@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from ..runtime import UserError, log0
+from ..runtime import log0
 
 
 class ModelParallel:
@@ -27,13 +27,11 @@ class ModelParallel:
         pp, m = self.grid.pp, self.cfg.model
         if pp == 1:
             return None
-        from ..models.gpt import Part
+        from ..models.gpt import Part, piece_flops
         from ..parallel.stages import split_blocks
 
-        if m.n_layer < pp:
-            raise UserError(f"parallel.pp = {pp} > model.n_layer = {m.n_layer}: every stage needs at least one block")
-        C, V, T = m.n_embd, self.vocab, m.block_size
-        self.splits = split_blocks(m.n_layer, pp, 72.0 * C * C + 12.0 * T * C, 6.0 * C, 6.0 * V * C + 15.0 * V)
+        embed, block, head = piece_flops(m.n_embd, self.vocab, m.block_size)  # (config.py refused pp > n_layer)
+        self.splits = split_blocks(m.n_layer, pp, block, embed, head)
         lo, hi = self.splits[self.grid.pp_rank]
         return Part(lo, hi, self.grid.first, self.grid.last)
 
